@@ -1,0 +1,9 @@
+"""metaopt: learned optimizers in JAX, meta-trained over task distributions."""
+
+from metaopt import mup
+from metaopt._version import __version__
+
+__all__ = [
+    "__version__",
+    "mup",
+]

@@ -1,0 +1,285 @@
+"""Maximal-update parametrization (muP): parameter roles and update scaling.
+
+The one place muP lives: the tasks state the role of each of their parameters with
+:class:`ParamRole`, ``mu_adamw`` and the learned optimizer read those roles to scale
+hidden-layer updates by ``base_fan_in / fan_in``.
+
+Roles (Yang et al, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot
+Hyperparameter Transfer", arXiv:2203.03466, 2022, Table 3/8; muLO: Therien et al,
+"muLO: Compute-Efficient Meta-Generalization of Learned Optimizers",
+arXiv:2406.00153, 2024):
+
+* ``input``  -- weights mapping a finite input to a width dimension (first layer,
+  embeddings): init N(0, 1/fan_in), update unscaled.
+* ``hidden`` -- width-to-width weights: init N(0, 1/fan_in), update scaled by
+  ``base_fan_in / fan_in``.
+* ``output`` -- width-to-finite readout: zero init, logits multiplied by
+  ``base_fan_in / fan_in`` in the forward pass, update unscaled.
+* ``vector`` -- biases, norm scales, scalars: update unscaled.
+
+Roles are given in one of three ways:
+
+1. explicitly, as a pytree of :class:`ParamRole` (what our own tasks do);
+2. as a label pytree of role names (like ``optax.multi_transform`` labels) plus a
+   base width, via :func:`roles_from_labels`;
+3. from a narrower base model's parameter shapes, via :func:`roles_from_base` (the muP
+   rule: dimensions whose size differs are width dimensions).
+
+For unlabeled trees, :func:`infer_roles` applies a documented heuristic and warns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ROLE_KINDS = ("input", "hidden", "output", "vector")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRole:
+  """muP role of one parameter leaf.
+
+  Attributes:
+    kind: one of ``"input"``, ``"hidden"``, ``"output"``, ``"vector"``.
+    fan_in: the leaf's fan-in in the model being trained (1 for vectors).
+    base_fan_in: the fan-in of the same leaf in the base (tuning) model.
+  """
+
+  kind: str
+  fan_in: int = 1
+  base_fan_in: int = 1
+
+  def __post_init__(self):
+    if self.kind not in ROLE_KINDS:
+      raise ValueError(
+          f"ParamRole.kind={self.kind!r} is not a role; expected one of {ROLE_KINDS}."
+      )
+    for name in ("fan_in", "base_fan_in"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"ParamRole.{name}={value!r}; expected a positive int.")
+
+  @property
+  def width_multiplier(self) -> float:
+    """fan_in / base_fan_in: how much wider this leaf is than in the base model."""
+    return self.fan_in / self.base_fan_in
+
+  @property
+  def update_scale(self) -> float:
+    """Factor muP applies to this leaf's Adam-style update: base/fan_in for hidden."""
+    return self.base_fan_in / self.fan_in if self.kind == "hidden" else 1.0
+
+  @property
+  def output_multiplier(self) -> float:
+    """Factor on the readout in the forward pass: base/fan_in for output, else 1."""
+    return self.base_fan_in / self.fan_in if self.kind == "output" else 1.0
+
+
+def input_role(fan_in: int) -> ParamRole:
+  return ParamRole("input", fan_in, fan_in)
+
+
+def hidden_role(fan_in: int, base_fan_in: int) -> ParamRole:
+  return ParamRole("hidden", fan_in, base_fan_in)
+
+
+def output_role(fan_in: int, base_fan_in: int) -> ParamRole:
+  return ParamRole("output", fan_in, base_fan_in)
+
+
+def vector_role() -> ParamRole:
+  return ParamRole("vector", 1, 1)
+
+
+def is_role(x: Any) -> bool:
+  return isinstance(x, ParamRole)
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path)
+
+
+def default_fan_in(shape: Sequence[int], path: str = "") -> int:
+  """Fan-in of a weight under the Flax/Haiku layout conventions.
+
+  Dense kernels are (in, out) and conv kernels (*spatial, in, out): fan_in is the
+  product of all axes but the last. 3-D attention kernels are special: query/key/value
+  projections are (in, heads, head_dim), fan_in = in; the output projection is
+  (heads, head_dim, out), fan_in = heads * head_dim; it is recognised by ``out`` in
+  its path.
+  """
+  shape = tuple(shape)
+  if len(shape) < 2:
+    return 1
+  if len(shape) == 3 and _looks_like_attention(path):
+    return int(shape[0] * shape[1]) if _parent_name(path) == "out" else int(shape[0])
+  return int(math.prod(shape[:-1]))
+
+
+def _parent_name(path: str) -> str:
+  """Name of the module holding a leaf: "out" for "['params']['attn']['out']['kernel']"."""
+  keys = re.findall(r"\[['\"]?([^'\"\]]+)['\"]?\]", path)
+  return keys[-2].lower() if len(keys) >= 2 else ""
+
+
+def _looks_like_attention(path: str) -> bool:
+  return bool(re.search(r"attn|attention|query|key|value|q_proj|k_proj|v_proj|qkv", path,
+                        re.I))
+
+
+def check_roles(params, roles) -> None:
+  """Raises ValueError unless ``roles`` is a ParamRole tree matching ``params``."""
+  p_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  try:
+    r_leaves = jax.tree_util.tree_flatten_with_path(roles, is_leaf=is_role)[0]
+  except Exception as e:  # pragma: no cover - defensive
+    raise ValueError(f"roles is not a pytree: {e}") from e
+  r_paths = [_path_str(p) for p, _ in r_leaves]
+  if p_paths != r_paths:
+    missing = sorted(set(p_paths) - set(r_paths))
+    extra = sorted(set(r_paths) - set(p_paths))
+    raise ValueError(
+        "muP roles do not match the parameter tree: "
+        f"parameters without a role: {missing[:5]}; roles without a parameter: "
+        f"{extra[:5]}.")
+  for path, role in r_leaves:
+    if not is_role(role):
+      raise ValueError(
+          f"roles{_path_str(path)} is {role!r}; expected a metaopt.mup.ParamRole.")
+
+
+def roles_from_labels(params, labels, base_width_multiplier: float | None = None,
+                      *, base_fan_in: Any = None):
+  """Builds roles from a label pytree of role names.
+
+  Args:
+    params: the parameter tree (arrays or ShapeDtypeStructs).
+    labels: a tree with the structure of ``params`` holding ``"input"``,
+      ``"hidden"``, ``"output"`` or ``"vector"`` (or a callable params -> labels,
+      like ``optax.multi_transform``).
+    base_width_multiplier: width of this model divided by the base model's width;
+      ``base_fan_in = fan_in / base_width_multiplier`` for hidden and output leaves.
+      ``None`` means this *is* the base model (no scaling).
+    base_fan_in: alternatively, a tree (or a single int) of base fan-ins.
+
+  Returns:
+    A pytree of :class:`ParamRole` with the structure of ``params``.
+  """
+  if callable(labels):
+    labels = labels(params)
+  flat_p, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat_l = treedef.flatten_up_to(labels) if not isinstance(labels, str) else [labels] * len(
+      flat_p)
+  if base_fan_in is None or isinstance(base_fan_in, int):
+    flat_b = [base_fan_in] * len(flat_p)
+  else:
+    flat_b = treedef.flatten_up_to(base_fan_in)
+  roles = []
+  for (path, leaf), label, base in zip(flat_p, flat_l, flat_b):
+    name = _path_str(path)
+    if label not in ROLE_KINDS:
+      raise ValueError(f"label at {name} is {label!r}; expected one of {ROLE_KINDS}.")
+    if label == "vector":
+      roles.append(vector_role())
+      continue
+    fan_in = default_fan_in(jnp.shape(leaf), name)
+    if label == "input":
+      roles.append(input_role(fan_in))
+      continue
+    if base is None:
+      base = fan_in if base_width_multiplier is None else max(
+          1, int(round(fan_in / base_width_multiplier)))
+    roles.append(ParamRole(label, fan_in, int(base)))
+  return jax.tree_util.tree_unflatten(treedef, roles)
+
+
+def roles_from_base(params, base_params):
+  """Derives roles the muP way from a narrower base model with the same structure.
+
+  Dimensions whose size differs between ``params`` and ``base_params`` are width
+  dimensions. A leaf whose fan-in and fan-out axes both change is ``hidden``; one whose
+  fan-in alone changes is ``output``; one whose fan-out alone changes is ``input`` if it
+  is a matrix, else ``vector``; unchanged leaves are ``input`` (matrices) or ``vector``.
+  """
+  flat_p, treedef = jax.tree_util.tree_flatten_with_path(params)
+  try:
+    flat_b = treedef.flatten_up_to(base_params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"base_params does not have the structure of params: {e}") from e
+  roles = []
+  for (path, leaf), base in zip(flat_p, flat_b):
+    name = _path_str(path)
+    shape, bshape = tuple(jnp.shape(leaf)), tuple(jnp.shape(base))
+    if len(shape) != len(bshape):
+      raise ValueError(
+          f"params{name} has shape {shape} but the base model's has {bshape}; "
+          "expected the same rank.")
+    if len(shape) < 2:
+      roles.append(vector_role())
+      continue
+    fan_in, base_fan = default_fan_in(shape, name), default_fan_in(bshape, name)
+    in_changes = fan_in != base_fan
+    out_changes = shape[-1] != bshape[-1]
+    if len(shape) == 3 and _looks_like_attention(name):
+      out_changes = shape[1:] != bshape[1:] if fan_in == shape[0] else shape[-1] != bshape[-1]
+    if in_changes and out_changes:
+      roles.append(ParamRole("hidden", fan_in, base_fan))
+    elif in_changes:
+      roles.append(ParamRole("output", fan_in, base_fan))
+    else:
+      roles.append(input_role(fan_in))
+  return jax.tree_util.tree_unflatten(treedef, roles)
+
+
+def sp_roles(params):
+  """Standard parametrization: every leaf unscaled (``vector`` or ``input``)."""
+  return jax.tree.map(
+      lambda x: input_role(default_fan_in(jnp.shape(x))) if jnp.ndim(x) >= 2 else
+      vector_role(), params)
+
+
+def update_scales(roles):
+  """Tree of floats: the muP factor on each leaf's update (base/fan_in on hidden)."""
+  return jax.tree.map(lambda r: r.update_scale, roles, is_leaf=is_role)
+
+
+class ScaleByMupState(NamedTuple):
+  """scale_by_mup is stateless."""
+
+
+RolesOrFn = Union[Any, Callable[[Any], Any]]
+
+
+def scale_by_mup(roles: RolesOrFn) -> optax.GradientTransformation:
+  """Multiplies hidden-layer updates by ``base_fan_in / fan_in``.
+
+  .. math:: u_\\ell \\leftarrow (b_\\ell / n_\\ell)\\, u_\\ell \\quad \\text{for hidden } \\ell
+
+  Args:
+    roles: a :class:`ParamRole` tree matching the updates, or a callable
+      ``params -> roles``.
+
+  References:
+    Yang et al, "Tensor Programs V", arXiv:2203.03466, 2022.
+  """
+
+  def init_fn(params):
+    del params
+    return ScaleByMupState()
+
+  def update_fn(updates, state, params=None):
+    r = roles(params if params is not None else updates) if callable(roles) else roles
+    scales = update_scales(r)
+    updates = jax.tree.map(lambda u, s: u if s == 1.0 else u * jnp.asarray(s, u.dtype),
+                           updates, scales)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
