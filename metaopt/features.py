@@ -1,0 +1,278 @@
+"""Momentum features: the shared vocabulary of the classical and learned optimizers.
+
+Every classical optimizer in :mod:`metaopt.optimizers` is assembled from these pure,
+jittable functions, and the learned optimizer (:mod:`metaopt.lopt`) reads the same
+quantities as its input features. Functions whose name starts with ``update_`` return
+a new moment; the rest are stateless reductions or formulas.
+
+Conventions: ``g`` is a gradient, ``x`` a parameter, ``count`` the number of updates
+already applied (0-based, as in optax), ``t = count + 1`` the 1-based step of the
+papers. Tree-level functions act on whole pytrees; functions taking ``leaf`` act on one
+array (one tensor), reductions returning a scalar per tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Tree = Any
+
+# ----------------------------------------------------------------------------------
+# Exponential moving averages (optax.tree does the tree math; thin names for ours).
+
+
+def update_ema(moment: Tree, x: Tree, decay) -> Tree:
+  """EMA of ``x``: ``m <- decay * m + (1 - decay) * x`` (leafwise)."""
+  return optax.tree.update_moment(x, moment, decay, order=1)
+
+
+def update_second_moment(nu: Tree, g: Tree, decay) -> Tree:
+  """EMA of the squared gradient: ``v <- decay * v + (1 - decay) * g^2``."""
+  return optax.tree.update_moment_per_elem_norm(g, nu, decay, order=2)
+
+
+def bias_correction(moment: Tree, decay, count) -> Tree:
+  """Adam's bias correction ``m / (1 - decay^count)`` (``count`` is 1-based here)."""
+  return optax.tree.bias_correction(moment, decay, count)
+
+
+def update_sum_momentum(moment: Tree, g: Tree, decay) -> Tree:
+  """Heavy-ball sum ``d <- decay * d + g`` (optax.trace; ALR-SMAG, SGD-M)."""
+  return jax.tree.map(lambda m, v: decay * m + v, moment, g)
+
+
+def adam_direction(m_hat, v_hat, eps, eps_root=0.0):
+  """Adam's direction ``m_hat / (sqrt(v_hat + eps_root) + eps)`` (leafwise)."""
+  return jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), m_hat, v_hat)
+
+
+class MultiEmaState(NamedTuple):
+  """Momentum EMAs at several decays (one tree per decay)."""
+
+  count: jax.Array
+  moments: tuple
+
+
+def multi_ema_init(params: Tree, num_decays: int) -> MultiEmaState:
+  zeros = optax.tree.zeros_like(params)
+  return MultiEmaState(jnp.zeros([], jnp.int32), tuple(zeros for _ in range(num_decays)))
+
+
+def multi_ema_update(state: MultiEmaState, g: Tree, decays) -> MultiEmaState:
+  """Advances each EMA with its own decay (bias correction left to the reader)."""
+  moments = tuple(update_ema(m, g, d) for m, d in zip(state.moments, decays))
+  return MultiEmaState(optax.safe_increment(state.count), moments)
+
+
+# ----------------------------------------------------------------------------------
+# Adafactor factored second moments.
+#
+# Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
+# arXiv:1804.04235, 2018: for a matrix, keep row means R and column means C of g^2;
+#   V_hat = R C^T / mean(R).
+# Leaves with fewer than 2 dims keep the full second moment in the row slot.
+
+
+class FactoredMoment(NamedTuple):
+  """Row/column accumulators of one leaf (``col`` is a dummy for ndim < 2)."""
+
+  row: jax.Array
+  col: jax.Array
+
+
+def factored_init(leaf: jax.Array) -> FactoredMoment:
+  shape = jnp.shape(leaf)
+  if len(shape) < 2:
+    return FactoredMoment(jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.float32))
+  return FactoredMoment(jnp.zeros(shape[:-1], jnp.float32),
+                        jnp.zeros(shape[:-2] + shape[-1:], jnp.float32))
+
+
+def update_factored(acc: FactoredMoment, g: jax.Array, decay, eps: float = 1e-30
+                    ) -> FactoredMoment:
+  """EMA of the row and column means of ``g^2 + eps`` (last two axes)."""
+  g2 = jnp.square(g) + eps
+  if jnp.ndim(g) < 2:
+    return FactoredMoment(decay * acc.row + (1 - decay) * g2, acc.col)
+  row = decay * acc.row + (1 - decay) * jnp.mean(g2, axis=-1)
+  col = decay * acc.col + (1 - decay) * jnp.mean(g2, axis=-2)
+  return FactoredMoment(row, col)
+
+
+def factored_second_moment(acc: FactoredMoment, like: jax.Array) -> jax.Array:
+  """Reconstructs ``V_hat = R C^T / mean(R)`` with the shape of ``like``."""
+  if jnp.ndim(like) < 2:
+    return acc.row
+  row_mean = jnp.mean(acc.row, axis=-1, keepdims=True)
+  return (acc.row / jnp.maximum(row_mean, 1e-30))[..., :, None] * acc.col[..., None, :]
+
+
+# ----------------------------------------------------------------------------------
+# AdEMAMix (Pagliardini et al, "The AdEMAMix Optimizer: Better, Faster, Older",
+# arXiv:2409.03137, 2024).  Schedulers are evaluated at the 0-based count, as optax's
+# contrib.ademamix does with schedules for ``alpha`` and ``b3``.
+
+
+def ademamix_alpha(count, alpha, t_alpha=None):
+  """alpha(t) = min(t / T_alpha, 1) * alpha  (constant ``alpha`` when T_alpha is None)."""
+  if t_alpha is None:
+    return jnp.asarray(alpha, jnp.float32) * jnp.ones([])
+  frac = jnp.minimum(jnp.asarray(count, jnp.float32) / t_alpha, 1.0)
+  return frac * alpha
+
+
+def ademamix_beta3(count, beta_start, beta3, t_beta3=None):
+  """Slow-EMA decay scheduler, increasing the half-life linearly from b_start to b3.
+
+  b3(t) = exp(ln(b_s) ln(b3) / ((1 - a) ln(b3) + a ln(b_s))),  a = min(t / T_b3, 1).
+  """
+  if t_beta3 is None:
+    return jnp.asarray(beta3, jnp.float32) * jnp.ones([])
+  a = jnp.minimum(jnp.asarray(count, jnp.float32) / t_beta3, 1.0)
+  log_start, log_end = jnp.log(beta_start), jnp.log(beta3)
+  return jnp.exp(log_start * log_end / ((1 - a) * log_end + a * log_start))
+
+
+def ademamix_direction(m1_hat, m2, nu_hat, alpha, eps):
+  """(m1_hat + alpha * m2) / (sqrt(nu_hat) + eps) (leafwise)."""
+  return jax.tree.map(lambda a, b, v: (a + alpha * b) / (jnp.sqrt(v) + eps), m1_hat, m2,
+                      nu_hat)
+
+
+# ----------------------------------------------------------------------------------
+# Torque-Aware Momentum (Malviya et al, "Torque-Aware Momentum", arXiv:2412.18790,
+# 2024).  No official code was found; the per-tensor scalar cosine follows the paper.
+
+
+def torque_cosine(m_prev: jax.Array, g: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """s_t = <m_{t-1}, g_t> / (||m_{t-1}|| ||g_t||) per tensor; 0 where a norm is 0."""
+  m = m_prev.astype(jnp.promote_types(m_prev.dtype, jnp.float32))
+  gg = g.astype(m.dtype)
+  denom = jnp.linalg.norm(m.ravel()) * jnp.linalg.norm(gg.ravel())
+  return jnp.where(denom > eps, jnp.vdot(m.ravel(), gg.ravel()) / jnp.maximum(denom, eps),
+                   0.0)
+
+
+def update_torque_ema(s_hat, s, gamma):
+  """Smoothed cosine: s_hat <- gamma * s_hat + (1 - gamma) * s."""
+  return gamma * s_hat + (1 - gamma) * s
+
+
+def tam_damping(s_hat):
+  """Damping factor d = (1 + s_hat) / 2 in [0, 1]."""
+  return (1.0 + s_hat) / 2.0
+
+
+def update_tam_momentum(m, g, beta, damping, eps):
+  """TAM momentum: m <- beta * m + (eps + d) * g."""
+  return beta * m + (eps + damping) * g
+
+
+# ----------------------------------------------------------------------------------
+# Cautious optimizers (Liang et al, "Cautious Optimizers: Improving Training with One
+# Line of Code", arXiv:2411.16085, 2024).
+
+
+def cautious_mask(u: jax.Array, g: jax.Array, min_mean: float = 1e-3) -> jax.Array:
+  """phi = 1[u * g > 0] / max(mean(1[u * g > 0]), min_mean), per tensor."""
+  phi = (u * g > 0).astype(u.dtype)
+  return phi / jnp.maximum(jnp.mean(phi), min_mean).astype(u.dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Polyak-type step sizes.
+#
+# MoMo: Schaipp et al, "MoMo: Momentum Models for Adaptive Learning Rates",
+# arXiv:2305.07583, 2023.  ALR-SMAG: Wang et al, "Generalized Polyak Step Size for
+# First Order Optimization with Momentum", arXiv:2305.12939, 2023.
+
+
+def tree_vdot(a: Tree, b: Tree) -> jax.Array:
+  """Inner product <a, b> summed over all leaves."""
+  return optax.tree.vdot(a, b)
+
+
+def global_norm_sq(tree: Tree) -> jax.Array:
+  """||tree||^2 summed over all leaves."""
+  return optax.tree.norm(tree, squared=True)
+
+
+def global_norm(tree: Tree) -> jax.Array:
+  return optax.tree.norm(tree)
+
+
+def tensor_norm(leaf: jax.Array) -> jax.Array:
+  """Frobenius norm of one tensor."""
+  return jnp.sqrt(jnp.sum(jnp.square(leaf)))
+
+
+def tensor_rms(leaf: jax.Array, eps: float = 0.0) -> jax.Array:
+  """sqrt(mean(leaf^2) + eps) of one tensor."""
+  return jnp.sqrt(jnp.mean(jnp.square(leaf)) + eps)
+
+
+def rms_normalize(leaf: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """x * rsqrt(mean(x^2) + eps): per-tensor RMS normalization of a feature."""
+  return leaf * jax.lax.rsqrt(jnp.mean(jnp.square(leaf)) + eps)
+
+
+def momo_polyak_step(lr, fbar, gamma, d_dot_x, d_norm_sq, lower_bound=0.0,
+                     weight_decay=0.0, denom_eps=None):
+  """MoMo's truncated Polyak step.
+
+  tau = min(lr, [(1 + lr*lam) (fbar - f* - gamma) + <d, x>]_+ / ||d||^2), and 0 when
+  ||d||^2 is below ``denom_eps`` (float eps of the platform's default float).
+
+  For MoMo-Adam pass ``lr = alpha / rho_k``, ``lower_bound = rho_k f*`` and
+  ``d_norm_sq = <d, d / D>``.
+  """
+  if denom_eps is None:
+    denom_eps = jnp.finfo(jnp.asarray(d_norm_sq).dtype).eps
+  lam = 1 + lr * weight_decay
+  num = jnp.maximum(lam * (fbar - lower_bound - gamma) + d_dot_x, 0.0)
+  t1 = jnp.where(d_norm_sq <= denom_eps, 0.0, num / jnp.where(d_norm_sq <= denom_eps, 1.0,
+                                                                 d_norm_sq))
+  return jnp.minimum(lr, t1)
+
+
+def momo_lower_bound_reset(lb, lr, fbar, gamma, d_dot_x, weight_decay, floor):
+  """MoMo's online lower bound, before the step (paper Sec. 5 / optax's rule).
+
+  If the model's cap h = (1 + lr lam)(fbar - gamma) + <d, x> falls below
+  (1 + lr lam) f*, reset f* <- max(h / (2 (1 + lr lam)), floor).
+  """
+  lam = 1 + lr * weight_decay
+  cap = lam * (fbar - gamma) + d_dot_x
+  return jnp.where(cap < lam * lb, jnp.maximum(cap / (2 * lam), floor), lb)
+
+
+def momo_lower_bound_update(tau, fbar, gamma, d_dot_x, d_norm_sq, floor):
+  """MoMo's online lower bound after the step: max(fbar + <d,x> - gamma - tau ||d||^2/2, floor)."""
+  return jnp.maximum((fbar + d_dot_x - gamma) - 0.5 * tau * d_norm_sq, floor)
+
+
+def alr_smag_step(loss, d_norm_sq, lower_bound=0.0, c=1.0, max_step=0.1, eps=0.0):
+  """ALR-SMAG's Polyak step with momentum: tau = min(gamma_b, (f - f*) / (c ||d||^2 + eps))."""
+  return jnp.minimum(max_step, (loss - lower_bound) / (c * d_norm_sq + eps))
+
+
+# ----------------------------------------------------------------------------------
+# Time.
+
+
+def time_features(count, num_steps=None, taus=(10.0, 100.0, 1000.0, 10000.0)):
+  """tanh(t / tau) for each tau, plus the fraction of training t / num_steps (0 if unknown).
+
+  Returns a float32 vector ``[len(taus) + 1]``.
+  """
+  t = jnp.asarray(count, jnp.float32)
+  feats = [jnp.tanh(t / tau) for tau in taus]
+  if num_steps is None:
+    frac = jnp.zeros([], jnp.float32)
+  else:
+    frac = jnp.clip(t / jnp.asarray(num_steps, jnp.float32), 0.0, 1.0)
+  return jnp.stack(feats + [frac])
