@@ -114,14 +114,16 @@ def factored_second_moment(acc: FactoredMoment, like: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------
 # AdEMAMix (Pagliardini et al, "The AdEMAMix Optimizer: Better, Faster, Older",
 # arXiv:2409.03137, 2024).  Schedulers are evaluated at the 0-based count, as optax's
-# contrib.ademamix does with schedules for ``alpha`` and ``b3``.
+# contrib.ademamix does with schedules for ``alpha`` and ``b3``.  They compute in the
+# default float dtype (float64 under jax_enable_x64): a float32 b3 = 0.9999 would change
+# 1 - b3 by 1e-4 relative.
 
 
 def ademamix_alpha(count, alpha, t_alpha=None):
   """alpha(t) = min(t / T_alpha, 1) * alpha  (constant ``alpha`` when T_alpha is None)."""
   if t_alpha is None:
-    return jnp.asarray(alpha, jnp.float32) * jnp.ones([])
-  frac = jnp.minimum(jnp.asarray(count, jnp.float32) / t_alpha, 1.0)
+    return jnp.asarray(alpha, float) * jnp.ones([])
+  frac = jnp.minimum(jnp.asarray(count, float) / t_alpha, 1.0)
   return frac * alpha
 
 
@@ -131,8 +133,8 @@ def ademamix_beta3(count, beta_start, beta3, t_beta3=None):
   b3(t) = exp(ln(b_s) ln(b3) / ((1 - a) ln(b3) + a ln(b_s))),  a = min(t / T_b3, 1).
   """
   if t_beta3 is None:
-    return jnp.asarray(beta3, jnp.float32) * jnp.ones([])
-  a = jnp.minimum(jnp.asarray(count, jnp.float32) / t_beta3, 1.0)
+    return jnp.asarray(beta3, float) * jnp.ones([])
+  a = jnp.minimum(jnp.asarray(count, float) / t_beta3, 1.0)
   log_start, log_end = jnp.log(beta_start), jnp.log(beta3)
   return jnp.exp(log_start * log_end / ((1 - a) * log_end + a * log_start))
 
@@ -221,14 +223,15 @@ def rms_normalize(leaf: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 
 def momo_polyak_step(lr, fbar, gamma, d_dot_x, d_norm_sq, lower_bound=0.0,
-                     weight_decay=0.0, denom_eps=None):
+                     weight_decay=0.0, denom_eps=None, max_step=None):
   """MoMo's truncated Polyak step.
 
-  tau = min(lr, [(1 + lr*lam) (fbar - f* - gamma) + <d, x>]_+ / ||d||^2), and 0 when
-  ||d||^2 is below ``denom_eps`` (float eps of the platform's default float).
+  tau = min(cap, [(1 + lr*lam) (fbar - f* - gamma) + <d, x>]_+ / ||d||^2), and 0 when
+  ||d||^2 is below ``denom_eps`` (float eps of the platform's default float);
+  ``cap = max_step`` if given, else ``lr``.
 
-  For MoMo-Adam pass ``lr = alpha / rho_k``, ``lower_bound = rho_k f*`` and
-  ``d_norm_sq = <d, d / D>``.
+  For MoMo-Adam pass ``max_step = alpha / rho_k``, ``lower_bound = rho_k f*`` and
+  ``d_norm_sq = <d, d / D>`` (``lr`` stays alpha, as in the weight-decay factor).
   """
   if denom_eps is None:
     denom_eps = jnp.finfo(jnp.asarray(d_norm_sq).dtype).eps
@@ -236,23 +239,28 @@ def momo_polyak_step(lr, fbar, gamma, d_dot_x, d_norm_sq, lower_bound=0.0,
   num = jnp.maximum(lam * (fbar - lower_bound - gamma) + d_dot_x, 0.0)
   t1 = jnp.where(d_norm_sq <= denom_eps, 0.0, num / jnp.where(d_norm_sq <= denom_eps, 1.0,
                                                                  d_norm_sq))
-  return jnp.minimum(lr, t1)
+  return jnp.minimum(lr if max_step is None else max_step, t1)
 
 
-def momo_lower_bound_reset(lb, lr, fbar, gamma, d_dot_x, weight_decay, floor):
+def momo_lower_bound_reset(lb, lr, fbar, gamma, d_dot_x, weight_decay, floor, rho=1.0):
   """MoMo's online lower bound, before the step (paper Sec. 5 / optax's rule).
 
   If the model's cap h = (1 + lr lam)(fbar - gamma) + <d, x> falls below
-  (1 + lr lam) f*, reset f* <- max(h / (2 (1 + lr lam)), floor).
+  (1 + lr lam) rho f*, reset f* <- max(h / (2 rho (1 + lr lam)), floor).
+  ``rho = 1 - b1^k`` for MoMo-Adam (EMAs from zero), 1 for MoMo.
   """
   lam = 1 + lr * weight_decay
   cap = lam * (fbar - gamma) + d_dot_x
-  return jnp.where(cap < lam * lb, jnp.maximum(cap / (2 * lam), floor), lb)
+  return jnp.where(cap < lam * rho * lb, jnp.maximum(cap / (2 * rho * lam), floor), lb)
 
 
-def momo_lower_bound_update(tau, fbar, gamma, d_dot_x, d_norm_sq, floor):
-  """MoMo's online lower bound after the step: max(fbar + <d,x> - gamma - tau ||d||^2/2, floor)."""
-  return jnp.maximum((fbar + d_dot_x - gamma) - 0.5 * tau * d_norm_sq, floor)
+def momo_lower_bound_update(tau, fbar, gamma, d_dot_x, d_norm_sq, floor, rho=1.0):
+  """MoMo's online lower bound after the step.
+
+  f* <- max((fbar + <d,x> - gamma - tau ||d||^2 / 2) / rho, floor), with ``rho`` as in
+  :func:`momo_lower_bound_reset`.
+  """
+  return jnp.maximum(((fbar + d_dot_x - gamma) - 0.5 * tau * d_norm_sq) / rho, floor)
 
 
 def alr_smag_step(loss, d_norm_sq, lower_bound=0.0, c=1.0, max_step=0.1, eps=0.0):
