@@ -283,3 +283,76 @@ def scale_by_mup(roles: RolesOrFn) -> optax.GradientTransformation:
     return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------
+# Fallback for unlabeled trees.
+
+
+def _natural_key(path: str):
+  """Sort key that orders ``Dense_10`` after ``Dense_9`` (numbers compared as ints)."""
+  return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", path)]
+
+
+_EMBED_RE = re.compile(r"embed|wte|wpe|token|position", re.I)
+
+
+class RoleInferenceWarning(UserWarning):
+  """The muP role fallback had to guess; pass labels or a base model to be sure."""
+
+
+def infer_roles(params, base_fan_in: int = 64, *, warn: bool = True):
+  """Guesses muP roles for an unlabeled Flax/Haiku parameter tree (documented fallback).
+
+  The heuristic, applied to leaves in natural-sorted path order (so ``Dense_10``
+  follows ``Dense_9``, ``linear_10`` follows ``linear_9``):
+
+  * leaves with fewer than 2 dims (biases, norm scales, scalars) are ``vector``;
+  * leaves whose path names an embedding (``embed``, ``wte``, ``wpe``, ``token``,
+    ``position``) are ``input`` (muP treats embeddings like input weights);
+  * the first remaining weight (dense, conv or 3-D attention kernel) is ``input``, the
+    last is ``output``, every other one is ``hidden``;
+  * fan-ins follow :func:`default_fan_in` (product of all axes but the last; 3-D
+    attention kernels: ``in`` for query/key/value, ``heads * head_dim`` for ``out``);
+  * hidden and output leaves get ``base_fan_in`` (the width the optimizer was tuned
+    or meta-trained at); muP extrapolates both ways, so a hidden layer narrower than
+    the base gets an update factor above 1.
+
+  A :class:`RoleInferenceWarning` is raised when the guess is doubtful: fewer than two
+  weight matrices, a readout wider than its input (not a typical classifier/LM head),
+  or a 3-D kernel that does not look like attention.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [_path_str(p) for p, _ in flat]
+  shapes = [tuple(jnp.shape(leaf)) for _, leaf in flat]
+  roles: list[ParamRole | None] = [None] * len(flat)
+  doubts = []
+  weights = []
+  for i, (name, shape) in enumerate(zip(names, shapes)):
+    if len(shape) < 2:
+      roles[i] = vector_role()
+    elif _EMBED_RE.search(name):
+      roles[i] = input_role(default_fan_in(shape, name))
+    else:
+      weights.append(i)
+      if len(shape) == 3 and not _looks_like_attention(name):
+        doubts.append(f"{name} is 3-D but does not look like an attention kernel")
+  weights.sort(key=lambda i: _natural_key(names[i]))
+  for rank, i in enumerate(weights):
+    fan_in = default_fan_in(shapes[i], names[i])
+    if rank == 0 and len(weights) > 1:
+      roles[i] = input_role(fan_in)
+    elif rank == len(weights) - 1:
+      roles[i] = ParamRole("output", fan_in, base_fan_in)
+      if shapes[i][-1] > fan_in:
+        doubts.append(f"the last weight {names[i]} {shapes[i]} widens; is it the readout?")
+    else:
+      roles[i] = ParamRole("hidden", fan_in, base_fan_in)
+  if len(weights) < 2:
+    doubts.append(f"found {len(weights)} weight matrices; cannot tell input from output")
+  if doubts and warn:
+    warnings.warn(
+        "metaopt.mup.infer_roles guessed muP roles and is unsure: " + "; ".join(doubts) +
+        ". Pass roles explicitly (labels=... or base_params=...) to silence this.",
+        RoleInferenceWarning, stacklevel=2)
+  return jax.tree_util.tree_unflatten(treedef, roles)

@@ -1,0 +1,161 @@
+"""Configuration of the learned optimizer: hyperparameters of its state and network.
+
+Everything here is static (shapes, decays, eps): it fixes what the optimizer state holds
+and which features the per-parameter MLP reads. What meta-training learns is ``theta``
+(see :mod:`metaopt.lopt._network`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+# Per-parameter features, RMS-normalized per tensor before entering the MLP.
+NORMALIZED_FEATURES = (
+    "grad",
+    "param",
+    "momentum_fast",
+    "momentum_mid",
+    "momentum_slow",
+    "rsqrt_second_moment",
+    "adam",
+    "adafactor_grad",
+    "adafactor_momentum",
+    "tam_momentum",
+    "laprop",
+    "lion_sign",
+    "cautious_adam",
+    "grams",
+    "ademamix",
+)
+# Per-parameter features that are already bounded (not normalized).
+BOUNDED_FEATURES = ("cautious_agreement",)
+# Per-tensor or global scalars broadcast to every parameter of a tensor.
+TENSOR_FEATURES = (
+    "tam_damping",
+    "polyak_ratio",
+    "has_loss",
+    "log_param_rms",
+    "log_grad_rms",
+)
+TIME_FEATURES = (
+    "tanh_t_10",
+    "tanh_t_100",
+    "tanh_t_1000",
+    "tanh_t_10000",
+    "fraction_of_training",
+    "has_horizon",
+)
+FEATURE_NAMES = NORMALIZED_FEATURES + BOUNDED_FEATURES + TENSOR_FEATURES + TIME_FEATURES
+TIME_TAUS = (10.0, 100.0, 1000.0, 10000.0)
+
+# Classical candidate directions the LO mixes (built from raw, unnormalized state).
+CANDIDATE_NAMES = (
+    "sgdm",
+    "adam",
+    "lion",
+    "cautious_adam",
+    "tam",
+    "adatam",
+    "ademamix",
+    "momo_adam",
+    "grams",
+    "laprop",
+    "weight_decay",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LOConfig:
+  """Static configuration of a :class:`~metaopt.lopt.LearnedOptimizer`.
+
+  Attributes:
+    hidden_size: hidden units of the per-parameter MLP (features -> hidden -> 2).
+    momentum_decays: decays of the fast, mid and slow momentum EMAs. The fast EMA is
+      Adam's/MoMo's first moment and SGD-M's momentum; the mid one is Lion's; the slow
+      one is AdEMAMix's.
+    second_moment_decay: Adam's b2 (shared by every adaptive candidate).
+    factored_decay: decay of the Adafactor row/column accumulators.
+    adam_eps: eps of Adam, cautious Adam, AdEMAMix and MoMo-Adam.
+    lion_b1: Lion's interpolation factor.
+    tam_beta, tam_gamma, tam_eps: TAM's momentum, cosine smoothing and damping floor.
+    adatam_eps: AdaTAM's denominator eps.
+    ademamix_alpha: AdEMAMix's mixing coefficient of the slow EMA.
+    momo_alpha, momo_lower_bound: MoMo-Adam's step cap and loss lower bound f*.
+    grams_eps: Grams' eps.
+    laprop_b1, laprop_eps: LaProp's momentum and eps.
+    step_mult: lambda1, the scale of the MLP's direction output.
+    log_step_mult: lambda2, the scale of the MLP's log-magnitude output.
+    max_log_step: bound on |lambda2 * m| (keeps exp() finite).
+    mup: scale hidden-layer updates by base_fan_in / fan_in.
+    base_fan_in: the hidden width the LO was meta-trained at; used as the base of
+      hidden/output roles given by labels or guessed by the fallback.
+  """
+
+  hidden_size: int = 8
+  momentum_decays: tuple[float, float, float] = (0.9, 0.99, 0.9999)
+  second_moment_decay: float = 0.999
+  factored_decay: float = 0.999
+  adam_eps: float = 1e-8
+  lion_b1: float = 0.9
+  tam_beta: float = 0.9
+  tam_gamma: float = 0.9
+  tam_eps: float = 1e-8
+  adatam_eps: float = 1e-8
+  ademamix_alpha: float = 5.0
+  momo_alpha: float = 1e-2
+  momo_lower_bound: float = 0.0
+  grams_eps: float = 1e-6
+  laprop_b1: float = 0.9
+  laprop_eps: float = 1e-15
+  step_mult: float = 1.0
+  log_step_mult: float = 1.0
+  max_log_step: float = 10.0
+  mup: bool = True
+  base_fan_in: int = 64
+
+  def __post_init__(self):
+    if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
+      raise ValueError(f"hidden_size={self.hidden_size!r}; expected a positive int.")
+    decays = tuple(float(d) for d in self.momentum_decays)
+    if len(decays) != 3:
+      raise ValueError(f"momentum_decays={self.momentum_decays!r}; expected 3 decays.")
+    object.__setattr__(self, "momentum_decays", decays)
+    for name in ("second_moment_decay", "factored_decay", "lion_b1", "tam_beta",
+                 "tam_gamma", "laprop_b1"):
+      _check_unit(name, getattr(self, name))
+    for i, d in enumerate(decays):
+      _check_unit(f"momentum_decays[{i}]", d)
+    for name in ("adam_eps", "adatam_eps", "grams_eps", "laprop_eps", "momo_alpha"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in (0, inf).")
+
+  @property
+  def num_features(self) -> int:
+    return len(FEATURE_NAMES)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["momentum_decays"] = list(self.momentum_decays)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "LOConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown LOConfig fields {unknown}; expected a subset of "
+                       f"{sorted(known)}.")
+    d = dict(d)
+    if "momentum_decays" in d:
+      d["momentum_decays"] = tuple(d["momentum_decays"])
+    return cls(**d)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check_unit(name: str, value: float) -> None:
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"{name}={value!r} is out of range; expected a value in [0, 1).")

@@ -1,0 +1,178 @@
+"""``LearnedOptimizer``: theta + config, usable as a drop-in optax optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metaopt import mup as mup_lib
+from metaopt.lopt import _network, _update
+from metaopt.lopt._config import CANDIDATE_NAMES, LOConfig
+
+Tree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedOptimizer:
+  """A learned optimizer: static ``config`` plus meta-learned ``theta``.
+
+  Use it like any optax optimizer::
+
+    opt = metaopt.pretrained().as_optax(num_steps=1000)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params, value=loss)  # value optional
+
+  Attributes:
+    config: the :class:`LOConfig` (state decays, MLP size, muP switch).
+    theta: the meta-learned parameters (see :mod:`metaopt.lopt._network`).
+    metadata: free-form JSON-able description (meta-training config, name, ...).
+  """
+
+  config: LOConfig
+  theta: dict
+  metadata: dict = dataclasses.field(default_factory=dict)
+
+  # ------------------------------------------------------------------ construction
+  @classmethod
+  def random(cls, key: jax.Array, config: LOConfig | None = None, *,
+             hidden_scale: float = 1.0, output_scale: float = 0.0) -> "LearnedOptimizer":
+    """An LO with a random MLP (``output_scale`` > 0 also randomizes the last layer)."""
+    config = config or LOConfig()
+    k1, k2, k3 = jax.random.split(key, 3)
+    theta = _network.init_theta(config, k1, hidden_scale=hidden_scale,
+                                log_lr=math.log(1e-3))
+    theta["mix"] = theta["mix"].at[CANDIDATE_NAMES.index("adam")].set(1.0)
+    if output_scale:
+      theta["w2"] = output_scale * jax.random.normal(k2, theta["w2"].shape)
+      theta["b2"] = output_scale * jax.random.normal(k3, theta["b2"].shape)
+    return cls(config, theta)
+
+  @classmethod
+  def from_classical(cls, name: str, mup: bool = False, *, key: jax.Array | None = None,
+                     **hparams) -> "LearnedOptimizer":
+    """An LO whose updates equal ``metaopt.optimizers.<name>(**hparams)``'s.
+
+    Exact up to floating-point rounding with ``mup=False``; with ``mup=True`` it is
+    the muP version (e.g. muAdamW), the warm start for meta-training. Hyperparameters
+    the LO's state cannot represent raise ``ValueError`` naming them.
+    """
+    from metaopt.lopt._classical import classical_config_and_mix  # pylint: disable=g-import-not-at-top
+    config_kwargs, mix, log_lr = classical_config_and_mix(name, hparams)
+    config = LOConfig(mup=mup, **config_kwargs)
+    key = jax.random.key(0) if key is None else key
+    dtype = jnp.result_type(float)  # float64 when x64 is enabled: exact parity tests.
+    theta = _network.init_theta(config, key)
+    theta = jax.tree.map(lambda a: a.astype(dtype), theta)
+    theta["log_lr"] = jnp.asarray(log_lr, dtype)
+    theta["mix"] = jnp.asarray(mix, dtype)
+    return cls(config, theta, {"from_classical": name, "hparams": _jsonable(hparams)})
+
+  def with_theta(self, theta: dict) -> "LearnedOptimizer":
+    return dataclasses.replace(self, theta=theta)
+
+  # ------------------------------------------------------------------ optax
+  def as_optax(self, num_steps: int | None = None,
+               learning_rate: float | Callable[[jax.Array], jax.Array] = 1.0, *,
+               roles: Tree | None = None, labels: Tree | None = None,
+               base_params: Tree | None = None, sp: bool = False
+               ) -> optax.GradientTransformationExtraArgs:
+    """This LO as an ``optax.GradientTransformationExtraArgs``.
+
+    Args:
+      num_steps: the training horizon, when known (gives the fraction-of-training
+        feature). ``None``: the LO works without it.
+      learning_rate: a multiplier on the learned step (float or optax schedule).
+      roles: explicit muP roles (a :class:`metaopt.mup.ParamRole` tree).
+      labels: role names per leaf (``"input"/"hidden"/"output"/"vector"``).
+      base_params: a narrower base model's params; roles follow the muP rule.
+      sp: turn muP scaling off (standard parametrization).
+
+    Without roles, labels or base_params, :func:`metaopt.mup.infer_roles` guesses
+    (and warns when unsure).
+    """
+    if num_steps is not None:
+      if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or \
+          num_steps <= 0:
+        raise ValueError(f"num_steps={num_steps!r}; expected a positive int or None.")
+      num_steps = int(num_steps)
+    if not callable(learning_rate):
+      if not np.isfinite(learning_rate) or learning_rate < 0:
+        raise ValueError(f"learning_rate={learning_rate!r}; expected a value in [0, inf).")
+    config, theta = self.config, self.theta
+    use_mup = config.mup and not sp
+
+    def resolve_scales(params):
+      if not use_mup:
+        return jax.tree.map(lambda _: 1.0, params)
+      if roles is not None:
+        mup_lib.check_roles(params, roles)
+        r = roles
+      elif labels is not None:
+        r = mup_lib.roles_from_labels(params, labels, base_fan_in=config.base_fan_in)
+      elif base_params is not None:
+        r = mup_lib.roles_from_base(params, base_params)
+      else:
+        r = mup_lib.infer_roles(params, base_fan_in=config.base_fan_in)
+      return mup_lib.update_scales(r)
+
+    def init_fn(params):
+      _check_float_leaves(params, "params")
+      return _update.init_state(params, resolve_scales(params))
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+      del extra_args
+      if params is None:
+        raise ValueError("the learned optimizer needs the parameters: call "
+                         "`opt.update(grads, state, params, value=loss)`.")
+      _check_structure(updates, params, state)
+      lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+      return _update.update(config, theta, updates, state, params, value=value,
+                            num_steps=num_steps, learning_rate=lr)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _jsonable(d: dict) -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, (bool, int, float, str)) or v is None:
+      out[k] = v
+    elif isinstance(v, (tuple, list)):
+      out[k] = [float(a) for a in v]
+    else:
+      out[k] = repr(v)
+  return out
+
+
+def _check_float_leaves(tree, what: str) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}; the learned "
+                       "optimizer expects floating-point leaves (mask integer leaves "
+                       "out with optax.masked).")
+
+
+def _check_structure(grads, params, state) -> None:
+  ref = jax.tree.structure(state.second_moment)
+  for what, tree in (("grads", grads), ("params", params)):
+    if jax.tree.structure(tree) != ref:
+      got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+      want = {jax.tree_util.keystr(p) for p, _ in
+              jax.tree_util.tree_flatten_with_path(state.second_moment)[0]}
+      raise ValueError(
+          f"{what} does not match the optimizer state's tree: leaves not in the state: "
+          f"{sorted(got - want)[:5]}; state leaves missing: {sorted(want - got)[:5]}. "
+          "Initialize the optimizer with the same parameter tree.")
+    _check_float_leaves(tree, what)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                            jax.tree.leaves(state.second_moment)):
+      if jnp.shape(a) != jnp.shape(b):
+        raise ValueError(f"{what}{jax.tree_util.keystr(path)} has shape {jnp.shape(a)} but "
+                         f"the optimizer state expects {jnp.shape(b)}.")

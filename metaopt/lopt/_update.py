@@ -1,0 +1,225 @@
+"""The learned optimizer's pure init/update functions.
+
+One step, for every tensor (leaf) W with gradient g and parameter x:
+
+1. Advance the raw state with :mod:`metaopt.features`: momentum EMAs at three decays,
+   Adam's second moment v, Adafactor row/column accumulators, TAM's momentum and
+   smoothed torque cosine, LaProp's momentum of normalized gradients, and MoMo's loss
+   and <g, x> EMAs (global scalars, only when ``value`` is given).
+2. Classical candidate directions c_k from the raw state (SGD-M, Adam, Lion, cautious
+   Adam, TAM, AdaTAM, AdEMAMix, MoMo-Adam, Grams, LaProp, decoupled weight decay).
+3. Features: per-tensor RMS-normalized per-parameter quantities, bounded indicators,
+   per-tensor scalars and time; a residual MLP maps them to (d, m) per parameter.
+4. update = -lr * s_mup * exp(log_lr) * (sum_k mix_k c_k + lambda1 d) * exp(lambda2 m),
+   s_mup = base_fan_in / fan_in for hidden tensors (1 otherwise, or when muP is off).
+
+The state holds six parameter-shaped buffers (three momenta, v, TAM and LaProp
+momenta), small factored accumulators and scalars; never the parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metaopt import features as F
+from metaopt.lopt import _network
+from metaopt.lopt._config import (BOUNDED_FEATURES, CANDIDATE_NAMES, NORMALIZED_FEATURES,
+                                  TENSOR_FEATURES, TIME_TAUS, LOConfig)
+
+Tree = Any
+
+
+class LOState(NamedTuple):
+  """State of the learned optimizer (arrays only; never the parameters)."""
+
+  count: jax.Array  # int32 scalar: updates applied so far.
+  momenta: tuple  # (fast, mid, slow) EMAs of g, each shaped like params.
+  second_moment: Tree  # EMA of g^2.
+  factored: Tree  # Adafactor FactoredMoment per leaf.
+  tam_momentum: Tree  # TAM's m_t = beta m + (eps + d_t) g.
+  torque_ema: Tree  # TAM's smoothed cosine s_hat, one scalar per leaf.
+  laprop_momentum: Tree  # EMA of g / (sqrt(v_hat) + eps).
+  loss_ema: jax.Array  # MoMo's fbar (b1-EMA of the loss from zero).
+  grad_param_ema: jax.Array  # MoMo's gamma (b1-EMA of <g, x> from zero).
+  mup_scale: Tree  # base_fan_in / fan_in per hidden leaf, 1 elsewhere (scalars).
+
+
+def state_dtype(leaf) -> jnp.dtype:
+  """float32 state for low-precision params; float64 when the params are."""
+  return jnp.promote_types(jnp.result_type(leaf), jnp.float32)
+
+
+def init_state(params: Tree, mup_scale: Tree) -> LOState:
+  zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), state_dtype(x)), params)
+  scalar_dtype = jnp.result_type(*[state_dtype(x) for x in jax.tree.leaves(params)] or
+                                 [jnp.float32])
+  return LOState(
+      count=jnp.zeros([], jnp.int32),
+      momenta=(zeros, zeros, zeros),
+      second_moment=zeros,
+      factored=jax.tree.map(
+          lambda x: jax.tree.map(lambda a: a.astype(state_dtype(x)), F.factored_init(x)),
+          params),
+      tam_momentum=zeros,
+      torque_ema=jax.tree.map(lambda x: jnp.zeros([], state_dtype(x)), params),
+      laprop_momentum=zeros,
+      loss_ema=jnp.zeros([], scalar_dtype),
+      grad_param_ema=jnp.zeros([], scalar_dtype),
+      mup_scale=jax.tree.map(lambda x, s: jnp.asarray(s, state_dtype(x)), params,
+                             mup_scale),
+  )
+
+
+class StepContext(NamedTuple):
+  """Scalars shared by every tensor in one step (the cross-tensor part of the rules)."""
+
+  t: jax.Array  # 1-based step.
+  bc_fast: jax.Array  # 1 - b_fast^t
+  bc_v: jax.Array  # 1 - b2^t
+  bc_laprop: jax.Array  # 1 - b_laprop^t
+  momo_tau: jax.Array  # MoMo-Adam's step (its cap alpha / bc_fast without a loss).
+  polyak_ratio: jax.Array  # momo_tau / cap in [0, 1] (1 without a loss).
+  has_loss: jax.Array  # 1.0 when value= was given.
+  time: jax.Array  # [len(TIME_TAUS) + 2] time features.
+
+
+def _leafwise(fn, *trees):
+  return jax.tree.map(fn, *trees)
+
+
+def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: Tree, *,
+           value=None, num_steps=None, learning_rate=1.0):
+  """One learned-optimizer step; returns (updates, new_state). Pure and jittable."""
+  b_fast, b_mid, b_slow = config.momentum_decays
+  b2 = config.second_moment_decay
+  sdt = jax.tree.map(lambda m: m.dtype, state.second_moment)
+  g = jax.tree.map(lambda gr, dt: gr.astype(dt), grads, sdt)
+  x = jax.tree.map(lambda p, dt: p.astype(dt), params, sdt)
+  count = optax.safe_increment(state.count)
+  scalar_dt = state.loss_ema.dtype
+  t = count.astype(scalar_dt)
+
+  # 1. Raw state.
+  m_fast = F.update_ema(state.momenta[0], g, b_fast)
+  m_mid = F.update_ema(state.momenta[1], g, b_mid)
+  m_slow = F.update_ema(state.momenta[2], g, b_slow)
+  v = F.update_second_moment(state.second_moment, g, b2)
+  factored = jax.tree.map(lambda acc, gr: F.update_factored(acc, gr, config.factored_decay),
+                          state.factored, g,
+                          is_leaf=lambda a: isinstance(a, F.FactoredMoment))
+  s = _leafwise(F.torque_cosine, state.tam_momentum, g)
+  s_hat = _leafwise(lambda sh, c: F.update_torque_ema(sh, c, config.tam_gamma),
+                    state.torque_ema, s)
+  damping = _leafwise(F.tam_damping, s_hat)
+  tam_m = _leafwise(
+      lambda m, gr, d: F.update_tam_momentum(m, gr, config.tam_beta, d, config.tam_eps),
+      state.tam_momentum, g, damping)
+  bc_v = 1 - jnp.asarray(b2, scalar_dt)**t
+  laprop_in = _leafwise(lambda gr, vv: gr / (jnp.sqrt(vv / bc_v) + config.laprop_eps), g, v)
+  laprop_m = F.update_ema(state.laprop_momentum, laprop_in, config.laprop_b1)
+
+  # MoMo-Adam's global scalars (Schaipp et al, arXiv:2305.07583, Alg. 2).
+  bc_fast = 1 - jnp.asarray(b_fast, scalar_dt)**t
+  momo_cap = config.momo_alpha / bc_fast
+  if value is None:
+    loss_ema, gp_ema = state.loss_ema, state.grad_param_ema
+    momo_tau = momo_cap
+    has_loss = jnp.zeros([], scalar_dt)
+  else:
+    loss_ema = b_fast * state.loss_ema + (1 - b_fast) * jnp.asarray(value, scalar_dt)
+    gp_ema = b_fast * state.grad_param_ema + (1 - b_fast) * F.tree_vdot(g, x)
+    precond = _leafwise(lambda vv: config.adam_eps + jnp.sqrt(vv / bc_v), v)
+    d_norm = F.tree_vdot(m_fast, _leafwise(jnp.divide, m_fast, precond))
+    d_dot_x = F.tree_vdot(m_fast, x)
+    momo_tau = F.momo_polyak_step(momo_cap, loss_ema, gp_ema, d_dot_x, d_norm,
+                                  lower_bound=bc_fast * config.momo_lower_bound,
+                                  denom_eps=jnp.finfo(float).eps)
+    has_loss = jnp.ones([], scalar_dt)
+  frac = (jnp.zeros([], jnp.float32) if num_steps is None else
+          jnp.clip(count.astype(jnp.float32) / num_steps, 0.0, 1.0))
+  time = jnp.concatenate([
+      jnp.tanh(count.astype(jnp.float32) / jnp.asarray(TIME_TAUS, jnp.float32)),
+      jnp.stack([frac, jnp.float32(num_steps is not None)])])
+  ctx = StepContext(t=t, bc_fast=bc_fast, bc_v=bc_v,
+                    bc_laprop=1 - jnp.asarray(config.laprop_b1, scalar_dt)**t,
+                    momo_tau=momo_tau, polyak_ratio=momo_tau / momo_cap,
+                    has_loss=has_loss, time=time)
+
+  leaf_update = lambda *a: _leaf_update(config, theta, ctx, learning_rate, *a)
+  updates = jax.tree.map(leaf_update, g, x, m_fast, state.momenta[1], m_slow, v, factored,
+                         tam_m,
+                         damping, laprop_m, state.mup_scale, params,
+                         is_leaf=lambda a: isinstance(a, F.FactoredMoment))
+  new_state = LOState(count=count, momenta=(m_fast, m_mid, m_slow), second_moment=v,
+                      factored=factored, tam_momentum=tam_m, torque_ema=s_hat,
+                      laprop_momentum=laprop_m, loss_ema=loss_ema,
+                      grad_param_ema=gp_ema, mup_scale=state.mup_scale)
+  return updates, new_state
+
+
+def candidate_directions(config: LOConfig, ctx: StepContext, g, x, m_fast, m_mid_prev,
+                         m_slow, v, tam_m, laprop_m):
+  """The classical directions (before the learning rate; optax sign: to be subtracted).
+
+  ``m_mid_prev`` is the mid momentum *before* this step's update: Lion interpolates
+  the previous momentum with the new gradient.
+  """
+  b_fast = config.momentum_decays[0]
+  m_hat = m_fast / ctx.bc_fast
+  sqrt_v_hat = jnp.sqrt(v / ctx.bc_v)
+  adam = m_hat / (sqrt_v_hat + config.adam_eps)
+  lion = jnp.sign(config.lion_b1 * m_mid_prev + (1 - config.lion_b1) * g)
+  cautious = adam * F.cautious_mask(adam, g)
+  adatam = tam_m / (sqrt_v_hat + config.adatam_eps)
+  ademamix = (m_hat + config.ademamix_alpha * m_slow) / (sqrt_v_hat + config.adam_eps)
+  momo = ctx.momo_tau * m_fast / (config.adam_eps + sqrt_v_hat)
+  grams = jnp.sign(g) * jnp.abs(m_hat / (sqrt_v_hat + config.grams_eps))
+  laprop = laprop_m / ctx.bc_laprop
+  sgdm = m_fast / (1 - b_fast)
+  by_name = dict(sgdm=sgdm, adam=adam, lion=lion, cautious_adam=cautious, tam=tam_m,
+                 adatam=adatam, ademamix=ademamix, momo_adam=momo, grams=grams,
+                 laprop=laprop, weight_decay=x)
+  return [by_name[n] for n in CANDIDATE_NAMES], dict(adam=adam, lion=lion,
+                                                     cautious=cautious, grams=grams,
+                                                     ademamix=ademamix,
+                                                     sqrt_v_hat=sqrt_v_hat)
+
+
+def _log_rms(a):
+  return jnp.log10(F.tensor_rms(a) + 1e-8) / 4.0
+
+
+def _leaf_update(config, theta, ctx, learning_rate, g, x, m_fast, m_mid_prev, m_slow, v,
+                 fact, tam_m, damping, laprop_m, mup_scale, param):
+  cands, extra = candidate_directions(config, ctx, g, x, m_fast, m_mid_prev, m_slow, v,
+                                      tam_m, laprop_m)
+  mix = theta["mix"].astype(g.dtype)
+  classical = sum(mix[k] * c for k, c in enumerate(cands))
+
+  # Features (computed once; XLA fuses them with the MLP).
+  rsqrt_fact = jax.lax.rsqrt(F.factored_second_moment(fact, g) + 1e-30)
+  raw = dict(grad=g, param=x, momentum_fast=m_fast, momentum_mid=m_mid_prev,
+             momentum_slow=m_slow, rsqrt_second_moment=1 / (extra["sqrt_v_hat"] + 1e-8),
+             adam=extra["adam"], adafactor_grad=g * rsqrt_fact,
+             adafactor_momentum=m_fast * rsqrt_fact, tam_momentum=tam_m, laprop=laprop_m,
+             lion_sign=extra["lion"], cautious_adam=extra["cautious"],
+             grams=extra["grams"], ademamix=extra["ademamix"])
+  elementwise = [F.rms_normalize(raw[n]) for n in NORMALIZED_FEATURES]
+  elementwise.append((extra["adam"] * g > 0).astype(g.dtype))  # cautious_agreement
+  assert len(elementwise) == len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
+  tensor = [damping, ctx.polyak_ratio, ctx.has_loss, _log_rms(x), _log_rms(g)]
+  assert len(tensor) == len(TENSOR_FEATURES)
+  scalars = [f.astype(jnp.float32) for f in tensor] + list(ctx.time)
+  bias = _network.hidden_bias(theta, scalars, offset=len(elementwise))
+  direction, log_mag = _network.mlp_outputs(theta, elementwise, bias, g.dtype)
+
+  step = classical + config.step_mult * direction
+  log_mag = jnp.clip(config.log_step_mult * log_mag, -config.max_log_step,
+                     config.max_log_step)
+  scale = learning_rate * mup_scale * jnp.exp(theta["log_lr"].astype(g.dtype))
+  update = -scale * step * jnp.exp(log_mag)
+  return update.astype(jnp.result_type(param))
