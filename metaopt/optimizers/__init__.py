@@ -35,7 +35,6 @@ from metaopt.optimizers._cautious import scale_by_cautious
 from metaopt.optimizers._cautious import ScaleByCautiousState
 from metaopt.optimizers._grams import grams
 from metaopt.optimizers._grams import scale_by_grams
-from metaopt.optimizers._grams import ScaleByGramsState
 from metaopt.optimizers._laprop import laprop
 from metaopt.optimizers._laprop import scale_by_laprop
 from metaopt.optimizers._laprop import ScaleByLapropState
@@ -72,7 +71,6 @@ __all__ = [
     "ScaleByAdatamState",
     "ScaleByAdemamixState",
     "ScaleByCautiousState",
-    "ScaleByGramsState",
     "ScaleByLapropState",
     "ScaleByLionState",
     "ScaleByMarsAdamwState",

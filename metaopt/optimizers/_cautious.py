@@ -13,8 +13,9 @@ The Adam step does not depend on ``p``, so this equals optax's
 ``-lr * (phi * u + wd * p_old)``, which is what we compute: decoupled decay is not masked
 either way. Two deliberate differences, both following the reference sheet: the mask is
 renormalized by ``1 / max(mean(phi), 1e-3)`` (the reference uses ``numel / (sum + 1)``),
-and C-AdamW uses optax's Adam denominator ``sqrt(v_hat) + eps`` (the reference adds
-``eps`` before bias correction, HuggingFace-style).
+and C-AdamW uses Adam's denominator ``sqrt(v_hat) + eps`` of
+:func:`metaopt.optimizers.scale_by_adam` (equal to optax's; the reference adds ``eps``
+before bias correction, HuggingFace-style).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax
 import optax
 
 from metaopt import features
+from metaopt.optimizers import _adam
 from metaopt.optimizers import _validation
 
 
@@ -152,10 +154,7 @@ def cautious_adamw(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=
     Liang et al, "Cautious Optimizers: Improving Training with One Line of Code",
     arXiv:2411.16085, 2024
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  _validation.check_nonnegative("eps", eps)
-  return cautious(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, weight_decay)
+  return cautious(_adam.scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, weight_decay)
 
 
 def cautious_lion(learning_rate=1e-4, b1=0.9, b2=0.99, weight_decay=1e-3
@@ -189,6 +188,4 @@ def cautious_lion(learning_rate=1e-4, b1=0.9, b2=0.99, weight_decay=1e-3
     Liang et al, "Cautious Optimizers: Improving Training with One Line of Code",
     arXiv:2411.16085, 2024
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  return cautious(optax.scale_by_lion(b1=b1, b2=b2), learning_rate, weight_decay)
+  return cautious(_adam.scale_by_lion(b1=b1, b2=b2), learning_rate, weight_decay)

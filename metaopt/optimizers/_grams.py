@@ -6,22 +6,12 @@ Cao et al, "Grams: Gradient Descent with Adaptive Momentum Scaling", arXiv:2412.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from metaopt import features
+from metaopt.optimizers import _adam
 from metaopt.optimizers import _validation
-
-
-class ScaleByGramsState(NamedTuple):
-  """State of :func:`scale_by_grams`."""
-
-  count: jax.Array  # int32 scalar, number of updates applied.
-  mu: optax.Updates  # first-moment EMA.
-  nu: optax.Updates  # second-moment EMA.
 
 
 def scale_by_grams(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformation:
@@ -31,7 +21,8 @@ def scale_by_grams(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformation:
     \hat m_t = \frac{m_t}{1 - b_1^t}, \quad \hat v_t = \frac{v_t}{1 - b_2^t}, \quad
     u_t = \mathrm{sign}(g_t) \odot \left|\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}\right|,
 
-  with Adam's EMAs :math:`m_t, v_t` of :math:`g_t, g_t^2`.
+  with Adam's EMAs :math:`m_t, v_t` of :math:`g_t, g_t^2`
+  (:func:`metaopt.optimizers.scale_by_adam`, whose state it keeps).
 
   Args:
     b1: first-moment decay.
@@ -39,7 +30,8 @@ def scale_by_grams(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformation:
     eps: :math:`\epsilon` in the denominator (1e-6 as in the reference code).
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByGramsState`.
+    An ``optax.GradientTransformation`` with state
+    :class:`metaopt.optimizers.ScaleByAdamState`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -50,27 +42,13 @@ def scale_by_grams(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformation:
     Cao et al, "Grams: Gradient Descent with Adaptive Momentum Scaling",
     arXiv:2412.17107, 2024
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  _validation.check_nonnegative("eps", eps)
-
-  def init_fn(params):
-    return ScaleByGramsState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
-                             nu=optax.tree.zeros_like(params))
+  adam = _adam.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
   def update_fn(updates, state, params=None):
-    del params
-    mu = features.update_ema(state.mu, updates, b1)
-    nu = features.update_second_moment(state.nu, updates, b2)
-    count = optax.safe_increment(state.count)
-    adam = features.adam_direction(features.bias_correction(mu, b1, count),
-                                   features.bias_correction(nu, b2, count), eps)
-    direction = jax.tree.map(lambda u, g: jnp.sign(g) * jnp.abs(u), adam, updates)
-    mu = optax.tree.cast_like(mu, state.mu)
-    nu = optax.tree.cast_like(nu, state.nu)
-    return direction, ScaleByGramsState(count=count, mu=mu, nu=nu)
+    direction, state = adam.update(updates, state, params)
+    return jax.tree.map(lambda u, g: jnp.sign(g) * jnp.abs(u), direction, updates), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(adam.init, update_fn)
 
 
 def grams(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0

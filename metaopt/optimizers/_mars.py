@@ -26,16 +26,15 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features
+from metaopt.optimizers import _adam
 from metaopt.optimizers import _validation
 
 
 class ScaleByMarsAdamwState(NamedTuple):
   """State of :func:`scale_by_mars_adamw`."""
 
-  count: jax.Array  # int32 scalar, number of updates applied.
-  mu: optax.Updates  # EMA of the corrected gradients c_t.
-  nu: optax.Updates  # EMA of c_t^2.
   prev_grad: optax.Updates  # g_{t-1} (raw gradient).
+  adam: _adam.ScaleByAdamState  # Adam's moments of the corrected gradients c_t.
 
 
 def mars_correction(g, prev_grad, b1, gamma):
@@ -57,7 +56,8 @@ def scale_by_mars_adamw(b1=0.95, b2=0.99, gamma=0.025, eps=1e-8
     m_t &= b_1 m_{t-1} + (1 - b_1) c_t, \quad v_t = b_2 v_{t-1} + (1 - b_2) c_t^2, \quad
     u_t = \frac{m_t / (1 - b_1^t)}{\sqrt{v_t / (1 - b_2^t)} + \epsilon},
 
-  with norms per tensor (pytree leaf).
+  with norms per tensor (pytree leaf): :func:`metaopt.optimizers.scale_by_adam` applied
+  to :math:`c_t`.
 
   Args:
     b1: first-moment decay; also sets the correction's scale :math:`b_1 / (1 - b_1)`.
@@ -77,30 +77,20 @@ def scale_by_mars_adamw(b1=0.95, b2=0.99, gamma=0.025, eps=1e-8
     Yuan et al, "MARS: Unleashing the Power of Variance Reduction for Training Large
     Models", arXiv:2411.10438, 2024
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
   _validation.check_nonnegative("gamma", gamma)
-  _validation.check_nonnegative("eps", eps)
+  adam = _adam.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):
-    zeros = optax.tree.zeros_like(params)
-    return ScaleByMarsAdamwState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros,
-                                 prev_grad=zeros)
+    return ScaleByMarsAdamwState(prev_grad=optax.tree.zeros_like(params),
+                                 adam=adam.init(params))
 
   def update_fn(updates, state, params=None):
-    del params
-    first = state.count == 0
+    first = state.adam.count == 0
     prev = jax.tree.map(lambda g, p: jnp.where(first, g, p), updates, state.prev_grad)
     c = jax.tree.map(lambda g, p: mars_correction(g, p, b1, gamma), updates, prev)
-    mu = features.update_ema(state.mu, c, b1)
-    nu = features.update_second_moment(state.nu, c, b2)
-    count = optax.safe_increment(state.count)
-    direction = features.adam_direction(features.bias_correction(mu, b1, count),
-                                        features.bias_correction(nu, b2, count), eps)
-    new_state = ScaleByMarsAdamwState(count=count, mu=optax.tree.cast_like(mu, state.mu),
-                                      nu=optax.tree.cast_like(nu, state.nu),
-                                      prev_grad=optax.tree.cast_like(updates, state.prev_grad))
-    return direction, new_state
+    direction, adam_state = adam.update(c, state.adam, params)
+    prev_grad = optax.tree.cast_like(updates, state.prev_grad)
+    return direction, ScaleByMarsAdamwState(prev_grad=prev_grad, adam=adam_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
