@@ -135,9 +135,9 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
     precond = _leafwise(lambda vv: config.adam_eps + jnp.sqrt(vv / bc_v), v)
     d_norm = F.tree_vdot(m_fast, _leafwise(jnp.divide, m_fast, precond))
     d_dot_x = F.tree_vdot(m_fast, x)
-    momo_tau = F.momo_polyak_step(momo_cap, loss_ema, gp_ema, d_dot_x, d_norm,
+    momo_tau = F.momo_polyak_step(config.momo_alpha, loss_ema, gp_ema, d_dot_x, d_norm,
                                   lower_bound=bc_fast * config.momo_lower_bound,
-                                  denom_eps=jnp.finfo(float).eps)
+                                  denom_eps=jnp.finfo(float).eps, max_step=momo_cap)
     has_loss = jnp.ones([], scalar_dt)
   frac = (jnp.zeros([], jnp.float32) if num_steps is None else
           jnp.clip(count.astype(jnp.float32) / num_steps, 0.0, 1.0))
