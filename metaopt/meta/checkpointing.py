@@ -1,0 +1,164 @@
+"""Resumable meta-training: orbax ``CheckpointManager`` over the whole :class:`MetaState`.
+
+Every checkpoint ``<dir>/<step>/`` holds two items, written atomically by orbax (a
+temporary directory renamed into place on completion, so a run killed mid-save leaves
+the previous checkpoints intact; the last ``keep`` are kept):
+
+* ``state``: theta, the outer optimizer state, every population (inner parameters and
+  LO states, step counters, horizons, normalizers, PES accumulators, episode keys), the
+  base PRNG key and the step -- global arrays, each host writing its own shards;
+* ``config``: the :class:`~metaopt.meta.config.MetaConfig`, the LO config and the task
+  names as JSON.
+
+Restoring reads into an abstract target tree (``jax.ShapeDtypeStruct`` with the current
+run's shardings), so a run saved on 4 devices resumes on 1 (an accelerator run continues
+on a CPU). The saved config and array shapes are checked against the current run first:
+a mismatch or an unreadable checkpoint raises :class:`CheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+
+from metaopt.meta.config import MetaConfig
+
+FORMAT_VERSION = 1
+# Fields that may change when a run is resumed (they do not change the computation).
+RESUMABLE_FIELDS = ("outer_steps", "validation_every", "validation_seeds",
+                    "checkpoint_every", "keep_checkpoints", "log_every")
+
+
+class CheckpointError(RuntimeError):
+  """A meta-training checkpoint is missing, unreadable or from a different run."""
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp
+
+
+def checkpoint_manager(directory: str | pathlib.Path, *, keep: int = 3):
+  """An orbax ``CheckpointManager`` keeping the last ``keep`` checkpoints."""
+  ocp = _ocp()
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                               item_names=("state", "config"))
+
+
+def run_metadata(config: MetaConfig, lo_config, task_names) -> dict[str, Any]:
+  return {"format_version": FORMAT_VERSION, "config": config.to_dict(),
+          "lo_config": lo_config.to_dict(), "tasks": list(task_names),
+          "process_count": jax.process_count(), "device_count": jax.device_count()}
+
+
+def save(manager, step: int, state, metadata: dict[str, Any]) -> None:
+  """Saves ``state`` at ``step`` (asynchronously; ``manager.wait_until_finished()``)."""
+  ocp = _ocp()
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             config=ocp.args.JsonSave(metadata)),
+               force=True)
+
+
+def latest_step(manager) -> int | None:
+  return manager.latest_step()
+
+
+def read_metadata(manager, step: int) -> dict[str, Any]:
+  ocp = _ocp()
+  try:
+    return manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+  except Exception as e:  # orbax raises many types; report them as one.
+    raise CheckpointError(
+        f"checkpoint step {step} in {manager.directory} is unreadable ({type(e).__name__}:"
+        f" {e}); delete that step's directory to resume from an earlier one.") from e
+
+
+def check_metadata(saved: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+  """Raises :class:`CheckpointError` when the checkpoint is from a different run."""
+  if saved.get("format_version") != FORMAT_VERSION:
+    raise CheckpointError(f"{where}: checkpoint format_version="
+                          f"{saved.get('format_version')!r}; this code reads "
+                          f"{FORMAT_VERSION}.")
+  diffs = []
+  for key in ("config", "lo_config"):
+    a, b = saved.get(key, {}), expected[key]
+    for field in sorted(set(a) | set(b)):
+      if key == "config" and field in RESUMABLE_FIELDS:
+        continue
+      if a.get(field) != b.get(field):
+        diffs.append(f"{key}.{field}: checkpoint {a.get(field)!r} != run {b.get(field)!r}")
+  if saved.get("tasks") != expected["tasks"]:
+    diffs.append(f"tasks: checkpoint {saved.get('tasks')} != run {expected['tasks']}")
+  if diffs:
+    raise CheckpointError(f"{where} was written by a different meta-training run:\n  " +
+                          "\n  ".join(diffs))
+
+
+def _leaf_name(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return ".".join(parts)
+
+
+def check_shapes(manager, step: int, abstract_state, where: str) -> None:
+  """Compares the saved arrays' shapes and dtypes with the target's, by name."""
+  try:
+    metadata = manager.item_metadata(step)["state"]
+    saved = {m.name: (tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(metadata)}
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{where}: cannot read the array metadata ({type(e).__name__}: "
+                          f"{e}); the checkpoint is corrupt or incomplete.") from e
+  target = {_leaf_name(p): (tuple(s.shape), str(s.dtype))
+            for p, s in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  missing = sorted(set(target) - set(saved))
+  extra = sorted(set(saved) - set(target))
+  wrong = [f"{k}: checkpoint {saved[k]} != run {target[k]}"
+           for k in sorted(set(saved) & set(target)) if saved[k] != target[k]]
+  if missing or extra or wrong:
+    raise CheckpointError(
+        f"{where} does not match this run's state: missing {missing[:5]}, unexpected "
+        f"{extra[:5]}, different shape/dtype {wrong[:5]}.")
+
+
+def restore(manager, step: int, abstract_state, expected_metadata: dict[str, Any]):
+  """The state saved at ``step``, placed with ``abstract_state``'s shardings."""
+  ocp = _ocp()
+  where = f"checkpoint {manager.directory}/{step}"
+  check_metadata(read_metadata(manager, step), expected_metadata, where)
+  check_shapes(manager, step, abstract_state, where)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:  # orbax raises many types; report them as one.
+    raise CheckpointError(f"{where}: could not restore the state ({type(e).__name__}: "
+                          f"{e}); the checkpoint is corrupt or incomplete.") from e
+  return restored["state"]
+
+
+def config_from_checkpoint(directory: str | pathlib.Path) -> MetaConfig | None:
+  """The :class:`MetaConfig` of the newest checkpoint under ``directory`` (or None)."""
+  manager = checkpoint_manager(directory)
+  step = manager.latest_step()
+  if step is None:
+    return None
+  saved = read_metadata(manager, step)
+  try:
+    return MetaConfig.from_dict(saved["config"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{directory}/{step}: invalid config in the checkpoint: {e}"
+                          ) from e
+
+
+def fields_differ(a: MetaConfig, b: MetaConfig) -> list[str]:
+  """Fields of two configs that differ, other than :data:`RESUMABLE_FIELDS`."""
+  return [f.name for f in dataclasses.fields(MetaConfig)
+          if f.name not in RESUMABLE_FIELDS and getattr(a, f.name) != getattr(b, f.name)]

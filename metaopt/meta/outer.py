@@ -1,0 +1,289 @@
+"""The outer loop: meta-gradient steps on theta with an optax optimizer.
+
+Per outer step ``s`` (all in jitted, sharded programs):
+
+1. the active tasks are those of window ``s // resample_every`` (drawn from the run's
+   seed, so every host and every resumed run agrees);
+2. for each active task, its populations (``num_pairs`` informed pairs passing
+   ``value=``/``num_steps=``, ``num_blind_pairs`` pairs passing neither) run one
+   truncation through the estimator; the task's meta-gradient is the member-weighted
+   mean over its populations;
+3. the tasks' meta-gradients are averaged, and the outer optimizer (AdamW after global
+   norm clipping) updates theta.
+
+Every task keeps its populations between its windows, so episodes run to their
+horizons. One program is compiled per task (and one for the update), however the
+tasks are drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
+
+import metaopt
+from metaopt import lopt
+from metaopt.meta import estimators as est_lib
+from metaopt.meta import population as pop_lib
+from metaopt.meta import sharding as shard_lib
+from metaopt.meta.config import MetaConfig
+from metaopt.meta.inner import lo_problem
+
+
+class MetaState(NamedTuple):
+  """Everything a resumed run needs (arrays only; the config is saved beside it).
+
+  Attributes:
+    theta: the LO's meta-parameters (replicated).
+    opt_state: the outer optimizer's state (replicated).
+    populations: group name -> :class:`~metaopt.meta.population.Population` (sharded
+      along the member axis).
+    key: uint32 ``[2]``, the run's base key (step keys are ``fold_in(key, step)``).
+    step: int32, outer steps done.
+  """
+
+  theta: dict
+  opt_state: Any
+  populations: dict
+  key: jax.Array
+  step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+  """One population: a task, whether it passes ``value``/``num_steps``, its size."""
+
+  name: str  # t<task index>_<informed|blind>: a checkpoint key
+  task_index: int
+  informed: bool
+  size: int
+
+
+def outer_optimizer(config: MetaConfig) -> optax.GradientTransformation:
+  """AdamW after clipping the meta-gradient's global norm."""
+  return optax.chain(
+      optax.clip_by_global_norm(config.outer_clip_norm),
+      optax.adamw(config.outer_learning_rate, weight_decay=config.outer_weight_decay))
+
+
+def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
+  """The LO theta starts from (float32): muP classical optimizer or an artifact."""
+  if config.warm_start in lopt.CLASSICAL:
+    lo = metaopt.LearnedOptimizer.from_classical(config.warm_start, mup=True)
+  else:
+    lo = metaopt.load(config.warm_start)
+  theta = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), lo.theta)
+  if config.hidden_size and config.hidden_size != lo.config.hidden_size:
+    lo_config = dataclasses.replace(lo.config, hidden_size=config.hidden_size)
+    fresh = lopt.init_theta(lo_config, jax.random.PRNGKey(config.seed),
+                            mix=theta["mix"], log_lr=theta["log_lr"])
+    return metaopt.LearnedOptimizer(lo_config, fresh, lo.metadata)
+  return lo.with_theta(theta)
+
+
+def resolve_tasks(config: MetaConfig) -> list:
+  """The run's tasks (built, horizon ``config.horizon``), in a fixed order."""
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  if config.tasks:
+    return [tasks_lib.build(tasks_lib.config_from_json(t), config.horizon)
+            for t in config.tasks]
+  entries = tasks_lib.get_suite(config.suite)
+  if config.task_names:
+    by_name = {e.name: e for e in entries}
+    missing = [n for n in config.task_names if n not in by_name]
+    if missing:
+      raise ValueError(f"task_names {missing} are not in suite {config.suite!r}; it has "
+                       f"{sorted(by_name)}.")
+    entries = [by_name[n] for n in config.task_names]
+  return [tasks_lib.build(e.config, config.horizon) for e in entries]
+
+
+def active_tasks(config: MetaConfig, num_tasks: int, step: int) -> tuple[int, ...]:
+  """Task indices trained at outer step ``step`` (fixed within a window)."""
+  count = min(config.tasks_per_step, num_tasks)
+  window = step // config.resample_every
+  rng = np.random.default_rng([config.seed, window])
+  return tuple(sorted(int(i) for i in rng.choice(num_tasks, count, replace=False)))
+
+
+class MetaTrainer:
+  """Builds the state and the jitted, sharded programs of one meta-training run.
+
+  Example::
+
+    trainer = MetaTrainer(PRESETS["smoke"])
+    state = trainer.init()
+    for _ in range(10):
+      state, metrics = trainer.step(state)
+    lo = trainer.learned_optimizer(state)
+  """
+
+  def __init__(self, config: MetaConfig, *, mesh: Mesh | None = None,
+               task_list: list | None = None):
+    self.config = config
+    self.tasks = resolve_tasks(config) if task_list is None else list(task_list)
+    self.mesh = shard_lib.population_mesh() if mesh is None else mesh
+    lo = warm_start(config)
+    self.lo_config = lo.config
+    self.warm_theta = lo.theta
+    flat, self.unravel = ravel_pytree(lo.theta)
+    self.dim = int(flat.size)
+    self.optimizer = outer_optimizer(config)
+    self.antithetic = est_lib.is_antithetic(config.estimator)
+    self.estimator = est_lib.get_estimator(config.estimator, config.sigma)
+    self.schedule = pop_lib.TruncationSchedule(
+        config.truncation_length, config.horizon, config.min_horizon,
+        config.horizon_schedule)
+    self.groups = self._group_specs()
+    self._rep = shard_lib.replicated(self.mesh)
+    self._pop_sharding = shard_lib.population_sharding(self.mesh)
+    self._programs: dict[int, Any] = {}
+    self._state_shapes = None
+    self._update = jax.jit(self._apply_update, out_shardings=self._rep)
+
+  # ------------------------------------------------------------------ structure
+  def _group_specs(self) -> dict[int, tuple[GroupSpec, ...]]:
+    c = self.config
+    groups = {}
+    for i, task in enumerate(self.tasks):
+      specs = [GroupSpec(f"t{i:02d}_informed", i, True, 2 * c.num_pairs)]
+      if c.num_blind_pairs:
+        specs.append(GroupSpec(f"t{i:02d}_blind", i, False, 2 * c.num_blind_pairs))
+      for s in specs:
+        shard_lib.check_population_size(s.size, self.mesh, s.name)
+      groups[i] = tuple(specs)
+    return groups
+
+  def spec(self, group: GroupSpec) -> est_lib.UnrollSpec:
+    problem = lo_problem(self.tasks[group.task_index], self.lo_config,
+                         informed=group.informed, augment_scale=self.config.augment_scale)
+    return est_lib.UnrollSpec(problem, self.schedule, self.config.loss_bound,
+                              self.unravel, self.mesh)
+
+  def active_tasks(self, step: int) -> tuple[int, ...]:
+    return active_tasks(self.config, len(self.tasks), step)
+
+  # ------------------------------------------------------------------ state
+  def _init_state(self) -> MetaState:
+    c = self.config
+    key = jax.random.PRNGKey(c.seed)
+    pops = {}
+    for i, specs in self.groups.items():
+      for g in specs:
+        spec = self.spec(g)
+        gkey = jax.random.fold_in(jax.random.fold_in(key, 1_000_003), hash_name(g.name))
+        pops[g.name] = pop_lib.init_population(spec.problem.init, self.schedule, gkey,
+                                               g.size, self.dim,
+                                               antithetic=self.antithetic)
+    theta = self.warm_theta
+    return MetaState(theta=theta, opt_state=self.optimizer.init(theta), populations=pops,
+                     key=key, step=jnp.zeros([], jnp.int32))
+
+  def shardings(self) -> MetaState:
+    """The sharding of every leaf of the state (a :class:`MetaState` tree)."""
+    shapes = self.state_shapes()
+    rep, pop = self._rep, self._pop_sharding
+    return MetaState(theta=jax.tree.map(lambda _: rep, shapes.theta),
+                     opt_state=jax.tree.map(lambda _: rep, shapes.opt_state),
+                     populations=jax.tree.map(lambda _: pop, shapes.populations),
+                     key=rep, step=rep)
+
+  def abstract_state(self) -> MetaState:
+    """``ShapeDtypeStruct`` tree with shardings: the target of a checkpoint restore."""
+    shapes = self.state_shapes()
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.shardings())
+
+  def init(self) -> MetaState:
+    """The initial state, created directly on the devices with its shardings."""
+    return jax.jit(self._init_state, out_shardings=self.shardings())()
+
+  # ------------------------------------------------------------------ programs
+  def _task_estimate(self, task_index: int, theta, pops: dict, key, step):
+    """Meta-loss, flat meta-gradient, new populations, metrics of one task."""
+    flat, _ = ravel_pytree(theta)
+    task_key = jax.random.fold_in(jax.random.fold_in(key, step), task_index)
+    losses, grads, weights, new_pops, metrics = [], [], [], {}, {}
+    for g in self.groups[task_index]:
+      gkey = jax.random.fold_in(task_key, hash_name(g.name))
+      e = self.estimator(self.spec(g), flat, pops[g.name], gkey)
+      new_pops[g.name] = e.population
+      losses.append(e.meta_loss)
+      grads.append(e.gradient)
+      weights.append(g.size)
+      for k, v in e.metrics.items():
+        metrics[k] = metrics.get(k, 0) + v
+      kind = "informed" if g.informed else "blind"
+      metrics[f"loss/{self.tasks[task_index].name}/{kind}"] = e.meta_loss
+    w = jnp.asarray(weights, jnp.float32) / sum(weights)
+    loss = jnp.dot(w, jnp.stack(losses))
+    grad = w @ jnp.stack(grads)
+    return loss, grad, new_pops, metrics
+
+  def program(self, task_index: int):
+    """The jitted estimate of one task (compiled on first use)."""
+    if task_index not in self._programs:
+      pop_sh = {g.name: jax.tree.map(lambda _: self._pop_sharding,
+                                     self.state_shapes().populations[g.name])
+                for g in self.groups[task_index]}
+      self._programs[task_index] = jax.jit(
+          functools.partial(self._task_estimate, task_index),
+          out_shardings=(self._rep, self._rep, pop_sh, self._rep))
+    return self._programs[task_index]
+
+  def state_shapes(self) -> MetaState:
+    """``ShapeDtypeStruct`` tree of the state (traced once, no computation)."""
+    if self._state_shapes is None:
+      self._state_shapes = jax.eval_shape(self._init_state)
+    return self._state_shapes
+
+  def _apply_update(self, theta, opt_state, grads, step):
+    grad = self.unravel(jnp.mean(grads, axis=0))
+    updates, opt_state = self.optimizer.update(grad, opt_state, theta)
+    theta = optax.apply_updates(theta, updates)
+    return theta, opt_state, step + 1, optax.global_norm(grad)
+
+  def step(self, state: MetaState) -> tuple[MetaState, dict]:
+    """One outer step; returns the new state and host-side metrics."""
+    step = int(state.step)
+    pops = dict(state.populations)
+    losses, grads, metrics = [], [], {}
+    for i in self.active_tasks(step):
+      sub = {g.name: pops[g.name] for g in self.groups[i]}
+      loss, grad, sub, m = self.program(i)(state.theta, sub, state.key, state.step)
+      pops.update(sub)
+      losses.append(loss)
+      grads.append(grad)
+      for k, v in m.items():
+        metrics[k] = metrics.get(k, 0) + v
+    theta, opt_state, new_step, grad_norm = self._update(
+        state.theta, state.opt_state, jnp.stack(grads), state.step)
+    new = MetaState(theta, opt_state, pops, state.key, new_step)
+    host = {k: _to_python(v) for k, v in metrics.items()}
+    host.update(step=step + 1, meta_loss=float(np.mean([float(l) for l in losses])),
+                grad_norm=float(grad_norm), log_lr=float(theta["log_lr"]),
+                tasks=[self.tasks[i].name for i in self.active_tasks(step)])
+    return new, host
+
+  def learned_optimizer(self, state: MetaState) -> metaopt.LearnedOptimizer:
+    theta = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float32), state.theta)
+    return metaopt.LearnedOptimizer(self.lo_config, theta)
+
+
+def hash_name(name: str) -> int:
+  """A stable 31-bit integer for a string (Python's hash() is salted per process)."""
+  return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def _to_python(v):
+  a = np.asarray(v)
+  return a.item() if a.ndim == 0 else a.tolist()

@@ -1,0 +1,164 @@
+"""One meta-training run end to end: init or resume, outer steps, validation, export.
+
+A run directory holds::
+
+  config.json      the MetaConfig (the JSON format ``--config FILE`` reads)
+  metrics.jsonl    one record per outer step, validation and the summary
+  checkpoints/     orbax checkpoints (metaopt.meta.checkpointing)
+  final/           the meta-trained LO, written by metaopt.checkpoint.save
+  summary.json     validation of the warm start and the final theta
+  meta_loss.png    with --plot
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+import metaopt
+from metaopt.meta import checkpointing as ckpt
+from metaopt.meta import logging as log_lib
+from metaopt.meta import sharding as shard_lib
+from metaopt.meta.config import MetaConfig
+from metaopt.meta.outer import MetaTrainer
+from metaopt.meta.validation import make_evaluator
+
+CONFIG_FILE = "config.json"
+FINAL_DIR = "final"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What :func:`meta_train` returns."""
+
+  learned_optimizer: metaopt.LearnedOptimizer
+  out: pathlib.Path
+  summary: dict[str, Any]
+  state: Any
+
+
+class _Validator:
+  """Scores theta on the validation task, informed and blind (compiled once)."""
+
+  def __init__(self, trainer: MetaTrainer):
+    c = trainer.config
+    names = [t.name for t in trainer.tasks]
+    if c.validation_task and c.validation_task not in names:
+      raise ValueError(f"validation_task {c.validation_task!r} is not one of the run's "
+                       f"tasks {names}.")
+    task = trainer.tasks[names.index(c.validation_task) if c.validation_task else 0]
+    self.task_name = task.name
+    self.fns = {mode: make_evaluator(trainer.lo_config, task, num_steps=c.horizon,
+                                     seeds=c.validation_seeds, informed=mode == "informed",
+                                     loss_bound=c.loss_bound, seed=c.seed + 12345)
+                for mode in ("informed", "blind")}
+
+  def __call__(self, theta) -> dict[str, Any]:
+    return {"task": self.task_name,
+            **{mode: {k: float(v) for k, v in fn(theta).items()}
+               for mode, fn in self.fns.items()}}
+
+
+def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = False,
+               progress: bool = True, plot: bool = False) -> RunResult:
+  """Meta-trains (or resumes) the run in ``out``; returns the final LO and summary."""
+  out = pathlib.Path(out).absolute()
+  primary = shard_lib.is_primary()
+  manager = ckpt.checkpoint_manager(out / CHECKPOINT_DIR, keep=config.keep_checkpoints)
+  start = manager.latest_step()
+  if start is not None and not resume:
+    raise FileExistsError(f"{out} already holds checkpoints (last step {start}); pass "
+                          "--resume to continue it or choose another --out.")
+  trainer = MetaTrainer(config)
+  expected = ckpt.run_metadata(config, trainer.lo_config, [t.name for t in trainer.tasks])
+  log = log_lib.MetricsLog(out / log_lib.METRICS_FILE, enabled=primary)
+  bar = log_lib.Progress(config.outer_steps, start or 0, every=config.log_every,
+                         enabled=progress and primary)
+  if primary:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(config.to_json() + "\n")
+  validate = _Validator(trainer)
+
+  if start is None:
+    state = trainer.init()
+    warm = validate(state.theta)
+    log.write({"kind": "validation", "step": 0, "theta": "warm_start", **warm})
+    bar.message(f"warm start on {warm['task']}: meta-objective informed "
+                f"{warm['informed']['meta_loss']:.4f}, blind {warm['blind']['meta_loss']:.4f}")
+  else:
+    state = ckpt.restore(manager, start, trainer.abstract_state(), expected)
+    log.truncate_after(start)
+    warm = _first_record(log, "warm_start") or validate(trainer.warm_theta)
+    bar.message(f"resumed {out} at step {start}")
+
+  t0 = time.perf_counter()
+  step = int(state.step)
+  last_val = None
+  try:
+    while step < config.outer_steps:
+      state, metrics = trainer.step(state)
+      step = metrics["step"]
+      log.write({"kind": "train", "time_s": round(time.perf_counter() - t0, 3), **metrics})
+      bar.update(step, metrics["meta_loss"], f"log_lr {metrics['log_lr']:+.3f}")
+      if step % config.validation_every == 0 or step == config.outer_steps:
+        last_val = validate(state.theta)
+        log.write({"kind": "validation", "step": step, "theta": "current", **last_val})
+        bar.message(f"step {step}: validation meta-objective informed "
+                    f"{last_val['informed']['meta_loss']:.4f} (warm start "
+                    f"{warm['informed']['meta_loss']:.4f}), blind "
+                    f"{last_val['blind']['meta_loss']:.4f} (warm start "
+                    f"{warm['blind']['meta_loss']:.4f})")
+      if step % config.checkpoint_every == 0 or step == config.outer_steps:
+        ckpt.save(manager, step, state, expected)
+  except KeyboardInterrupt:
+    ckpt.save(manager, step, state, expected)
+    manager.wait_until_finished()
+    bar.message(f"interrupted: saved step {step}; continue with --resume --out {out}")
+    raise
+  manager.wait_until_finished()
+
+  if last_val is None:
+    last_val = validate(state.theta)
+  lo = trainer.learned_optimizer(state)
+  summary = {"kind": "summary", "step": step, "validation_task": warm["task"],
+             "warm_start": {m: warm[m] for m in ("informed", "blind")},
+             "final": {m: last_val[m] for m in ("informed", "blind")},
+             "wall_s": round(time.perf_counter() - t0, 1),
+             "devices": jax.device_count(), "processes": jax.process_count()}
+  if primary:
+    log.write(summary)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    metaopt.checkpoint.save(lo.with_theta(jax.tree.map(np.asarray, lo.theta)),
+                            out / FINAL_DIR, overwrite=True,
+                            meta_training={"config": config.to_dict(),
+                                           "outer_steps": step, "summary": summary})
+    if plot:
+      bar.message(f"plot: {log_lib.plot_metrics(out)}")
+  return RunResult(lo, out, summary, state)
+
+
+def _first_record(log: log_lib.MetricsLog, theta: str) -> dict[str, Any] | None:
+  if not log.path.exists():
+    return None
+  for r in log_lib.read_metrics(log.path):
+    if r.get("kind") == "validation" and r.get("theta") == theta:
+      return r
+  return None
+
+
+def newest_run(parent: str | pathlib.Path) -> pathlib.Path | None:
+  """The run under ``parent`` (itself or a subdirectory) with the newest checkpoint."""
+  parent = pathlib.Path(parent)
+  if (parent / CHECKPOINT_DIR).is_dir():
+    return parent
+  runs = [p for p in parent.glob("*") if (p / CHECKPOINT_DIR).is_dir()] \
+      if parent.is_dir() else []
+  return max(runs, key=lambda p: (p / CHECKPOINT_DIR).stat().st_mtime, default=None)

@@ -1,0 +1,111 @@
+"""Truncated inner unrolls: K inner steps under ``lax.scan``, vmapped over a population.
+
+The meta-objective of one truncation of member ``i`` is its mean normalized training
+loss
+
+.. math::
+
+  L_i = \\frac{1}{K} \\sum_{k=0}^{K-1} \\min\\left(\\frac{\\ell_i(t+k)}{\\ell_i(0)},
+        B\\right)
+
+where ``l_i(0)`` is the episode's initial loss (so tasks of different loss scales mix)
+and ``B`` the loss bound. Once a loss is NaN/inf the rest of the truncation contributes
+``B`` and the member is marked non-finite (its episode is then reset).
+
+:func:`unroll_population` and :func:`unroll_population_with_grad` shard the population
+axis over a 1-D device mesh with ``jax.shard_map``: every device unrolls its own members,
+no communication inside the scan.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from metaopt.meta.inner import InnerProblem
+from metaopt.meta.population import DATA_STREAM, Population
+
+POP_AXIS = "pop"
+_MIN_NORMALIZER = 1e-12
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def truncate(problem: InnerProblem, length: int, loss_bound: float,
+             theta, member: Population) -> tuple[Population, jax.Array, jax.Array]:
+  """One member (no leading axis), K = ``length`` inner steps with ``theta``.
+
+  Returns ``(member, meta_loss, finite)``; ``member.step`` advanced by K.
+  """
+  data_key = jax.random.fold_in(member.episode_key, DATA_STREAM)
+
+  def body(carry, k):
+    inner, normalizer, ok = carry
+    t = member.step + k
+    inner, loss = problem.step(theta, inner, jax.random.fold_in(data_key, t), t,
+                               member.horizon)
+    loss = loss.astype(jnp.float32)
+    first = jnp.maximum(jnp.abs(jax.lax.stop_gradient(loss)), _MIN_NORMALIZER)
+    normalizer = jnp.where(t == 0, first, normalizer)
+    ok = ok & jnp.isfinite(loss)
+    normalized = jnp.where(ok, jnp.minimum(loss / normalizer, loss_bound), loss_bound)
+    return (inner, normalizer, ok), normalized
+
+  carry = (member.inner, member.normalizer, member.step >= 0)  # True, member-varying
+  (inner, normalizer, ok), losses = jax.lax.scan(body, carry, jnp.arange(length))
+  finite = ok & all_finite(inner)
+  member = member._replace(inner=inner, step=member.step + length, normalizer=normalizer)
+  return member, jnp.mean(losses), finite
+
+
+def _theta_fn(unravel: Callable, problem: InnerProblem, length: int, loss_bound: float):
+  def fn(theta_flat, member):
+    return truncate(problem, length, loss_bound, unravel(theta_flat), member)
+  return fn
+
+
+def _shard(fn, mesh: Mesh | None, in_specs, out_specs):
+  if mesh is None:
+    return fn
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def unroll_population(problem: InnerProblem, length: int, loss_bound: float,
+                      unravel: Callable, thetas: jax.Array, pop: Population,
+                      mesh: Mesh | None = None
+                      ) -> tuple[Population, jax.Array, jax.Array]:
+  """Every member with its own flat theta (``thetas`` ``[P, d]``).
+
+  Returns ``(population, meta_losses [P], finite [P])``.
+  """
+  fn = jax.vmap(_theta_fn(unravel, problem, length, loss_bound))
+  return _shard(fn, mesh, (P(POP_AXIS), P(POP_AXIS)), P(POP_AXIS))(thetas, pop)
+
+
+def unroll_population_with_grad(problem: InnerProblem, length: int, loss_bound: float,
+                                unravel: Callable, theta: jax.Array, pop: Population,
+                                mesh: Mesh | None = None):
+  """Every member with the shared flat ``theta``, plus d(meta-loss)/d(theta) per member.
+
+  The incoming inner state is a constant (truncated backprop through K steps).
+  Returns ``(population, meta_losses [P], grads [P, d], finite [P])``.
+  """
+  fn = _theta_fn(unravel, problem, length, loss_bound)
+
+  def member_fn(th, member):
+    def loss_fn(t):
+      new_member, loss, finite = fn(t, member)
+      return loss, (new_member, finite)
+    (loss, (member, finite)), grad = jax.value_and_grad(loss_fn, has_aux=True)(th)
+    return member, loss, grad, finite
+
+  vfn = jax.vmap(member_fn, in_axes=(None, 0))
+  return _shard(vfn, mesh, (P(), P(POP_AXIS)), P(POP_AXIS))(theta, pop)

@@ -1,0 +1,65 @@
+"""Evaluation of a theta on whole training runs (the meta-objective without truncation).
+
+For ``S`` seeds, the LO trains the task from a fresh init for the full horizon ``T``;
+the score is the meta-objective over the whole run,
+
+.. math:: \\bar L = \\frac{1}{S T} \\sum_{s, t} \\min(\\ell_s(t) / \\ell_s(0), B),
+
+plus the final test loss on the task's fixed eval batch. The same seeds and data are used
+for every theta, so two thetas' scores compare directly (the warm start's is the
+baseline every run logs at step 0).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from metaopt import lopt
+from metaopt.meta import population as pop_lib
+from metaopt.meta import unroll as unroll_lib
+from metaopt.meta.inner import lo_problem
+
+
+def make_evaluator(lo_config: lopt.LOConfig, task, *, num_steps: int, seeds: int = 4,
+                   informed: bool = True, loss_bound: float = 3.0, seed: int = 0
+                   ) -> Callable[[dict], dict]:
+  """A jitted ``theta -> {"meta_loss", "final_loss", "test_loss"}`` (seed means)."""
+  problem = lo_problem(task, lo_config, informed=informed)
+  schedule = pop_lib.TruncationSchedule(num_steps, num_steps)
+  eval_batch = task.eval_batch()
+
+  def evaluate(theta):
+    pop = pop_lib.init_population(problem.init, schedule, jax.random.PRNGKey(seed),
+                                  seeds, 1, antithetic=False, stagger=False)
+
+    def run(member):
+      member, meta_loss, finite = unroll_lib.truncate(problem, num_steps, loss_bound,
+                                                      theta, member)
+      inner = member.inner
+      params = jax.tree.map(jnp.multiply, inner.params, inner.scales)
+      test = task.metrics(params, eval_batch)["loss"]
+      return meta_loss, finite, test
+
+    meta_loss, finite, test = jax.vmap(run)(pop)
+    test = jnp.where(finite & jnp.isfinite(test), test, jnp.inf)
+    return {"meta_loss": jnp.mean(meta_loss), "test_loss": jnp.mean(test),
+            "nonfinite": jnp.sum(~finite)}
+
+  return jax.jit(evaluate)
+
+
+def evaluate_theta(lo_config: lopt.LOConfig, theta: dict, task_list, *, num_steps: int,
+                   seeds: int = 4, loss_bound: float = 3.0) -> dict[str, dict]:
+  """``{task name: {"informed": scores, "blind": scores}}`` over ``task_list``."""
+  out = {}
+  for task in task_list:
+    out[task.name] = {}
+    for informed in (True, False):
+      fn = make_evaluator(lo_config, task, num_steps=num_steps, seeds=seeds,
+                          informed=informed, loss_bound=loss_bound)
+      out[task.name]["informed" if informed else "blind"] = {
+          k: float(v) for k, v in fn(theta).items()}
+  return out
