@@ -34,7 +34,7 @@ import dataclasses
 import math
 import re
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -289,9 +289,40 @@ def scale_by_mup(roles: RolesOrFn) -> optax.GradientTransformation:
 # Fallback for unlabeled trees.
 
 
-def _natural_key(path: str):
+def _natural_key(name: str):
   """Sort key that orders ``Dense_10`` after ``Dense_9`` (numbers compared as ints)."""
-  return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", path)]
+  return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok.lower())
+          for tok in re.split(r"(\d+)", str(name))]
+
+
+def _module_order(params) -> dict[str, tuple]:
+  """Rank of every leaf in the order its module was (most likely) created.
+
+  Flax and Haiku build parameter dicts in call order, so a dict's insertion order is
+  the layer order -- unless the dict went through something that sorts keys (a
+  FrozenDict round trip, a restored checkpoint). A level whose keys are exactly in
+  lexicographic order is therefore re-sorted naturally (``Dense_10`` after
+  ``Dense_9``); any other level keeps its insertion order.
+  """
+  ranks: dict[str, tuple] = {}
+
+  def walk(node, path, rank):
+    if isinstance(node, Mapping):
+      keys = list(node.keys())
+      if keys == sorted(keys, key=str):
+        keys = sorted(keys, key=_natural_key)
+      for i, k in enumerate(keys):
+        walk(node[k], path + (jax.tree_util.DictKey(k),), rank + (i,))
+    elif isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+      for i, child in enumerate(node):
+        walk(child, path + (jax.tree_util.SequenceKey(i),), rank + (i,))
+    else:
+      for sub_path, _ in jax.tree_util.tree_flatten_with_path(node)[0]:
+        ranks[_path_str(path + tuple(sub_path))] = rank + (
+            tuple(_natural_key(_path_str(sub_path))),)
+
+  walk(params, (), ())
+  return ranks
 
 
 _EMBED_RE = re.compile(r"embed|wte|wpe|token|position", re.I)
@@ -304,13 +335,15 @@ class RoleInferenceWarning(UserWarning):
 def infer_roles(params, base_fan_in: int = 64, *, warn: bool = True):
   """Guesses muP roles for an unlabeled Flax/Haiku parameter tree (documented fallback).
 
-  The heuristic, applied to leaves in natural-sorted path order (so ``Dense_10``
-  follows ``Dense_9``, ``linear_10`` follows ``linear_9``):
+  The heuristic, applied to leaves in module order (the dicts' insertion order, which
+  Flax and Haiku make the call order; levels whose keys come lexicographically sorted
+  are natural-sorted instead, so ``Dense_10`` follows ``Dense_9``):
 
   * leaves with fewer than 2 dims (biases, norm scales, scalars) are ``vector``;
   * leaves whose path names an embedding (``embed``, ``wte``, ``wpe``, ``token``,
     ``position``) are ``input`` (muP treats embeddings like input weights);
-  * the first remaining weight (dense, conv or 3-D attention kernel) is ``input``, the
+  * the first remaining weight (dense, conv or 3-D attention kernel) is ``input``
+    unless the model has an embedding (then the embedding is its input layer), the
     last is ``output``, every other one is ``hidden``;
   * fan-ins follow :func:`default_fan_in` (product of all axes but the last; 3-D
     attention kernels: ``in`` for query/key/value, ``heads * head_dim`` for ``out``);
@@ -319,7 +352,8 @@ def infer_roles(params, base_fan_in: int = 64, *, warn: bool = True):
     the base gets an update factor above 1.
 
   A :class:`RoleInferenceWarning` is raised when the guess is doubtful: fewer than two
-  weight matrices, a readout wider than its input (not a typical classifier/LM head),
+  weight matrices, a readout wider than its input in a model without an embedding
+  (not a typical classifier head),
   or a 3-D kernel that does not look like attention.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -337,14 +371,16 @@ def infer_roles(params, base_fan_in: int = 64, *, warn: bool = True):
       weights.append(i)
       if len(shape) == 3 and not _looks_like_attention(name):
         doubts.append(f"{name} is 3-D but does not look like an attention kernel")
-  weights.sort(key=lambda i: _natural_key(names[i]))
+  order = _module_order(params)
+  weights.sort(key=lambda i: order.get(names[i], (float("inf"),)))
+  has_embedding = any(r is not None and r.kind == "input" for r in roles)
   for rank, i in enumerate(weights):
     fan_in = default_fan_in(shapes[i], names[i])
-    if rank == 0 and len(weights) > 1:
+    if rank == 0 and len(weights) > 1 and not has_embedding:
       roles[i] = input_role(fan_in)
     elif rank == len(weights) - 1:
       roles[i] = ParamRole("output", fan_in, base_fan_in)
-      if shapes[i][-1] > fan_in:
+      if shapes[i][-1] > fan_in and not has_embedding:
         doubts.append(f"the last weight {names[i]} {shapes[i]} widens; is it the readout?")
     else:
       roles[i] = ParamRole("hidden", fan_in, base_fan_in)

@@ -1,0 +1,381 @@
+"""The learned optimizer: exact subsumption, muP, drop-in use, bad input."""
+
+import inspect
+import warnings
+
+import flax.linen as nn
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metaopt
+from metaopt import mup
+from metaopt import optimizers
+from metaopt.lopt import CLASSICAL, LearnedOptimizer
+
+
+@pytest.fixture
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+class _FlaxMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(16)(x))
+    x = nn.tanh(nn.Dense(16)(x))
+    return nn.Dense(3)(x)
+
+
+def _haiku_model(x):
+  x = jax.nn.tanh(hk.Linear(12)(x))
+  x = hk.Conv2D(4, 3)(x.reshape(x.shape[0], 2, 6, 1))
+  return hk.Linear(3)(x.reshape(x.shape[0], -1))
+
+
+def _models(dtype):
+  """A Flax MLP and a Haiku conv model in one tree, with a squared-error loss."""
+  haiku = hk.without_apply_rng(hk.transform(_haiku_model))
+  flax_mlp = _FlaxMLP()
+  x = jax.random.normal(jax.random.key(1), (8, 5), dtype)
+  y = jax.random.normal(jax.random.key(2), (8, 3), dtype)
+  params = {"flax": flax_mlp.init(jax.random.key(3), x)["params"],
+            "haiku": haiku.init(jax.random.key(4), x),
+            "scale": jnp.ones([], dtype)}
+  params = jax.tree.map(lambda a: a.astype(dtype), params)
+
+  def loss(p, key):
+    xb = x + 0.1 * jax.random.normal(key, x.shape, dtype)
+    out = p["scale"] * (flax_mlp.apply({"params": p["flax"]}, xb) + haiku.apply(p["haiku"], xb))
+    return 0.5 * jnp.mean((out - y) ** 2) + 0.1
+
+  return params, loss
+
+
+def _default_kwargs(name):
+  param = inspect.signature(getattr(optimizers, name)).parameters["learning_rate"]
+  return {} if param.default is not inspect.Parameter.empty else {"learning_rate": 1e-2}
+
+
+def _run_both(ref, lo, params, loss, steps, with_value):
+  """Trains with ``ref``; feeds the same (params, grads, loss) to ``lo``; returns updates."""
+
+  def step(carry, key):
+    p, s_ref, s_lo = carry
+    value, grads = jax.value_and_grad(loss)(p, key)
+    kw = {"value": value} if with_value else {}
+    u_ref, s_ref = ref.update(grads, s_ref, p, **kw)
+    u_lo, s_lo = lo.update(grads, s_lo, p, **kw)
+    return (optax.apply_updates(p, u_ref), s_ref, s_lo), (u_ref, u_lo)
+
+  keys = jax.random.split(jax.random.key(0), steps)
+  _, (u_ref, u_lo) = jax.jit(lambda c: jax.lax.scan(step, c, keys))(
+      (params, ref.init(params), lo.init(params)))
+  return u_ref, u_lo
+
+
+@pytest.mark.parametrize("name", sorted(CLASSICAL))
+def test_from_classical_equals_optimizer_float64(name, x64):
+  del x64
+  params, loss = _models(jnp.float64)
+  kwargs = _default_kwargs(name)
+  ref = getattr(optimizers, name)(**kwargs)
+  lo = LearnedOptimizer.from_classical(name, **kwargs).as_optax()
+  u_ref, u_lo = _run_both(ref, lo, params, loss, 100, name == "momo_adam")
+  for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_lo)):
+    assert a.dtype == jnp.float64
+    np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-14)
+  assert float(jnp.max(jnp.abs(jax.tree.leaves(u_ref)[0]))) > 0  # really trained
+
+
+@pytest.mark.parametrize("name", sorted(CLASSICAL))
+def test_from_classical_equals_optimizer_float32_one_step(name):
+  params, loss = _models(jnp.float32)
+  kwargs = _default_kwargs(name)
+  ref = getattr(optimizers, name)(**kwargs)
+  lo = LearnedOptimizer.from_classical(name, **kwargs).as_optax()
+  u_ref, u_lo = _run_both(ref, lo, params, loss, 1, name == "momo_adam")
+  for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_lo)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-30)
+
+
+def test_from_classical_nondefault_hyperparameters(x64):
+  del x64
+  params, loss = _models(jnp.float64)
+  hp = dict(learning_rate=3e-3, b1=0.8, b2=0.99, eps=1e-6, weight_decay=1e-2)
+  u_ref, u_lo = _run_both(optimizers.adamw(**hp),
+                          LearnedOptimizer.from_classical("adamw", **hp).as_optax(),
+                          params, loss, 30, False)
+  for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_lo)):
+    np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("name, hparams, bad", [
+    ("adamw", {"eps_root": 1e-8}, "eps_root"),
+    ("ademamix", {"learning_rate": 1e-3, "t_alpha": 100}, "t_alpha"),
+    ("momo_adam", {"weight_decay": 0.1}, "weight_decay"),
+    ("sgdm", {"learning_rate": 0.1, "nesterov": True}, "nesterov"),
+    ("adamw", {"learning_rate": optax.constant_schedule(1e-3)}, "schedule"),
+    ("adamw", {"betas": 0.9}, "betas"),
+    ("adan", {}, "adan"),
+])
+def test_from_classical_rejects_unrepresentable(name, hparams, bad):
+  with pytest.raises(ValueError, match=bad):
+    LearnedOptimizer.from_classical(name, **hparams)
+
+
+def test_mup_from_classical_equals_mu_adamw(x64):
+  del x64
+  params, loss = _models(jnp.float64)
+  roles = mup.roles_from_labels(
+      params, lambda p: jax.tree.map(lambda a: "hidden" if a.ndim == 2 else "vector", p),
+      base_fan_in=4)
+  ref = optimizers.mu_adamw(1e-3, roles)
+  lo = LearnedOptimizer.from_classical("adamw", mup=True).as_optax(roles=roles)
+  u_ref, u_lo = _run_both(ref, lo, params, loss, 20, False)
+  for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_lo)):
+    np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-14)
+
+
+def _hidden_update_rms(width, sp):
+  """RMS of a random-theta LO's update on the hidden kernel of a 3-layer MLP."""
+  lo = LearnedOptimizer.random(jax.random.key(7), output_scale=0.05)
+  keys = jax.random.split(jax.random.key(width), 3)
+  params = {"in": jax.random.normal(keys[0], (8, width)) / np.sqrt(8),
+            "hidden": jax.random.normal(keys[1], (width, width)) / np.sqrt(width),
+            "out": jnp.zeros((width, 4))}
+  roles = {"in": mup.input_role(8), "hidden": mup.hidden_role(width, 64),
+           "out": mup.output_role(width, 64)}
+  opt = lo.as_optax(roles=roles, sp=sp)
+  state = opt.init(params)
+  grads = jax.tree.map(lambda p: jax.random.normal(keys[2], p.shape), params)
+  for _ in range(3):
+    updates, state = opt.update(grads, state, params)
+  return float(jnp.sqrt(jnp.mean(updates["hidden"] ** 2)))
+
+
+def test_mup_hidden_update_scales_as_one_over_width():
+  rms = {w: _hidden_update_rms(w, sp=False) for w in (64, 128, 256)}
+  for w in (128, 256):
+    np.testing.assert_allclose(rms[w] * w / 64, rms[64], rtol=0.05)
+  sp = {w: _hidden_update_rms(w, sp=True) for w in (64, 256)}
+  assert sp[256] / sp[64] > 0.8  # SP: no 1/width shrinkage
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_value", [False, True])
+def test_random_lo_finite_on_scalars_vectors_conv_kernels(dtype, with_value):
+  lo = LearnedOptimizer.random(jax.random.key(0), output_scale=0.1)
+  params = {"scalar": jnp.asarray(0.5, dtype), "bias": jnp.ones((4,), dtype),
+            "dense": jnp.ones((3, 4), dtype),
+            "conv": jax.random.normal(jax.random.key(1), (3, 3, 2, 4)).astype(dtype)}
+  opt = lo.as_optax(num_steps=None if with_value else 50)
+  state = opt.init(params)
+  assert all(l.dtype in (jnp.float32, jnp.int32) for l in jax.tree.leaves(state))
+
+  @jax.jit
+  def step(params, state, key):
+    grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape, p.dtype), params)
+    kw = {"value": jnp.asarray(1.5)} if with_value else {}
+    updates, state = opt.update(grads, state, params, **kw)
+    return optax.apply_updates(params, updates), state, updates
+
+  for i in range(5):
+    params, state, updates = step(params, state, jax.random.key(i))
+  for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates)):
+    assert u.dtype == dtype and p.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(u.astype(jnp.float32))))
+  assert any(float(jnp.max(jnp.abs(u.astype(jnp.float32)))) > 0 for u in jax.tree.leaves(updates))
+
+
+def test_composes_with_clip_multisteps_masked():
+  lo = LearnedOptimizer.from_classical("adamw").as_optax()
+  params = {"w": jnp.ones((3, 2)), "b": jnp.ones((2,)), "frozen": jnp.ones((2,))}
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt = optax.chain(optax.clip_by_global_norm(1.0),
+                    optax.masked(lo, {"w": True, "b": True, "frozen": False}))
+  state = opt.init(params)
+  updates, state = jax.jit(opt.update)(grads, state, params)
+  np.testing.assert_array_equal(updates["frozen"], grads["frozen"] / np.sqrt(10))  # only clipped
+  assert float(jnp.max(jnp.abs(updates["w"]))) > 0
+
+  multi = optax.MultiSteps(lo, every_k_schedule=2)
+  state = multi.init(params)
+  u1, state = multi.update(grads, state, params)
+  u2, state = multi.update(grads, state, params)
+  assert float(jnp.max(jnp.abs(u1["w"]))) == 0 and float(jnp.max(jnp.abs(u2["w"]))) > 0
+
+
+def test_jit_with_donated_buffers_and_no_params_in_state():
+  lo = LearnedOptimizer.random(jax.random.key(0), output_scale=0.1)
+  opt = lo.as_optax(num_steps=10)
+  params = {"w": jnp.full((4, 4), 0.123456), "b": jnp.zeros((4,))}
+  state = opt.init(params)
+  leaves = [np.asarray(l) for l in jax.tree.leaves(state)]
+  assert not any(l.shape == (4, 4) and np.all(l == 0.123456) for l in leaves)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = opt.update(grads, state, params, value=1.0)
+    return optax.apply_updates(params, updates), state
+
+  step_donated = jax.jit(step, donate_argnums=(0, 1))
+  p1, s1 = step(params, state)
+  p2, s2 = step_donated(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state))
+  np.testing.assert_array_equal(p1["w"], p2["w"])
+
+
+def test_bad_input_errors_name_the_leaf():
+  lo = LearnedOptimizer.from_classical("adamw")
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones((3,))}
+  opt = lo.as_optax()
+  state = opt.init(params)
+  with pytest.raises(ValueError, match=r"\['c'\]"):
+    opt.update({"a": jnp.ones((2, 3)), "c": jnp.ones((3,))}, state,
+               {"a": jnp.ones((2, 3)), "c": jnp.ones((3,))})
+  with pytest.raises(ValueError, match=r"\['b'\].*shape"):
+    opt.update({"a": jnp.ones((2, 3)), "b": jnp.ones((4,))}, state,
+               {"a": jnp.ones((2, 3)), "b": jnp.ones((4,))})
+  with pytest.raises(ValueError, match=r"\['i'\].*int32"):
+    opt.init({"a": jnp.ones((2,)), "i": jnp.ones((2,), jnp.int32)})
+  with pytest.raises(ValueError, match="num_steps"):
+    lo.as_optax(num_steps=0)
+  with pytest.raises(ValueError, match="num_steps"):
+    lo.as_optax(num_steps=-5)
+  with pytest.raises(ValueError, match="parameters"):
+    opt.update(params, state)
+  with pytest.raises(ValueError, match="roles do not match"):
+    LearnedOptimizer.from_classical("adamw", mup=True).as_optax(
+        roles={"a": mup.vector_role()}).init(params)
+  with pytest.raises(ValueError, match=r"\['b'\].*'middle'"):
+    LearnedOptimizer.from_classical("adamw", mup=True).as_optax(
+        labels={"a": "hidden", "b": "middle"}).init(params)
+
+
+def test_large_update_memory_is_bounded():
+  """A 1e7-parameter update needs well under 2 GB of temporary memory."""
+  lo = LearnedOptimizer.random(jax.random.key(0), output_scale=0.1)
+  opt = lo.as_optax(num_steps=100)
+  params = {"w": jax.ShapeDtypeStruct((2500, 4000), jnp.float32),
+            "b": jax.ShapeDtypeStruct((4000,), jnp.float32)}
+  state = jax.eval_shape(opt.init, params)
+  compiled = jax.jit(lambda g, s, p: opt.update(g, s, p, value=1.0),
+                     donate_argnums=(1,)).lower(params, state, params).compile()
+  stats = compiled.memory_analysis()
+  if stats is None:
+    pytest.skip("this backend reports no memory analysis")
+  assert stats.temp_size_in_bytes < 2 * 2**30, stats
+
+
+class _Transformer(nn.Module):
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(50, 32)(tokens)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=4, name="attention")(x, x)
+    x = x + nn.Dense(32, name="mlp")(nn.LayerNorm()(x))
+    return nn.Dense(50, name="head")(x)
+
+
+class _Conv(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.relu(nn.Conv(16, (3, 3))(x))
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+class _Deep(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(11):
+      x = nn.relu(nn.Dense(32)(x))
+    return nn.Dense(10)(x)
+
+
+def _kinds(roles):
+  flat = jax.tree_util.tree_flatten_with_path(roles, is_leaf=mup.is_role)[0]
+  return {jax.tree_util.keystr(p): (r.kind, r.fan_in) for p, r in flat}
+
+
+def test_role_fallback_flax_deep_mlp_natural_order():
+  params = _Deep().init(jax.random.key(0), jnp.ones((1, 6)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    kinds = _kinds(mup.infer_roles(params))
+  expected = {f"['params']['Dense_{i}']['kernel']": ("hidden", 32) for i in range(1, 11)}
+  expected["['params']['Dense_0']['kernel']"] = ("input", 6)
+  expected["['params']['Dense_11']['kernel']"] = ("output", 32)
+  for i in range(12):
+    expected[f"['params']['Dense_{i}']['bias']"] = ("vector", 1)
+  assert kinds == expected
+
+
+def test_role_fallback_conv_and_transformer():
+  conv = _kinds(mup.infer_roles(_Conv().init(jax.random.key(0), jnp.ones((1, 6, 6, 3)))))
+  assert conv["['params']['Conv_0']['kernel']"] == ("input", 27)
+  assert conv["['params']['Conv_1']['kernel']"] == ("hidden", 72)
+  assert conv["['params']['Dense_0']['kernel']"] == ("output", 576)
+
+  tr = _kinds(mup.infer_roles(_Transformer().init(jax.random.key(0), jnp.ones((1, 5), int))))
+  assert tr["['params']['Embed_0']['embedding']"] == ("input", 50)
+  for proj in ("query", "key", "value"):
+    assert tr[f"['params']['attention']['{proj}']['kernel']"] == ("hidden", 32)
+  assert tr["['params']['attention']['out']['kernel']"] == ("hidden", 32)
+  assert tr["['params']['mlp']['kernel']"] == ("hidden", 32)
+  assert tr["['params']['head']['kernel']"] == ("output", 32)
+  assert tr["['params']['LayerNorm_0']['scale']"] == ("vector", 1)
+
+
+def test_role_fallback_haiku_and_overrides():
+  model = hk.without_apply_rng(hk.transform(
+      lambda x: hk.nets.MLP([16, 16, 16, 4])(x)))
+  params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+  kinds = _kinds(mup.infer_roles(params))
+  assert kinds["['mlp/~/linear_0']['w']"] == ("input", 3)
+  assert kinds["['mlp/~/linear_1']['w']"] == ("hidden", 16)
+  assert kinds["['mlp/~/linear_3']['w']"] == ("output", 16)
+  # Explicit labels and base models override the fallback.
+  labels = jax.tree.map(lambda _: "vector", params)
+  assert set(k for k, _ in _kinds(mup.roles_from_labels(params, labels)).values()) == {"vector"}
+  wide = model.init(jax.random.key(0), jnp.ones((1, 3)))
+  base = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([8, 8, 8, 4])(x))).init(
+      jax.random.key(0), jnp.ones((1, 3)))
+  from_base = _kinds(mup.roles_from_base(wide, base))
+  assert from_base["['mlp/~/linear_0']['w']"] == ("input", 3)
+  assert from_base["['mlp/~/linear_1']['w']"] == ("hidden", 16)
+  assert from_base["['mlp/~/linear_3']['w']"] == ("output", 16)
+
+
+def test_role_fallback_warns_when_unsure():
+  with pytest.warns(mup.RoleInferenceWarning, match="weight matrices"):
+    mup.infer_roles({"w": jnp.ones((3, 4)), "b": jnp.ones((4,))})
+  with pytest.warns(mup.RoleInferenceWarning, match="widens"):
+    mup.infer_roles({"a": jnp.ones((3, 4)), "z": jnp.ones((4, 40))})
+
+
+def test_value_changes_updates_only_through_polyak_features():
+  """Without value the Polyak features are neutral; with value they are used."""
+  lo = LearnedOptimizer.random(jax.random.key(3), output_scale=0.5)
+  opt = lo.as_optax()
+  params = {"w": jnp.ones((4, 3))}
+  grads = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3)}
+  state = opt.init(params)
+  u_none, _ = opt.update(grads, state, params)
+  u_val, _ = opt.update(grads, state, params, value=jnp.asarray(0.3))
+  assert bool(jnp.all(jnp.isfinite(u_none["w"]))) and bool(jnp.all(jnp.isfinite(u_val["w"])))
+  assert not np.allclose(u_none["w"], u_val["w"])
+
+
+def test_pretrained_unknown_name_lists_available():
+  with pytest.raises(ValueError, match="no released learned optimizer named 'nope'"):
+    metaopt.pretrained("nope")
