@@ -1,0 +1,168 @@
+"""Evaluate a learned optimizer against tuned classical optimizers on a task suite.
+
+Usage::
+
+  python evaluate.py                                  # released LO on `heldout`
+  python evaluate.py --checkpoint runs/mine/final --suite smoke --out eval_out/smoke
+  python evaluate.py --suite widths --sp-checkpoint runs/sp/final --widths 64,256,1024
+  python evaluate.py --baselines adamw,lion --untuned prodigy --tune-lo
+  python evaluate.py --estimate                       # print the plan, run nothing
+
+Writes OUT/report.md, OUT/runs.csv (one row per run) and OUT/plots/*.png. Finished runs
+are cached under OUT/cache/, so re-running the same command resumes an interrupted
+evaluation and recomputes only the missing runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import pathlib
+import sys
+import time
+
+SUITE_DEFAULTS = {
+    # The default heldout evaluation fits in about 20 minutes on a 2-core CPU.
+    "heldout": {},
+    "heldout-full": {},
+    # Under a minute: one tuned and one untuned baseline, the full grid on every seed.
+    "smoke": {"tuned": ("adamw",), "untuned": ("prodigy",), "tune_seeds": 3},
+    # The muP LO and mu_adamw on muP networks, AdamW (and an SP LO) on SP networks.
+    "widths": {"tuned": ("adamw", "mu_adamw"), "untuned": ()},
+}
+
+
+def _names(value: str) -> tuple[str, ...]:
+  return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
+
+
+def _load_lo(name_or_path: str, flag: str):
+  """A learned optimizer from an artifact directory or a released name."""
+  import metaopt  # pylint: disable=g-import-not-at-top
+  if os.path.sep in name_or_path or pathlib.Path(name_or_path).exists():
+    try:
+      return metaopt.load(name_or_path)
+    except metaopt.checkpoint.ArtifactError as e:
+      raise SystemExit(f"{flag} {name_or_path}: {e}") from None
+  try:
+    return metaopt.pretrained(name_or_path)
+  except ValueError as e:
+    raise SystemExit(
+        f"{flag} {name_or_path!r}: {e}\nPass the path of an artifact instead, e.g. "
+        "`python meta_train.py --out runs/mine` then `--checkpoint runs/mine/final` "
+        "(a directory written by metaopt.checkpoint.save).") from None
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="\n".join(__doc__.splitlines()[2:]))
+  p.add_argument("--checkpoint", default="default",
+                 help="LO artifact directory or released name (default: default)")
+  p.add_argument("--suite", default="heldout", help="smoke, heldout, heldout-full, widths")
+  p.add_argument("--out", default=None, help="output directory (default eval_out/SUITE)")
+  p.add_argument("--baselines", default=None,
+                 help="comma-separated tuned baselines (default per suite; heldout: "
+                 "adamw,mu_adamw,lion,schedule_free_adamw)")
+  p.add_argument("--untuned", default=None,
+                 help="comma-separated baselines at their defaults, or none (default: "
+                 "prodigy,dadapt_adamw,momo_adam,schedule_free_adamw)")
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--lr-grid-size", type=int, default=7)
+  p.add_argument("--lr-span", type=float, default=3.0, help="decades the lr grid spans")
+  p.add_argument("--schedules", default="constant,warmup_cosine")
+  p.add_argument("--warmup-fraction", type=float, default=0.05)
+  p.add_argument("--tune-seeds", type=int, default=None,
+                 help="seeds every grid setting runs on (default 1; >= --seeds: all)")
+  p.add_argument("--finalists", type=int, default=3,
+                 help="best settings re-run on the remaining seeds")
+  p.add_argument("--tune-lo", action="store_true",
+                 help="also report the LO with its lr multiplier tuned around 1")
+  p.add_argument("--lo-grid-size", type=int, default=5)
+  p.add_argument("--lo-span", type=float, default=2.0)
+  p.add_argument("--sp-checkpoint", default=None, help="an SP LO for the widths suite")
+  p.add_argument("--widths", default=None, help="widths of the widths suite, e.g. 64,256")
+  p.add_argument("--max-memory-gb", type=float, default=8.0)
+  p.add_argument("--tasks", default="", help="only tasks whose name contains one of these")
+  p.add_argument("--estimate", action="store_true", help="print the plan and exit")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-overlap", action="store_true",
+                 help="do not compile the next job while one runs (cleaner timings)")
+  return p
+
+
+def config_from_args(args: argparse.Namespace):
+  """The :class:`metaopt.eval.EvalConfig` the flags describe (names validated)."""
+  import tasks  # pylint: disable=g-import-not-at-top
+  from metaopt.eval import baselines, harness  # pylint: disable=g-import-not-at-top
+  try:
+    tasks.get_suite(args.suite)
+  except ValueError as e:
+    raise SystemExit(f"--suite: {e}") from None
+  values = dict(SUITE_DEFAULTS.get(args.suite, {}))
+  if args.baselines is not None:
+    values["tuned"] = _names(args.baselines)
+  if args.untuned is not None:
+    values["untuned"] = _names(args.untuned)
+  if args.tune_seeds is not None:
+    values["tune_seeds"] = args.tune_seeds
+  for name in (*values.get("tuned", baselines.DEFAULT_TUNED),
+               *values.get("untuned", baselines.DEFAULT_UNTUNED)):
+    try:
+      baselines.resolve(name)
+    except ValueError as e:
+      raise SystemExit(f"--baselines/--untuned: {e}") from None
+  try:
+    return harness.EvalConfig(
+        suite=args.suite, seeds=args.seeds, lr_grid_size=args.lr_grid_size,
+        lr_span_decades=args.lr_span, schedules=_names(args.schedules),
+        warmup_fraction=args.warmup_fraction, finalists=args.finalists,
+        tune_lo=args.tune_lo, lo_grid_size=args.lo_grid_size,
+        lo_span_decades=args.lo_span, max_memory_gb=args.max_memory_gb,
+        widths=tuple(int(w) for w in _names(args.widths)) if args.widths else None,
+        task_filter=_names(args.tasks), overlap_compile=not args.no_overlap, **values)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  config = config_from_args(args)
+  from metaopt.eval import harness, report  # pylint: disable=g-import-not-at-top
+  lo = _load_lo(args.checkpoint, "--checkpoint")
+  sp_lo = _load_lo(args.sp_checkpoint, "--sp-checkpoint") if args.sp_checkpoint else None
+  specs = harness.specs(config, lo, sp_lo)
+  estimate = harness.estimate_seconds(config, specs)
+  plan = harness.jobs(config, specs)
+  print(f"suite {config.suite}: {len({j.task for j in plan})} tasks, {len(specs)} optimizers, "
+        f"~{estimate / 60:.1f} min of training by the tasks' cost model (+ compilation)",
+        file=sys.stderr)
+  if args.estimate:
+    return 0
+  out = pathlib.Path(args.out or pathlib.Path("eval_out") / config.suite)
+  start = time.perf_counter()
+  result = harness.evaluate(config, specs, out / "cache", show_progress=not args.no_progress)
+  elapsed = time.perf_counter() - start
+  header = {
+      "suite": config.suite,
+      "checkpoint": lo.metadata.get("path", args.checkpoint),
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "runs": f"{len(result.records)} ({result.computed} computed now, "
+              f"{len(result.records) - result.computed} from the cache)",
+      "wall time": f"{elapsed:.0f} s",
+      "protocol": (f"{config.seeds} seeds; lr grid of {config.lr_grid_size} values over "
+                   f"{config.lr_span_decades:g} decades x schedules "
+                   f"{', '.join(config.schedules)}; grid on {min(config.tune_seeds, config.seeds)} "
+                   f"seed(s), {config.finalists} finalists on all seeds"),
+      "config": {k: v for k, v in dataclasses.asdict(config).items()},
+  }
+  paths = report.write_report(out, result.records, header=header, skipped=result.skipped)
+  print(f"wrote {paths['report']}, {paths['csv']} and {len(paths['plots'])} plots "
+        f"in {elapsed:.0f} s", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,286 @@
+"""The evaluation: the runs a suite needs, run when not cached, as per-run records.
+
+Tuning protocol for a baseline with several settings (schedule x learning rate): every
+setting runs on the first ``tune_seeds`` seeds; the ``finalists`` best of them run on the
+remaining seeds; the reported setting is the best finalist over all seeds
+(:func:`metaopt.eval.summary.chosen_settings`). ``tune_seeds >= seeds`` runs the full
+grid on every seed. Optimizers with one setting run on every seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+import tasks as tasks_lib
+from metaopt.eval import baselines
+from metaopt.eval import cache as cache_lib
+from metaopt.eval import metrics
+from metaopt.eval import progress as progress_lib
+from metaopt.eval import runner
+from metaopt.eval import summary
+from metaopt.eval import sweep
+
+# Bytes of device memory per parameter of one run: params, grads, <= 8 optimizer
+# buffers, temporaries.
+BYTES_PER_PARAM = 4 * 16
+# A learned-optimizer step costs about this many AdamW steps (measured on heldout MLPs).
+LEARNED_COST_FACTOR = 3.5
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What an evaluation runs (everything but the learned optimizers themselves).
+
+  Attributes:
+    suite: a :func:`tasks.get_suite` name.
+    seeds: seeds per reported setting.
+    tuned: baselines tuned over ``schedules x`` a log grid of learning rates.
+    untuned: baselines run at their defaults.
+    lr_grid_size, lr_span_decades: the learning-rate grid (values, decades spanned).
+    schedules: schedule names crossed with the grid.
+    warmup_fraction: warmup length of ``warmup_cosine`` as a fraction of the steps.
+    tune_seeds: seeds every grid setting runs on (see the module docstring).
+    finalists: settings re-run on the remaining seeds.
+    tune_lo: also report the LO with its learning-rate multiplier tuned.
+    lo_grid_size, lo_span_decades: the multiplier grid around 1.0.
+    widths: widths of the ``widths`` suite (None: the suite's default).
+    max_memory_gb: skip tasks whose single run needs more; batches are split to fit.
+    task_filter: run only tasks whose name contains one of these strings.
+    overlap_compile: compile the next job on a background thread while one runs
+      (faster; the measured time per step then includes that contention).
+  """
+
+  suite: str = "heldout"
+  seeds: int = 3
+  tuned: tuple[str, ...] = baselines.DEFAULT_TUNED
+  untuned: tuple[str, ...] = baselines.DEFAULT_UNTUNED
+  lr_grid_size: int = 7
+  lr_span_decades: float = 3.0
+  schedules: tuple[str, ...] = sweep.SCHEDULE_NAMES
+  warmup_fraction: float = 0.05
+  tune_seeds: int = 1
+  finalists: int = 3
+  tune_lo: bool = False
+  lo_grid_size: int = 5
+  lo_span_decades: float = 2.0
+  widths: tuple[int, ...] | None = None
+  max_memory_gb: float = 8.0
+  task_filter: tuple[str, ...] = ()
+  overlap_compile: bool = True
+
+  def __post_init__(self):
+    if self.seeds < 1 or self.tune_seeds < 1 or self.finalists < 1:
+      raise ValueError(f"seeds, tune_seeds and finalists must be >= 1: {self}")
+    for s in self.schedules:
+      sweep.schedule_shape(s, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One optimizer on one task; ``task`` names the report row it belongs to."""
+
+  task: str
+  entry: Any  # tasks.SuiteEntry
+  spec: baselines.OptimizerSpec
+  width: int | None = None
+
+
+@dataclasses.dataclass
+class Outcome:
+  """Records of every run, runs computed now (the rest came from the cache), skips."""
+
+  records: list[dict]
+  computed: int
+  skipped: list[str]
+
+
+def specs(config: EvalConfig, lo: Any, sp_lo: Any = None) -> list[baselines.OptimizerSpec]:
+  """The learned optimizer(s) and every baseline of ``config``."""
+  out = [baselines.learned(lo)]
+  if config.tune_lo:
+    out.append(baselines.learned(lo, label="lo (lr-tuned)", lrs=sweep.lr_grid(
+        1.0, config.lo_grid_size, config.lo_span_decades)))
+  if sp_lo is not None:
+    out.append(baselines.learned(sp_lo, label="lo-sp"))
+  out += [baselines.tuned(n, grid_size=config.lr_grid_size,
+                          span_decades=config.lr_span_decades, schedules=config.schedules)
+          for n in config.tuned]
+  out += [baselines.untuned(n) for n in config.untuned]
+  return out
+
+
+def _uses_mup(spec: baselines.OptimizerSpec) -> bool:
+  """In the widths suite: muP tasks for the muP LO and mu_adamw, SP tasks otherwise."""
+  if spec.kind == "learned":
+    return spec.label != "lo-sp"
+  return spec.source.endswith(".mu_adamw")
+
+
+def jobs(config: EvalConfig, optimizer_specs: Sequence[baselines.OptimizerSpec]
+         ) -> list[Job]:
+  """Every (task, optimizer) pair of the suite, task by task."""
+  if config.suite == "widths":
+    widths = config.widths or tasks_lib.suites.DEFAULT_WIDTHS
+    mup_entries = tasks_lib.widths_suite(widths, mup=True)
+    sp_entries = tasks_lib.widths_suite(widths, mup=False)
+    out = [Job(f"width {w}", (m if _uses_mup(s) else p), s, w)
+           for w, m, p in zip(widths, mup_entries, sp_entries) for s in optimizer_specs]
+  else:
+    out = [Job(e.name, e, s) for e in tasks_lib.get_suite(config.suite)
+           for s in optimizer_specs]
+  if config.task_filter:
+    out = [j for j in out if any(f in j.entry.name for f in config.task_filter)]
+  return out
+
+
+def run_record(job: Job, task: Any, output: runner.RunOutput, stage: str) -> dict:
+  """The per-run record stored in the cache and written to the CSV (curve aside)."""
+  losses = output.losses
+  steps, curve = metrics.binned_curve(losses)
+  p = output.point
+  return {
+      "task": job.task, "task_config": task.name, "width": job.width,
+      "optimizer": job.spec.label, "kind": job.spec.kind, "source": job.spec.source,
+      "schedule": p.schedule, "lr": p.lr, "seed": p.seed, "stage": stage,
+      "num_steps": task.num_steps, "initial_loss": float(losses[0]),
+      "final_loss": metrics.final_loss(losses), "diverged": metrics.diverged(losses),
+      "test_loss": output.test.get("loss", math.nan),
+      "test_accuracy": output.test.get("accuracy", math.nan),
+      "ms_per_step": output.seconds_per_step * 1e3,
+      "curve_steps": steps.tolist(), "curve": curve.tolist(),
+  }
+
+
+class Evaluation:
+  """Runs jobs through a :class:`~metaopt.eval.cache.RunCache`, compiling ahead."""
+
+  def __init__(self, config: EvalConfig, cache: cache_lib.RunCache,
+               progress: progress_lib.Progress | None = None,
+               compiler: runner.Compiler | None = None):
+    self.config, self.cache = config, cache
+    self.progress = progress or progress_lib.Progress(0, enabled=False)
+    self.compiler = compiler or runner.Compiler(background=False)
+    self.computed = 0
+
+  def _two_stage(self, spec: baselines.OptimizerSpec) -> bool:
+    settings = len(spec.lrs) * len(spec.schedules)
+    return settings > 1 and self.config.tune_seeds < self.config.seeds
+
+  def _first_points(self, spec: baselines.OptimizerSpec) -> list[runner.RunPoint]:
+    """Every setting on every seed, or on the tuning seeds for two-stage tuning."""
+    c = self.config
+    seeds = range(c.tune_seeds if self._two_stage(spec) else c.seeds)
+    return [runner.RunPoint(s, lr, seed) for s in spec.schedules for lr in spec.lrs
+            for seed in seeds]
+
+  def _confirm_runs(self, spec: baselines.OptimizerSpec) -> int:
+    c = self.config
+    if not self._two_stage(spec):
+      return 0
+    return min(c.finalists, len(spec.lrs) * len(spec.schedules)) * (c.seeds - c.tune_seeds)
+
+  def planned_runs(self, job: Job) -> int:
+    return len(self._first_points(job.spec)) + self._confirm_runs(job.spec)
+
+  def max_batch(self, task: Any) -> int:
+    per_run = BYTES_PER_PARAM * task.num_params()
+    return max(1, int(self.config.max_memory_gb * 2 ** 30 // per_run))
+
+  def fits(self, task: Any) -> bool:
+    return BYTES_PER_PARAM * task.num_params() <= self.config.max_memory_gb * 2 ** 30
+
+  def _paths(self, job: Job, task: Any, points: Sequence[runner.RunPoint]) -> list:
+    task_id = (task.name, tasks_lib.config_to_json(task.config) + f"|{task.num_steps}")
+    opt_id = (job.spec.label, f"{job.spec.fingerprint}|warmup={self.config.warmup_fraction}")
+    return [self.cache.path(task_id, opt_id, p.schedule, p.lr, p.seed) for p in points]
+
+  def prefetch(self, job: Job, task: Any) -> None:
+    """Starts compiling the batches ``job`` will run (those not cached)."""
+    missing = sum(not p.is_file() for p in self._paths(job, task,
+                                                       self._first_points(job.spec)))
+    for n in (missing, self._confirm_runs(job.spec)):
+      for size in runner.batch_sizes(n, self.max_batch(task)):
+        self.compiler.prefetch(task, job.spec, job.spec.schedules, size,
+                               self.config.warmup_fraction)
+
+  def _complete(self, job: Job, task: Any, points: list[runner.RunPoint], stage: str
+                ) -> list[dict]:
+    """Records of ``points``: cached ones loaded, the others run and cached."""
+    paths = self._paths(job, task, points)
+    records = [self.cache.load(path) for path in paths]
+    missing = [i for i, r in enumerate(records) if r is None]
+    if len(missing) < len(points):
+      self.progress.update(len(points) - len(missing), f"{job.task} {job.spec.label}: cached")
+    if missing:
+      outputs, compile_s = runner.run_points(
+          task, job.spec, [points[i] for i in missing], schedules=job.spec.schedules,
+          warmup_fraction=self.config.warmup_fraction, max_batch=self.max_batch(task),
+          compiler=self.compiler)
+      for i, out in zip(missing, outputs):
+        records[i] = run_record(job, task, out, stage)
+        records[i]["compile_s"] = compile_s / len(missing)
+        self.cache.save(paths[i], records[i])
+      self.computed += len(missing)
+      self.progress.update(len(missing), f"{job.task} {job.spec.label} ({stage})")
+    return records
+
+  def run_job(self, job: Job, task: Any) -> list[dict]:
+    """Every record of one (task, optimizer) job, following the tuning protocol."""
+    c = self.config
+    first = self._complete(job, task, self._first_points(job.spec),
+                           "sweep" if self._two_stage(job.spec) else "run")
+    if not self._two_stage(job.spec):
+      return first
+    stats = summary.setting_stats(first)
+    ranked = sweep.ranked_settings((st, st.diverged_fraction, st.final_mean)
+                                   for st in stats)[:c.finalists]
+    confirm = self._complete(
+        job, task, [runner.RunPoint(st.schedule, st.lr, seed) for st in ranked
+                    for seed in range(c.tune_seeds, c.seeds)], "confirm")
+    return first + confirm
+
+
+def evaluate(config: EvalConfig, optimizer_specs: Sequence[baselines.OptimizerSpec],
+             cache_dir: str | os.PathLike, *, show_progress: bool = True) -> Outcome:
+  """Runs (or loads) every run of the suite; returns all records."""
+  all_jobs = jobs(config, optimizer_specs)
+  evaluation = Evaluation(config, cache_lib.RunCache(cache_dir))
+  built = {}  # entry name -> task, or None when it does not fit in memory
+  skipped = []
+  for job in all_jobs:
+    if job.entry.name not in built:
+      task = job.entry.build()
+      built[job.entry.name] = task if evaluation.fits(task) else None
+      if built[job.entry.name] is None:
+        skipped.append(f"{job.entry.name}: one run needs more than --max-memory-gb "
+                       f"{config.max_memory_gb:g}")
+  all_jobs = [j for j in all_jobs if built[j.entry.name] is not None]
+  total = sum(evaluation.planned_runs(j) for j in all_jobs)
+  evaluation.progress = progress_lib.Progress(total, enabled=show_progress)
+  evaluation.compiler = runner.Compiler(background=config.overlap_compile)
+  records = []
+  try:
+    for i, job in enumerate(all_jobs):
+      for ahead in all_jobs[i:i + 2]:
+        evaluation.prefetch(ahead, built[ahead.entry.name])
+      records += evaluation.run_job(job, built[job.entry.name])
+  finally:
+    evaluation.progress.close()
+    evaluation.compiler.close()
+  return Outcome(records, evaluation.computed, skipped)
+
+
+def estimate_seconds(config: EvalConfig, optimizer_specs: Sequence[baselines.OptimizerSpec]
+                     ) -> float:
+  """Rough wall time of the runs from the tasks' cost model (compilation excluded)."""
+  ev = Evaluation(config, cache_lib.RunCache(os.devnull))
+  total = 0.0
+  for j in jobs(config, optimizer_specs):
+    factor = LEARNED_COST_FACTOR if j.spec.kind == "learned" else 1.0
+    total += factor * ev.planned_runs(j) * j.entry.est_cost_s
+  return float(np.round(total, 1))
