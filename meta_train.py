@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
   result = run.meta_train(config, out, resume=args.resume, progress=not args.no_progress,
                           plot=args.plot)
-  if sharding.is_primary():
-    s = result.summary
+  s = result.summary
+  if sharding.is_primary() and "final" not in s:
+    print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s)")
+  elif sharding.is_primary():
     print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s); "
           f"validation meta-objective on {s['validation_task']}: informed "
           f"{s['warm_start']['informed']['meta_loss']:.4f} -> "

@@ -51,7 +51,8 @@ class MetaConfig:
     resample_every: outer steps between drawing the next tasks.
     validation_task: suite task name evaluated every ``validation_every`` steps
       ("" : the first task).
-    validation_every, validation_seeds: how often and on how many seeds.
+    validation_every, validation_seeds: how often (0: never, not even for the summary)
+      and on how many seeds.
     checkpoint_every, keep_checkpoints: orbax checkpoint period and retention.
     log_every: outer steps between plain log lines (the JSONL log has every step).
     seed: the run's PRNG seed.
@@ -94,10 +95,11 @@ class MetaConfig:
     _check_choice("estimator", self.estimator, ESTIMATOR_NAMES)
     _check_choice("horizon_schedule", self.horizon_schedule, HORIZON_SCHEDULES)
     for name in ("num_pairs", "truncation_length", "horizon", "min_horizon",
-                 "outer_steps", "tasks_per_step", "resample_every", "validation_every",
-                 "validation_seeds", "checkpoint_every", "keep_checkpoints", "log_every"):
+                 "outer_steps", "tasks_per_step", "resample_every", "validation_seeds",
+                 "checkpoint_every", "keep_checkpoints", "log_every"):
       _check_int(name, getattr(self, name), 1)
-    _check_int("num_blind_pairs", self.num_blind_pairs, 0)
+    for name in ("num_blind_pairs", "validation_every"):
+      _check_int(name, getattr(self, name), 0)
     _check_int("hidden_size", self.hidden_size, 0)
     _check_int("seed", self.seed, 0)
     for name in ("sigma", "loss_bound", "outer_learning_rate", "outer_clip_norm"):

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 import metaopt
 from metaopt.meta import checkpointing as ckpt
@@ -85,18 +86,22 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = Fa
   if primary:
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(config.to_json() + "\n")
-  validate = _Validator(trainer)
+  validate = _Validator(trainer) if config.validation_every else None
 
+  warm = None
   if start is None:
     state = trainer.init()
-    warm = validate(state.theta)
-    log.write({"kind": "validation", "step": 0, "theta": "warm_start", **warm})
-    bar.message(f"warm start on {warm['task']}: meta-objective informed "
-                f"{warm['informed']['meta_loss']:.4f}, blind {warm['blind']['meta_loss']:.4f}")
+    if validate:
+      warm = validate(state.theta)
+      log.write({"kind": "validation", "step": 0, "theta": "warm_start", **warm})
+      bar.message(f"warm start on {warm['task']}: meta-objective informed "
+                  f"{warm['informed']['meta_loss']:.4f}, blind "
+                  f"{warm['blind']['meta_loss']:.4f}")
   else:
     state = ckpt.restore(manager, start, trainer.abstract_state(), expected)
     log.truncate_after(start)
-    warm = _first_record(log, "warm_start") or validate(trainer.warm_theta)
+    if validate:
+      warm = _first_record(log, "warm_start") or validate(trainer.warm_theta)
     bar.message(f"resumed {out} at step {start}")
 
   t0 = time.perf_counter()
@@ -108,7 +113,7 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = Fa
       step = metrics["step"]
       log.write({"kind": "train", "time_s": round(time.perf_counter() - t0, 3), **metrics})
       bar.update(step, metrics["meta_loss"], f"log_lr {metrics['log_lr']:+.3f}")
-      if step % config.validation_every == 0 or step == config.outer_steps:
+      if validate and (step % config.validation_every == 0 or step == config.outer_steps):
         last_val = validate(state.theta)
         log.write({"kind": "validation", "step": step, "theta": "current", **last_val})
         bar.message(f"step {step}: validation meta-objective informed "
@@ -125,24 +130,51 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = Fa
     raise
   manager.wait_until_finished()
 
-  if last_val is None:
+  if validate and last_val is None:
     last_val = validate(state.theta)
   lo = trainer.learned_optimizer(state)
-  summary = {"kind": "summary", "step": step, "validation_task": warm["task"],
-             "warm_start": {m: warm[m] for m in ("informed", "blind")},
-             "final": {m: last_val[m] for m in ("informed", "blind")},
+  summary = {"kind": "summary", "step": step,
              "wall_s": round(time.perf_counter() - t0, 1),
              "devices": jax.device_count(), "processes": jax.process_count()}
+  if validate:
+    summary.update(validation_task=warm["task"],
+                   warm_start={m: warm[m] for m in ("informed", "blind")},
+                   final={m: last_val[m] for m in ("informed", "blind")})
   if primary:
     log.write(summary)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    metaopt.checkpoint.save(lo.with_theta(jax.tree.map(np.asarray, lo.theta)),
-                            out / FINAL_DIR, overwrite=True,
-                            meta_training={"config": config.to_dict(),
-                                           "outer_steps": step, "summary": summary})
+    export(lo, out / FINAL_DIR, {"config": config.to_dict(), "outer_steps": step,
+                                 "summary": summary})
     if plot:
       bar.message(f"plot: {log_lib.plot_metrics(out)}")
+  if jax.process_count() > 1:  # no host leaves before the export is written
+    multihost_utils.sync_global_devices("metaopt.meta.run:done")
   return RunResult(lo, out, summary, state)
+
+
+def export(lo: metaopt.LearnedOptimizer, path: pathlib.Path, meta_training: dict) -> None:
+  """Writes the LO artifact with :func:`metaopt.checkpoint.save` (call on one process).
+
+  ``checkpoint.save``'s orbax checkpointer synchronizes every process of a multi-host
+  run, but only this one writes (the artifact is host numpy arrays): there it is given a
+  checkpointer restricted to this process.
+  """
+  lo = lo.with_theta(jax.tree.map(np.asarray, lo.theta))
+  if jax.process_count() == 1:
+    metaopt.checkpoint.save(lo, path, overwrite=True, meta_training=meta_training)
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  solo = ocp.options.MultiprocessingOptions(
+      primary_host=jax.process_index(), active_processes={jax.process_index()},
+      barrier_sync_key_prefix=f"metaopt_export_{jax.process_index()}")
+  original = metaopt.checkpoint._checkpointer  # pylint: disable=protected-access
+  metaopt.checkpoint._checkpointer = lambda: ocp.Checkpointer(  # pylint: disable=protected-access
+      ocp.PyTreeCheckpointHandler(multiprocessing_options=solo),
+      multiprocessing_options=solo)
+  try:
+    metaopt.checkpoint.save(lo, path, overwrite=True, meta_training=meta_training)
+  finally:
+    metaopt.checkpoint._checkpointer = original  # pylint: disable=protected-access
 
 
 def _first_record(log: log_lib.MetricsLog, theta: str) -> dict[str, Any] | None:
