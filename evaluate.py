@@ -55,6 +55,13 @@ def _load_lo(name_or_path: str, flag: str):
         "(a directory written by metaopt.checkpoint.save).") from None
 
 
+def _enable_compilation_cache(path: pathlib.Path) -> None:
+  """JAX's persistent compilation cache, so a resumed evaluation skips recompiling."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -127,7 +134,9 @@ def config_from_args(args: argparse.Namespace):
     raise SystemExit(str(e)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, persistent_cache: bool = False) -> int:
+  """Runs the evaluation; ``persistent_cache`` keeps compilations in OUT/xla_cache (set
+  it only in a fresh process: JAX reads the setting at its first compilation)."""
   args = parser().parse_args(argv)
   config = config_from_args(args)
   from metaopt.eval import harness, report  # pylint: disable=g-import-not-at-top
@@ -142,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.estimate:
     return 0
   out = pathlib.Path(args.out or pathlib.Path("eval_out") / config.suite)
+  if persistent_cache:
+    _enable_compilation_cache(out / "xla_cache")
   start = time.perf_counter()
   result = harness.evaluate(config, specs, out / "cache", show_progress=not args.no_progress)
   elapsed = time.perf_counter() - start
@@ -165,4 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(persistent_cache=True))

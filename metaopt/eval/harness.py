@@ -28,6 +28,8 @@ from metaopt.eval import sweep
 # Bytes of device memory per parameter of one run: params, grads, <= 8 optimizer
 # buffers, temporaries.
 BYTES_PER_PARAM = 4 * 16
+# Seconds of (estimated) extra training worth spending to reuse a compilation.
+PAD_BUDGET_S = 2.0
 # A learned-optimizer step costs about this many AdamW steps (measured on heldout MLPs).
 LEARNED_COST_FACTOR = 3.5
 
@@ -199,11 +201,18 @@ class Evaluation:
     opt_id = (job.spec.label, f"{job.spec.fingerprint}|warmup={self.config.warmup_fraction}")
     return [self.cache.path(task_id, opt_id, p.schedule, p.lr, p.seed) for p in points]
 
+  def _pad_to(self, job: Job, planned: int, missing: int) -> int | None:
+    """Resuming a cheap job: run the full batch shape again (its compilation is then
+    reused, e.g. from JAX's persistent cache) rather than compile a smaller one."""
+    extra_s = (planned - missing) * getattr(job.entry, "est_cost_s", math.inf)
+    return planned if 0 < missing < planned and extra_s < PAD_BUDGET_S else None
+
   def prefetch(self, job: Job, task: Any) -> None:
     """Starts compiling the batches ``job`` will run (those not cached)."""
-    missing = sum(not p.is_file() for p in self._paths(job, task,
-                                                       self._first_points(job.spec)))
-    for n in (missing, self._confirm_runs(job.spec)):
+    first = self._paths(job, task, self._first_points(job.spec))
+    missing = sum(not p.is_file() for p in first)
+    first_runs = self._pad_to(job, len(first), missing) or missing
+    for n in (first_runs, self._confirm_runs(job.spec)):
       for size in runner.batch_sizes(n, self.max_batch(task)):
         self.compiler.prefetch(task, job.spec, job.spec.schedules, size,
                                self.config.warmup_fraction)
@@ -220,7 +229,7 @@ class Evaluation:
       outputs, compile_s = runner.run_points(
           task, job.spec, [points[i] for i in missing], schedules=job.spec.schedules,
           warmup_fraction=self.config.warmup_fraction, max_batch=self.max_batch(task),
-          compiler=self.compiler)
+          compiler=self.compiler, pad_to=self._pad_to(job, len(points), len(missing)))
       for i, out in zip(missing, outputs):
         records[i] = run_record(job, task, out, stage)
         records[i]["compile_s"] = compile_s / len(missing)

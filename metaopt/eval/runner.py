@@ -8,6 +8,7 @@ order (``jax.random.key(s)`` split into init and data keys), the same for every 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import time
@@ -108,29 +109,45 @@ class Compiler:
 
   :meth:`prefetch` starts compiling a batch shape that will be needed; :meth:`get`
   returns it (waiting, or compiling now if it was never requested). Compiling the next
-  job while the current one runs hides most compile time on a multi-core CPU.
+  job while the current one runs hides most compile time on a multi-core CPU. Compiled
+  functions are kept for the process (keyed by the task's config and the optimizer's
+  fingerprint), so evaluating again in the same process reuses them.
   """
+
+  _done: collections.OrderedDict = collections.OrderedDict()  # shared, bounded
+  MAX_KEPT = 64
 
   def __init__(self, background: bool = True):
     self._pool = concurrent.futures.ThreadPoolExecutor(1) if background else None
     self._futures = {}
 
-  def _key(self, task, spec, schedules, batch, warmup_fraction):
-    return (task, spec.label, spec.fingerprint, tuple(schedules), batch, warmup_fraction)
+  @staticmethod
+  def _key(task, spec, schedules, batch, warmup_fraction):
+    return (task.name, repr(task.config), task.num_steps, spec.label, spec.fingerprint,
+            tuple(schedules), batch, warmup_fraction)
 
   def prefetch(self, task, spec, schedules, batch, warmup_fraction=0.05) -> None:
     key = self._key(task, spec, schedules, batch, warmup_fraction)
-    if self._pool is not None and key not in self._futures:
+    if self._pool is not None and key not in self._futures and key not in self._done:
       self._futures[key] = self._pool.submit(compile_batch, task, spec, tuple(schedules),
                                              batch, warmup_fraction)
 
   def get(self, task, spec, schedules, batch, warmup_fraction=0.05):
     """``(compiled, seconds waited for it)``."""
     t0 = time.perf_counter()
-    future = self._futures.pop(self._key(task, spec, schedules, batch, warmup_fraction),
-                               None)
-    compiled = future.result() if future is not None else compile_batch(
-        task, spec, tuple(schedules), batch, warmup_fraction)
+    key = self._key(task, spec, schedules, batch, warmup_fraction)
+    future = self._futures.pop(key, None)
+    if future is not None:
+      compiled = future.result()
+    elif key in self._done:
+      compiled = self._done[key]
+    else:
+      compiled = compile_batch(task, spec, tuple(schedules), batch, warmup_fraction)
+    if spec.fingerprint:
+      self._done[key] = compiled
+      self._done.move_to_end(key)
+      while len(self._done) > self.MAX_KEPT:
+        self._done.popitem(last=False)
     return compiled, time.perf_counter() - t0
 
   def close(self) -> None:
@@ -148,19 +165,24 @@ def batch_sizes(num_points: int, max_batch: int | None) -> list[int]:
 
 def run_points(task: Any, spec: baselines.OptimizerSpec, points: Sequence[RunPoint], *,
                schedules: Sequence[str] | None = None, warmup_fraction: float = 0.05,
-               max_batch: int | None = None, compiler: Compiler | None = None
-               ) -> tuple[list[RunOutput], float]:
+               max_batch: int | None = None, compiler: Compiler | None = None,
+               pad_to: int | None = None) -> tuple[list[RunOutput], float]:
   """Runs ``points`` of ``spec`` on ``task`` in vmapped batches of at most ``max_batch``.
 
   Args:
     schedules: the schedules the compiled function selects among (default: those of
       ``points``); pass ``spec.schedules`` to share compilations across calls.
+    pad_to: pad the points (with copies of the first, discarded) to this many, so a
+      resumed job reuses the compilation of the full batch (e.g. from JAX's persistent
+      compilation cache) instead of compiling a new shape.
 
   Returns:
     ``(outputs in the order of points, seconds spent compiling or waiting for it)``.
   """
   schedules = tuple(schedules or dict.fromkeys(p.schedule for p in points))
   compiler = compiler or Compiler(background=False)
+  num_real = len(points)
+  points = list(points) + [points[0]] * max(0, (pad_to or 0) - num_real)
   outputs, compile_s, start = [], 0.0, 0
   for size in batch_sizes(len(points), max_batch):
     chunk = points[start:start + size]
@@ -174,4 +196,4 @@ def run_points(task: Any, spec: baselines.OptimizerSpec, points: Sequence[RunPoi
     for i, p in enumerate(chunk):
       outputs.append(RunOutput(p, losses[i], {k: float(v[i]) for k, v in test.items()},
                                seconds))
-  return outputs, compile_s
+  return outputs[:num_real], compile_s

@@ -1,0 +1,103 @@
+"""Evaluation harness: the lr sweep picks the known best step, divergence is counted."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+import tasks
+from metaopt.eval import baselines, cache, harness, metrics, summary, sweep
+
+DIM = 8
+
+
+def _quadratic_task(num_steps=10):
+  """0.5/DIM * ||x - x*||^2, no noise: plain SGD converges in one step at lr = DIM."""
+  return tasks.build(tasks.QuadraticConfig(dim=DIM, condition_number=1.0, rotate=False,
+                                           noise_std=0.0), num_steps)
+
+
+def _evaluation(tmp_path, **config):
+  return harness.Evaluation(harness.EvalConfig(suite="smoke", **config),
+                            cache.RunCache(tmp_path))
+
+
+def test_lr_sweep_picks_the_known_optimal_step(tmp_path):
+  task = _quadratic_task()
+  # Grid DIM * {0.32, 0.56, 1, 1.8, 3.2}: at 1 the first step lands on x*; 3.2 diverges.
+  spec = baselines.tuned("sgd", center=DIM, grid_size=5, span_decades=1.0,
+                         schedules=("constant",))
+  assert spec.source == "optax.sgd" and DIM in spec.lrs
+  ev = _evaluation(tmp_path, seeds=2, tune_seeds=1, finalists=2)
+  records = ev.run_job(harness.Job(task.name, None, spec), task)
+  assert len(records) == 5 + 2  # grid on seed 0, two finalists on seed 1
+  best = summary.chosen_settings(summary.setting_stats(records))[(task.name, "sgd")]
+  assert best.lr == DIM and best.seeds == 2 and best.final_mean < 1e-10
+  by_lr = {r["lr"]: r for r in records if r["seed"] == 0}
+  assert by_lr[max(spec.lrs)]["diverged"] and not by_lr[DIM]["diverged"]
+
+
+def test_divergence_is_counted_not_averaged(tmp_path):
+  task = _quadratic_task()
+  spec = dataclasses.replace(baselines.tuned("sgd", schedules=("constant",)),
+                             lrs=(1e4 * DIM,))  # blows up
+  records = _evaluation(tmp_path, seeds=2).run_job(harness.Job(task.name, None, spec), task)
+  assert all(r["diverged"] for r in records)
+  (stats,) = summary.setting_stats(records)
+  assert stats.diverged == 2 and math.isnan(stats.final_mean)
+  # Mixed seeds: the diverged seed is excluded from the mean and reported as a count.
+  mixed = [dict(records[0], seed=s, final_loss=v, diverged=d, curve=[v] * 3)
+           for s, (v, d) in enumerate([(1.0, False), (math.nan, True), (2.0, False)])]
+  (stats,) = summary.setting_stats(mixed)
+  assert (stats.seeds, stats.diverged, stats.final_mean) == (3, 1, 1.5)
+  assert math.isnan(summary.reported_loss(stats))  # compared as diverged
+  assert np.isfinite(stats.curve).all()
+
+
+def test_cache_resumes_without_recomputing(tmp_path):
+  task = _quadratic_task()
+  spec = baselines.tuned("sgd", center=DIM, grid_size=2, span_decades=0.5,
+                         schedules=("constant",))
+  first = _evaluation(tmp_path, seeds=2, tune_seeds=2)
+  records = first.run_job(harness.Job(task.name, None, spec), task)
+  assert first.computed == len(records) == 4
+  files = cache.RunCache(tmp_path).files()
+  for f in files[::2]:
+    f.unlink()
+  again = _evaluation(tmp_path, seeds=2, tune_seeds=2)
+  records2 = again.run_job(harness.Job(task.name, None, spec), task)
+  assert again.computed == len(files[::2])
+  np.testing.assert_allclose([r["final_loss"] for r in records2],
+                             [r["final_loss"] for r in records], rtol=1e-5)
+
+
+def test_metric_definitions():
+  losses = np.concatenate([np.full(95, 3.0), np.full(5, 1.0)])
+  assert metrics.final_loss(losses) == 1.0
+  assert not metrics.diverged(losses)
+  assert metrics.diverged(np.array([1.0, np.nan, 0.5]))
+  assert metrics.diverged(np.array([1.0, 2.0, 2.0]))  # ends above the initial loss
+  assert metrics.outcome(0.995, 1.0) == "tie" and metrics.outcome(0.9, 1.0) == "win"
+  assert metrics.outcome(math.nan, 1.0) == "loss" and metrics.outcome(1.0, math.nan) == "win"
+  steps = np.arange(1, 11) * 10
+  fast, slow = np.linspace(1, 0.1, 10), np.linspace(1, 0.5, 10)
+  # fast reaches slow's final 0.5 at step 60; slow never reaches fast's final 0.1.
+  assert metrics.speedup(steps, fast, 0.1, slow, 0.5, 100) == 100 / 60
+  assert metrics.speedup(steps, slow, 0.5, fast, 0.1, 100) == 60 / 100
+  np.testing.assert_array_equal(metrics.ranks([2.0, math.nan, 1.0, 2.0]), [2.5, 4, 1, 2.5])
+
+
+def test_lr_grid_and_setting_choice():
+  assert sweep.lr_grid(10 ** -2.5) == (1e-4, 3.162e-4, 1e-3, 3.162e-3, 1e-2, 3.162e-2, 0.1)
+  assert sweep.best_setting([("a", 0.5, 0.1), ("b", 0.0, 0.3), ("c", 0.0, math.nan)]) == "b"
+  assert sweep.on_grid_edge(0.1, sweep.lr_grid(10 ** -2.5))
+
+
+def test_unknown_names_list_valid_ones():
+  with pytest.raises(ValueError, match="valid names: .*adamw.*prodigy"):
+    baselines.resolve("adamw2")
+  with pytest.raises(ValueError, match="has no default learning rate"):
+    baselines.untuned("sgdm")
+  with pytest.raises(ValueError, match="unknown schedule"):
+    baselines.tuned("adamw", schedules=("cosine",))

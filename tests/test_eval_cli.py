@@ -1,0 +1,86 @@
+"""evaluate.py end to end on the smoke suite, resuming from its cache, and bad input."""
+
+import csv
+import importlib.util
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _module(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+evaluate = _module("evaluate")
+
+SMOKE_FLAGS = ["--suite", "smoke", "--seeds", "2", "--lr-grid-size", "3",
+               "--untuned", "prodigy", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+  """A freshly meta-trained smoke learned optimizer."""
+  out = tmp_path_factory.mktemp("meta") / "run"
+  meta_train = _module("meta_train")
+  assert meta_train.main(["--config", "smoke", "--set", "outer_steps=4", "--out", str(out),
+                          "--no-progress"]) == 0
+  return out / "final"
+
+
+@pytest.fixture(scope="module")
+def smoke_out(artifact, tmp_path_factory):
+  out = tmp_path_factory.mktemp("eval")
+  assert evaluate.main(["--checkpoint", str(artifact), "--out", str(out), *SMOKE_FLAGS]) == 0
+  return out
+
+
+def _rows(out):
+  with open(out / "runs.csv") as f:
+    return list(csv.DictReader(f))
+
+
+def test_smoke_writes_report_csv_and_plots(smoke_out):
+  report = (smoke_out / "report.md").read_text()
+  assert "## Summary" in report and "| lo | adamw |" in report and "Definitions" in report
+  rows = _rows(smoke_out)
+  keys = [(r["task"], r["optimizer"], r["schedule"], r["lr"], r["seed"]) for r in rows]
+  assert len(keys) == len(set(keys))
+  # Per task: LO 2 seeds + AdamW 3 lrs x 2 schedules x 2 seeds + Prodigy 2 seeds.
+  assert len(rows) == 2 * (2 + 3 * 2 * 2 + 2)
+  assert {r["optimizer"] for r in rows} == {"lo", "adamw", "prodigy (default)"}
+  plots = {p.name for p in (smoke_out / "plots").iterdir()}
+  assert "ranks.png" in plots and sum(p.startswith("curves_") for p in plots) == 2
+
+
+def test_rerun_recomputes_only_deleted_runs(smoke_out, artifact):
+  files = sorted((smoke_out / "cache").glob("*/*/*.json"))
+  deleted = files[::2]
+  kept = {f: f.stat().st_mtime_ns for f in files[1::2]}
+  for f in deleted:
+    f.unlink()
+  before = _rows(smoke_out)
+  assert evaluate.main(["--checkpoint", str(artifact), "--out", str(smoke_out),
+                        *SMOKE_FLAGS]) == 0
+  header = re.search(r"runs: (\d+) \((\d+) computed now", (smoke_out / "report.md").read_text())
+  assert header.groups() == (str(len(files)), str(len(deleted)))
+  assert all(f.exists() for f in deleted)
+  assert all(f.stat().st_mtime_ns == t for f, t in kept.items())
+  after = _rows(smoke_out)
+  assert [r["final_loss"][:6] for r in after] == [r["final_loss"][:6] for r in before]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--suite", "nope"], r"unknown suite 'nope'.*heldout.*smoke"),
+    (["--suite", "smoke", "--baselines", "adamw,nope"], r"unknown optimizer 'nope'.*lion"),
+    (["--suite", "smoke", "--checkpoint", str(ROOT)], r"is not a metaopt learned-optimizer"),
+    (["--suite", "smoke", "--checkpoint", "default"], r"(?s)'default'.*--checkpoint runs/"),
+])
+def test_bad_input_says_what_is_valid(flags, message, capsys):
+  with pytest.raises(SystemExit, match=message):
+    evaluate.main(flags)
