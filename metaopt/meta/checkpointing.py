@@ -45,8 +45,10 @@ def checkpoint_manager(directory: str | pathlib.Path, *, keep: int = 3):
   """An orbax ``CheckpointManager`` keeping the last ``keep`` checkpoints."""
   ocp = _ocp()
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
-                               item_names=("state", "config"))
+  return ocp.CheckpointManager(
+      pathlib.Path(directory).absolute(), options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "config": ocp.JsonCheckpointHandler()})
 
 
 def run_metadata(config: MetaConfig, lo_config, task_names) -> dict[str, Any]:
@@ -114,6 +116,8 @@ def check_shapes(manager, step: int, abstract_state, where: str) -> None:
   try:
     metadata = manager.item_metadata(step)["state"]
     saved = {m.name: (tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(metadata)}
+    if not saved:
+      raise ValueError("no arrays")
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f"{where}: cannot read the array metadata ({type(e).__name__}: "
                           f"{e}); the checkpoint is corrupt or incomplete.") from e

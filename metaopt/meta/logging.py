@@ -3,7 +3,9 @@
 Only process 0 writes (see :func:`metaopt.meta.sharding.is_primary`). Each JSONL line
 is one record: ``{"kind": "train", "step", "meta_loss", ...}`` per outer step,
 ``{"kind": "validation", "step", "theta": "current"|"warm_start", ...}`` per
-evaluation, ``{"kind": "summary", ...}`` at the end.
+evaluation, ``{"kind": "resume", "step"}`` where a run was resumed (records of later
+steps are dropped first: the resumed run writes them again), ``{"kind": "summary", ...}``
+at the end.
 """
 
 from __future__ import annotations

@@ -100,6 +100,8 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = Fa
   else:
     state = ckpt.restore(manager, start, trainer.abstract_state(), expected)
     log.truncate_after(start)
+    log.write({"kind": "resume", "step": start, "devices": jax.device_count(),
+               "processes": jax.process_count()})
     if validate:
       warm = _first_record(log, "warm_start") or validate(trainer.warm_theta)
     bar.message(f"resumed {out} at step {start}")
