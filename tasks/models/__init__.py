@@ -1,0 +1,1 @@
+"""Model definitions of the task families; each states its parameters' muP roles."""

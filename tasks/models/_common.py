@@ -1,0 +1,54 @@
+"""Pieces shared by the model definitions: activations and muP/SP initializers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from tasks.data import DigitsData, GaussianMixtureData, TeacherStudentData, TFDSImageData
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "tanh": jnp.tanh,
+    "silu": jax.nn.silu,
+}
+
+# N(0, 1/fan_in) (truncated normal rescaled to that variance): input and hidden weights
+# under both parametrizations, and the readout under SP.
+fan_in_normal = nn.initializers.lecun_normal()
+
+
+def opaque_zeros(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """Zeros that XLA cannot constant-fold (``normal * 0``; XLA keeps ``x * 0`` for floats).
+
+  Works around an XLA:CPU miscompile (jax 0.10.2, YNNPACK fusions): a dot whose operand
+  is a splat constant -- a ``jnp.zeros`` readout when ``init`` and the forward pass share
+  one jit -- returns garbage. ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` fixes
+  it everywhere; this keeps our tasks correct without it
+  (``tests/test_tasks_models.py::test_init_and_loss_in_one_jit``).
+  """
+  return jax.random.normal(key, shape, dtype) * jnp.zeros((), dtype)
+
+
+def readout_init(mup: bool):
+  """muP zero-initializes the readout; SP uses N(0, 1/fan_in)."""
+  return opaque_zeros if mup else fan_in_normal
+
+
+def activation_fn(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation={name!r}; expected one of {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+def data_name(data) -> str:
+  """Short name of a data config for task names: digits, gmm, teacher, mnist16g, ..."""
+  if isinstance(data, TFDSImageData):
+    return f"{data.name}{data.image_size}{'g' if data.grayscale else ''}"
+  names = {DigitsData: "digits", GaussianMixtureData: "gmm", TeacherStudentData: "teacher"}
+  if type(data) not in names:
+    raise ValueError(f"{data!r} is not a data config; expected one of "
+                     f"{[c.__name__ for c in (*names, TFDSImageData)]}.")
+  return names[type(data)]

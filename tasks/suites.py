@@ -1,0 +1,164 @@
+"""Named task suites: lists of configs with step budgets and estimated costs.
+
+* ``smoke``: 2 tiny tasks, < 100 steps, for fast tests.
+* ``meta_train_default``: the small, fast tasks default meta-training samples (MLPs of
+  width <= 128 on digits and generated data, logistic regression, a tiny character LM,
+  quadratics).
+* ``heldout``: the same families wider and deeper, plus conv nets, a Haiku MLP, a
+  bigger LM, other data and longer horizons; sized so that evaluating a learned
+  optimizer plus 4 tuned baselines x 7 learning rates x 2 schedules x 3 seeds
+  (:data:`EVAL_RUNS` = 171 single-seed runs per task) fits in about 20 minutes on a
+  2-core CPU (see :func:`estimate_eval_seconds`).
+* ``heldout-full``: ``heldout`` 8x wider, 2x deeper, with 10x longer horizons.
+* ``widths``: one muP MLP on digits at widths 64..8192 (:func:`widths_suite` builds it
+  for any widths; use ``mup=False`` for the SP twin).
+
+:func:`tfds_suite` builds MLP and conv tasks on MNIST, Fashion-MNIST and CIFAR-10 from
+a prepared TFDS ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+from tasks import base
+from tasks import cost
+from tasks import registry
+from tasks.data import DigitsData
+from tasks.data import GaussianMixtureData
+from tasks.data import TeacherStudentData
+from tasks.data import TFDSImageData
+from tasks.models.conv import ConvConfig
+from tasks.models.logistic import LogisticConfig
+from tasks.models.mlp import MLPConfig
+from tasks.models.quadratic import QuadraticConfig
+from tasks.models.transformer import TransformerLMConfig
+
+# Runs per task in a heldout evaluation: (1 LO + 4 baselines x 7 lrs x 2 schedules) x 3 seeds.
+EVAL_RUNS = (1 + 4 * 7 * 2) * 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteEntry:
+  """A task config, its step budget and estimated seconds for one AdamW run of it."""
+
+  config: Any
+  num_steps: int
+  est_cost_s: float
+
+  @property
+  def name(self) -> str:
+    return self.config.name
+
+  def build(self) -> base.Task:
+    return registry.build(self.config, self.num_steps)
+
+
+def entry(config: Any, num_steps: int) -> SuiteEntry:
+  """A SuiteEntry whose cost is ``num_steps * cost.estimate_step_seconds(config)``."""
+  return SuiteEntry(config, num_steps,
+                    round(num_steps * cost.estimate_step_seconds(config), 3))
+
+
+def _smoke() -> list[SuiteEntry]:
+  return [
+      entry(MLPConfig(width=16, depth=1, batch_size=32), 50),
+      entry(QuadraticConfig(dim=8, condition_number=10.0), 50),
+  ]
+
+
+def _meta_train_default() -> list[SuiteEntry]:
+  return [
+      entry(MLPConfig(width=32, depth=2, activation="relu", batch_size=64), 300),
+      entry(MLPConfig(width=128, depth=1, activation="gelu", batch_size=128,
+                      base_width=128), 300),
+      entry(MLPConfig(GaussianMixtureData(num_classes=8, dim=32, seed=1), width=64,
+                      depth=2, activation="tanh", batch_size=64), 300),
+      entry(MLPConfig(TeacherStudentData(), width=64, depth=2, activation="silu",
+                      batch_size=64), 300),
+      entry(LogisticConfig(DigitsData(), batch_size=128), 300),
+      entry(TransformerLMConfig(width=32, depth=1, heads=2, context=16, batch_size=16),
+            300),
+      entry(QuadraticConfig(dim=16, condition_number=100.0, rotate=False), 300),
+      entry(QuadraticConfig(dim=64, condition_number=1000.0, rotate=True), 300),
+  ]
+
+
+def _heldout() -> list[SuiteEntry]:
+  gmm = GaussianMixtureData(num_classes=16, dim=128, separation=2.5, seed=7)
+  teacher = TeacherStudentData(input_dim=64, output_dim=8, teacher_width=128, seed=3)
+  return [
+      entry(MLPConfig(DigitsData(), width=256, depth=3, activation="relu", batch_size=64),
+            1000),
+      entry(MLPConfig(gmm, width=256, depth=2, activation="gelu", batch_size=64,
+                      framework="haiku"), 1000),
+      entry(MLPConfig(teacher, width=512, depth=2, activation="relu", batch_size=32), 600),
+      entry(ConvConfig(DigitsData(), width=16, depth=3, batch_size=32), 1000),
+      entry(TransformerLMConfig(width=64, depth=2, heads=4, context=16, batch_size=16,
+                                base_width=32), 600),
+      entry(LogisticConfig(gmm, batch_size=128), 1000),
+      entry(QuadraticConfig(dim=256, condition_number=1e4, rotate=True, noise_std=0.05),
+            2000),
+  ]
+
+
+def scale_up(config: Any, width_factor: int = 8, depth_factor: int = 2) -> Any:
+  """The same task ``width_factor`` x wider and ``depth_factor`` x deeper.
+
+  Width-free tasks keep their size (logistic regression) or grow their dimension
+  (quadratics); muP base widths are kept, so muP multipliers follow the width.
+  """
+  if isinstance(config, (MLPConfig, ConvConfig, TransformerLMConfig)):
+    return dataclasses.replace(config, width=config.width * width_factor,
+                               depth=config.depth * depth_factor)
+  if isinstance(config, QuadraticConfig):
+    return dataclasses.replace(config, dim=config.dim * width_factor)
+  return config
+
+
+def _heldout_full() -> list[SuiteEntry]:
+  return [entry(scale_up(e.config), 10 * e.num_steps) for e in _heldout()]
+
+
+DEFAULT_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def widths_suite(widths: Sequence[int] = DEFAULT_WIDTHS, *, mup: bool = True,
+                 base_width: int = 64, depth: int = 2, batch_size: int = 64,
+                 num_steps: int = 1000) -> list[SuiteEntry]:
+  """One MLP family on digits at the given widths (muP or SP)."""
+  return [entry(MLPConfig(DigitsData(), width=w, depth=depth, batch_size=batch_size,
+                          mup=mup, base_width=base_width), num_steps) for w in widths]
+
+
+def tfds_suite(data_dir: str, *, image_size: int = 16, grayscale: bool = False,
+               num_steps: int = 1000) -> list[SuiteEntry]:
+  """MLP and conv tasks on MNIST, Fashion-MNIST and CIFAR-10 prepared in ``data_dir``."""
+  entries = []
+  for name in ("mnist", "fashion_mnist", "cifar10"):
+    data = TFDSImageData(name, data_dir, image_size=image_size, grayscale=grayscale)
+    entries.append(entry(MLPConfig(data, width=128, depth=2, batch_size=128), num_steps))
+    entries.append(entry(ConvConfig(data, width=32, depth=3, batch_size=64), num_steps))
+  return entries
+
+
+SUITES: dict[str, Callable[[], list[SuiteEntry]]] = {
+    "smoke": _smoke,
+    "meta_train_default": _meta_train_default,
+    "heldout": _heldout,
+    "heldout-full": _heldout_full,
+    "widths": widths_suite,
+}
+
+
+def get_suite(name: str) -> list[SuiteEntry]:
+  """The named suite; raises ValueError listing valid names for an unknown one."""
+  if name not in SUITES:
+    raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}.")
+  return SUITES[name]()
+
+
+def estimate_eval_seconds(entries: Sequence[SuiteEntry], runs: int = EVAL_RUNS) -> float:
+  """Estimated seconds to train every entry ``runs`` times (single-seed AdamW cost)."""
+  return runs * sum(e.est_cost_s for e in entries)
