@@ -29,14 +29,12 @@ class _FlaxMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.tanh(nn.Dense(16)(x))
-    x = nn.tanh(nn.Dense(16)(x))
     return nn.Dense(3)(x)
 
 
 def _haiku_model(x):
-  x = jax.nn.tanh(hk.Linear(12)(x))
-  x = hk.Conv2D(4, 3)(x.reshape(x.shape[0], 2, 6, 1))
-  return hk.Linear(3)(x.reshape(x.shape[0], -1))
+  x = hk.Conv2D(4, 3)(x.reshape(x.shape[0], 1, 5, 1))
+  return hk.Linear(3, with_bias=False)(x.reshape(x.shape[0], -1))
 
 
 def _models(dtype):
@@ -94,9 +92,23 @@ def test_from_classical_equals_optimizer_float64(name, x64):
   assert float(jnp.max(jnp.abs(jax.tree.leaves(u_ref)[0]))) > 0  # really trained
 
 
+def _small_models():
+  """One Flax Dense and one Haiku Linear: a cheap tree for the float32 check."""
+  full, full_loss = _models(jnp.float32)
+  params = {"flax": {"Dense_1": full["flax"]["Dense_1"]},
+            "haiku": {"linear": full["haiku"]["linear"]}, "scale": full["scale"]}
+
+  def small_loss(p, key):
+    merged = {"flax": {**full["flax"], **p["flax"]}, "haiku": {**full["haiku"], **p["haiku"]},
+              "scale": p["scale"]}
+    return full_loss(merged, key)
+
+  return params, small_loss
+
+
 @pytest.mark.parametrize("name", sorted(CLASSICAL))
 def test_from_classical_equals_optimizer_float32_one_step(name):
-  params, loss = _models(jnp.float32)
+  params, loss = _small_models()
   kwargs = _default_kwargs(name)
   ref = getattr(optimizers, name)(**kwargs)
   lo = LearnedOptimizer.from_classical(name, **kwargs).as_optax()
@@ -153,11 +165,16 @@ def _hidden_update_rms(width, sp):
   roles = {"in": mup.input_role(8), "hidden": mup.hidden_role(width, 64),
            "out": mup.output_role(width, 64)}
   opt = lo.as_optax(roles=roles, sp=sp)
-  state = opt.init(params)
   grads = jax.tree.map(lambda p: jax.random.normal(keys[2], p.shape), params)
-  for _ in range(3):
-    updates, state = opt.update(grads, state, params)
-  return float(jnp.sqrt(jnp.mean(updates["hidden"] ** 2)))
+
+  @jax.jit
+  def three_steps(params):
+    state = opt.init(params)
+    for _ in range(3):
+      updates, state = opt.update(grads, state, params)
+    return updates["hidden"]
+
+  return float(jnp.sqrt(jnp.mean(three_steps(params) ** 2)))
 
 
 def test_mup_hidden_update_scales_as_one_over_width():
@@ -207,8 +224,9 @@ def test_composes_with_clip_multisteps_masked():
 
   multi = optax.MultiSteps(lo, every_k_schedule=2)
   state = multi.init(params)
-  u1, state = multi.update(grads, state, params)
-  u2, state = multi.update(grads, state, params)
+  update = jax.jit(multi.update)
+  u1, state = update(grads, state, params)
+  u2, state = update(grads, state, params)
   assert float(jnp.max(jnp.abs(u1["w"]))) == 0 and float(jnp.max(jnp.abs(u2["w"]))) > 0
 
 

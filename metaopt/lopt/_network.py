@@ -9,12 +9,10 @@ theta = {
 The MLP maps F features to a direction ``d`` and a log-magnitude ``m`` per parameter.
 Its output layer starts at zero, so a fresh LO is exactly its classical mix.
 
-The MLP is written as unrolled multiply-adds over the (few) features instead of a
-matmul on an ``[n_params, F]`` matrix: XLA then fuses feature construction and the MLP
-into one elementwise loop, which never materializes the feature matrix (1e7-parameter
-updates stay within a small memory budget) and runs at memory bandwidth on CPUs.
 Features that are constant over a tensor (time, per-tensor statistics) enter as a
-per-tensor bias, costing nothing per parameter.
+per-tensor bias, costing nothing per parameter; the per-parameter features form an
+``[n, F]`` matrix that the update builds in chunks for large tensors, so memory stays
+bounded however large a tensor is.
 """
 
 from __future__ import annotations
@@ -61,22 +59,13 @@ def hidden_bias(theta: Theta, tensor_features: Sequence[jax.Array], offset: int)
   return bias
 
 
-def mlp_outputs(theta: Theta, elementwise: Sequence[jax.Array], bias: jax.Array,
+def mlp_outputs(theta: Theta, features: jax.Array, bias: jax.Array,
                 dtype) -> tuple[jax.Array, jax.Array]:
-  """(direction, log_magnitude) per element; ``elementwise`` are the first features.
+  """(direction, log_magnitude) per element from ``features[..., F_elementwise]``.
 
-  Unrolled so XLA fuses it elementwise (see the module docstring).
+  The per-tensor features enter through ``bias`` (see :func:`hidden_bias`).
   """
-  w1 = theta["w1"].astype(dtype)
-  w2 = theta["w2"].astype(dtype)
-  bias = bias.astype(dtype)
-  direction = jnp.asarray(theta["b2"][0], dtype)
-  log_mag = jnp.asarray(theta["b2"][1], dtype)
-  for j in range(w1.shape[1]):
-    h = bias[j]
-    for i, f in enumerate(elementwise):
-      h = h + w1[i, j] * f
-    h = jax.nn.relu(h)
-    direction = direction + w2[j, 0] * h
-    log_mag = log_mag + w2[j, 1] * h
-  return direction, log_mag
+  num = features.shape[-1]
+  hidden = jax.nn.relu(features @ theta["w1"][:num].astype(dtype) + bias.astype(dtype))
+  out = hidden @ theta["w2"].astype(dtype) + theta["b2"].astype(dtype)
+  return out[..., 0], out[..., 1]

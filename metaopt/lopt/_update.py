@@ -161,32 +161,53 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   return updates, new_state
 
 
-def candidate_directions(config: LOConfig, ctx: StepContext, g, x, m_fast, m_mid_prev,
-                         m_slow, v, tam_m, laprop_m):
+# Tensors larger than this are processed in chunks of this many elements, so the
+# per-parameter feature matrix never exceeds _CHUNK x F floats.
+_CHUNK = 1 << 18
+
+
+def candidate_directions(config: LOConfig, ctx: StepContext, inp: dict, cautious_norm):
   """The classical directions (before the learning rate; optax sign: to be subtracted).
 
-  ``m_mid_prev`` is the mid momentum *before* this step's update: Lion interpolates
-  the previous momentum with the new gradient.
+  ``inp["m_mid_prev"]`` is the mid momentum *before* this step's update: Lion
+  interpolates the previous momentum with the new gradient. ``cautious_norm`` is the
+  per-tensor renormalization 1 / max(mean(mask), 1e-3) of the cautious mask.
   """
-  b_fast = config.momentum_decays[0]
+  g, m_fast = inp["g"], inp["m_fast"]
   m_hat = m_fast / ctx.bc_fast
-  sqrt_v_hat = jnp.sqrt(v / ctx.bc_v)
+  sqrt_v_hat = jnp.sqrt(inp["v"] / ctx.bc_v)
   adam = m_hat / (sqrt_v_hat + config.adam_eps)
-  lion = jnp.sign(config.lion_b1 * m_mid_prev + (1 - config.lion_b1) * g)
-  cautious = adam * F.cautious_mask(adam, g)
-  adatam = tam_m / (sqrt_v_hat + config.adatam_eps)
-  ademamix = (m_hat + config.ademamix_alpha * m_slow) / (sqrt_v_hat + config.adam_eps)
-  momo = ctx.momo_tau * m_fast / (config.adam_eps + sqrt_v_hat)
-  grams = jnp.sign(g) * jnp.abs(m_hat / (sqrt_v_hat + config.grams_eps))
-  laprop = laprop_m / ctx.bc_laprop
-  sgdm = m_fast / (1 - b_fast)
-  by_name = dict(sgdm=sgdm, adam=adam, lion=lion, cautious_adam=cautious, tam=tam_m,
-                 adatam=adatam, ademamix=ademamix, momo_adam=momo, grams=grams,
-                 laprop=laprop, weight_decay=x)
-  return [by_name[n] for n in CANDIDATE_NAMES], dict(adam=adam, lion=lion,
-                                                     cautious=cautious, grams=grams,
-                                                     ademamix=ademamix,
-                                                     sqrt_v_hat=sqrt_v_hat)
+  by_name = dict(
+      sgdm=m_fast / (1 - config.momentum_decays[0]),
+      adam=adam,
+      lion=jnp.sign(config.lion_b1 * inp["m_mid_prev"] + (1 - config.lion_b1) * g),
+      cautious_adam=adam * ((adam * g > 0).astype(g.dtype) * cautious_norm),
+      tam=inp["tam_m"],
+      adatam=inp["tam_m"] / (sqrt_v_hat + config.adatam_eps),
+      ademamix=(m_hat + config.ademamix_alpha * inp["m_slow"]) / (sqrt_v_hat +
+                                                                 config.adam_eps),
+      momo_adam=ctx.momo_tau * m_fast / (config.adam_eps + sqrt_v_hat),
+      grams=jnp.sign(g) * jnp.abs(m_hat / (sqrt_v_hat + config.grams_eps)),
+      laprop=inp["laprop_m"] / ctx.bc_laprop,
+      weight_decay=inp["x"],
+  )
+  return by_name, sqrt_v_hat
+
+
+def _raw_features(config, ctx, inp, cautious_norm):
+  """(candidates by name, per-element features by name) from the raw inputs."""
+  cands, sqrt_v_hat = candidate_directions(config, ctx, inp, cautious_norm)
+  g = inp["g"]
+  feats = dict(grad=g, param=inp["x"], momentum_fast=inp["m_fast"],
+               momentum_mid=inp["m_mid_prev"], momentum_slow=inp["m_slow"],
+               rsqrt_second_moment=1 / (sqrt_v_hat + 1e-8), adam=cands["adam"],
+               adafactor_grad=g * inp["rsqrt_fact"],
+               adafactor_momentum=inp["m_fast"] * inp["rsqrt_fact"],
+               tam_momentum=inp["tam_m"], laprop=inp["laprop_m"], lion_sign=cands["lion"],
+               cautious_adam=cands["cautious_adam"], grams=cands["grams"],
+               ademamix=cands["ademamix"],
+               cautious_agreement=(cands["adam"] * g > 0).astype(g.dtype))
+  return cands, feats
 
 
 def _log_rms(a):
@@ -195,31 +216,59 @@ def _log_rms(a):
 
 def _leaf_update(config, theta, ctx, learning_rate, g, x, m_fast, m_mid_prev, m_slow, v,
                  fact, tam_m, damping, laprop_m, mup_scale, param):
-  cands, extra = candidate_directions(config, ctx, g, x, m_fast, m_mid_prev, m_slow, v,
-                                      tam_m, laprop_m)
-  mix = theta["mix"].astype(g.dtype)
-  classical = sum(mix[k] * c for k, c in enumerate(cands))
-
-  # Features (computed once; XLA fuses them with the MLP).
+  dtype = g.dtype
+  size = jnp.size(g)
   rsqrt_fact = jax.lax.rsqrt(F.factored_second_moment(fact, g) + 1e-30)
-  raw = dict(grad=g, param=x, momentum_fast=m_fast, momentum_mid=m_mid_prev,
-             momentum_slow=m_slow, rsqrt_second_moment=1 / (extra["sqrt_v_hat"] + 1e-8),
-             adam=extra["adam"], adafactor_grad=g * rsqrt_fact,
-             adafactor_momentum=m_fast * rsqrt_fact, tam_momentum=tam_m, laprop=laprop_m,
-             lion_sign=extra["lion"], cautious_adam=extra["cautious"],
-             grams=extra["grams"], ademamix=extra["ademamix"])
-  elementwise = [F.rms_normalize(raw[n]) for n in NORMALIZED_FEATURES]
-  elementwise.append((extra["adam"] * g > 0).astype(g.dtype))  # cautious_agreement
-  assert len(elementwise) == len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
+  inp = {k: jnp.ravel(a) for k, a in dict(
+      g=g, x=x, m_fast=m_fast, m_mid_prev=m_mid_prev, m_slow=m_slow, v=v, tam_m=tam_m,
+      laprop_m=laprop_m, rsqrt_fact=rsqrt_fact).items()}
+  # Per-tensor statistics (the cautious renormalization, then the feature RMS).
+  adam_full = candidate_directions(config, ctx, inp, 1.0)[0]["adam"]
+  cautious_norm = 1 / jnp.maximum(jnp.mean((adam_full * inp["g"] > 0).astype(dtype)), 1e-3)
+  num_norm = len(NORMALIZED_FEATURES)
+
+  def stacked_features(chunk):
+    cands, feats = _raw_features(config, ctx, chunk, cautious_norm)
+    names = NORMALIZED_FEATURES + BOUNDED_FEATURES
+    return cands, jnp.stack([feats[n] for n in names], axis=-1)
+
+  def sum_squares(chunk):
+    stacked = stacked_features(chunk)[1][:, :num_norm]
+    return jnp.sum(jnp.where(chunk["valid"][:, None], jnp.square(stacked), 0), axis=0)
+
   tensor = [damping, ctx.polyak_ratio, ctx.has_loss, _log_rms(x), _log_rms(g)]
   assert len(tensor) == len(TENSOR_FEATURES)
   scalars = [f.astype(jnp.float32) for f in tensor] + list(ctx.time)
-  bias = _network.hidden_bias(theta, scalars, offset=len(elementwise))
-  direction, log_mag = _network.mlp_outputs(theta, elementwise, bias, g.dtype)
+  bias = _network.hidden_bias(theta, scalars, offset=num_norm + len(BOUNDED_FEATURES))
+  mix = theta["mix"].astype(dtype)
+  scale = learning_rate * mup_scale * jnp.exp(theta["log_lr"].astype(dtype))
 
-  step = classical + config.step_mult * direction
-  log_mag = jnp.clip(config.log_step_mult * log_mag, -config.max_log_step,
-                     config.max_log_step)
-  scale = learning_rate * mup_scale * jnp.exp(theta["log_lr"].astype(g.dtype))
-  update = -scale * step * jnp.exp(log_mag)
-  return update.astype(jnp.result_type(param))
+  def per_element(chunk, inv_rms):
+    cands, stacked = stacked_features(chunk)
+    classical = sum(mix[k] * cands[n] for k, n in enumerate(CANDIDATE_NAMES))
+    norm = jnp.concatenate([inv_rms, jnp.ones((len(BOUNDED_FEATURES),), dtype)])
+    direction, log_mag = _network.mlp_outputs(theta, stacked * norm, bias, dtype)
+    step = classical + config.step_mult * direction
+    log_mag = jnp.clip(config.log_step_mult * log_mag, -config.max_log_step,
+                       config.max_log_step)
+    return -scale * step * jnp.exp(log_mag)
+
+  if size <= _CHUNK:
+    stacked = stacked_features(inp)[1][:, :num_norm]
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(stacked), axis=0) + 1e-8)
+    update = per_element(inp, inv_rms)
+  else:  # Two passes over chunks: statistics, then the MLP.
+    chunks = _split_chunks(inp, size)
+    sums = jnp.sum(jax.lax.map(sum_squares, chunks), axis=0)
+    inv_rms = jax.lax.rsqrt(sums / size + 1e-8)
+    update = jax.lax.map(lambda c: per_element(c, inv_rms), chunks).reshape(-1)[:size]
+  return update.reshape(jnp.shape(param)).astype(jnp.result_type(param))
+
+
+def _split_chunks(inputs: dict, size: int) -> dict:
+  """Flat inputs padded and reshaped to [num_chunks, _CHUNK], with a validity mask."""
+  num_chunks = -(-size // _CHUNK)
+  pad = num_chunks * _CHUNK - size
+  out = {k: jnp.pad(a, (0, pad)).reshape(num_chunks, _CHUNK) for k, a in inputs.items()}
+  out["valid"] = (jnp.arange(num_chunks * _CHUNK) < size).reshape(num_chunks, _CHUNK)
+  return out
