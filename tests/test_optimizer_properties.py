@@ -230,8 +230,9 @@ def _random_tree(layout, dtype, seed, *, zero_first_leaf=False):
 
 
 def _avals(tree):
-  return jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a), jax.typeof(a).weak_type),
-                      tree)
+  """(shape, dtype, weak_type) of every leaf: what jit keys its cache on."""
+  return jax.tree.map(lambda a: (a.shape, a.dtype, a.weak_type),
+                      jax.eval_shape(lambda t: t, tree))
 
 
 def _check_updates(case, updates, params):
