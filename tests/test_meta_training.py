@@ -59,7 +59,9 @@ def nan_task(probability: float = 0.02) -> tasks.Task:
   return dataclasses.replace(base, name="nan_quadratic", loss=loss, sample_batch=sample_batch)
 
 
-@pytest.mark.parametrize("estimator", ["pes", "tbptt"])
+# TBPTT through the real LO compiles slowly; test_meta_estimators covers its NaN
+# handling on the toy problem.
+@pytest.mark.parametrize("estimator", ["pes", pytest.param("tbptt", marks=pytest.mark.slow)])
 def test_nan_producing_task_never_makes_theta_nan(estimator):
   config = TINY.replace(estimator=estimator, outer_steps=4)
   trainer = MetaTrainer(config, task_list=[nan_task()])

@@ -24,8 +24,12 @@ class MetaConfig:
   Attributes:
     suite: the ``tasks.get_suite`` name the populations are drawn from.
     task_names: keep only these tasks of the suite (empty: all of them).
-    tasks: task configs as JSON strings (``tasks.config_to_json``); when given they
-      replace the suite. In a config file each may also be the JSON object itself.
+    tasks: task configs as JSON strings (``tasks.config_to_json``). In a config file
+      each may also be the JSON object itself.
+    families: ``tasks.get_family`` names; ``family_samples`` configs are drawn from each
+      (from ``seed``) when the run starts. ``tasks`` and ``families`` together, when
+      either is given, replace the suite.
+    family_samples: configs drawn per family.
     warm_start: classical optimizer whose muP version theta starts from
       (``LearnedOptimizer.from_classical(name, mup=True)``), or an artifact directory.
     hidden_size: width of the LO's per-parameter MLP (0: the warm start's).
@@ -46,7 +50,7 @@ class MetaConfig:
       (0: off).
     outer_steps: meta-gradient steps.
     outer_learning_rate, outer_weight_decay, outer_clip_norm: the outer AdamW with
-      global-norm clipping.
+      global-norm clipping; its weight decay pulls theta toward the warm start.
     tasks_per_step: tasks (populations) advanced per outer step.
     resample_every: outer steps between drawing the next tasks.
     validation_task: suite task name evaluated every ``validation_every`` steps
@@ -61,6 +65,8 @@ class MetaConfig:
   suite: str = "meta_train_default"
   task_names: tuple[str, ...] = ()
   tasks: tuple[str, ...] = ()
+  families: tuple[str, ...] = ()
+  family_samples: int = 4
   warm_start: str = "adamw"
   hidden_size: int = 0
   estimator: str = "pes"
@@ -74,7 +80,7 @@ class MetaConfig:
   loss_bound: float = 3.0
   augment_scale: float = 0.0
   outer_steps: int = 1000
-  outer_learning_rate: float = 3e-3
+  outer_learning_rate: float = 1e-2
   outer_weight_decay: float = 0.0
   outer_clip_norm: float = 1.0
   tasks_per_step: int = 1
@@ -88,7 +94,7 @@ class MetaConfig:
   seed: int = 0
 
   def __post_init__(self):
-    for name in ("task_names", "tasks"):
+    for name in ("task_names", "tasks", "families"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     object.__setattr__(self, "tasks", tuple(
         t if isinstance(t, str) else json.dumps(t, sort_keys=True) for t in self.tasks))
@@ -96,7 +102,7 @@ class MetaConfig:
     _check_choice("horizon_schedule", self.horizon_schedule, HORIZON_SCHEDULES)
     for name in ("num_pairs", "truncation_length", "horizon", "min_horizon",
                  "outer_steps", "tasks_per_step", "resample_every", "validation_seeds",
-                 "checkpoint_every", "keep_checkpoints", "log_every"):
+                 "checkpoint_every", "keep_checkpoints", "log_every", "family_samples"):
       _check_int(name, getattr(self, name), 1)
     for name in ("num_blind_pairs", "validation_every"):
       _check_int(name, getattr(self, name), 0)
@@ -130,6 +136,7 @@ class MetaConfig:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["task_names"] = list(self.task_names)
+    d["families"] = list(self.families)
     d["tasks"] = [json.loads(t) for t in self.tasks]
     return d
 

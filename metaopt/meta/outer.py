@@ -68,11 +68,37 @@ class GroupSpec:
   size: int
 
 
-def outer_optimizer(config: MetaConfig) -> optax.GradientTransformation:
-  """AdamW after clipping the meta-gradient's global norm."""
+def decay_towards(anchor, rate: float) -> optax.GradientTransformation:
+  """Adds ``rate * (params - anchor)`` to the updates: decoupled weight decay whose
+  fixed point is ``anchor`` instead of zero."""
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    return jax.tree.map(lambda u, p, a: u + rate * (p - a), updates, params, anchor), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def outer_optimizer(config: MetaConfig, anchor) -> optax.GradientTransformation:
+  """AdamW on the clipped meta-gradient, its weight decay pulling toward ``anchor``.
+
+  .. math::
+
+    \theta \leftarrow \theta - \eta\,(\mathrm{adam}(\mathrm{clip}(g))
+      + \lambda (\theta - \theta_0))
+
+  with ``theta_0`` the warm start: ES meta-gradients are noisy, and the decay keeps the
+  coordinates they do not consistently move near the (working) warm start instead of
+  letting them random-walk; decaying toward zero would remove the classical mix.
+  """
   return optax.chain(
       optax.clip_by_global_norm(config.outer_clip_norm),
-      optax.adamw(config.outer_learning_rate, weight_decay=config.outer_weight_decay))
+      optax.scale_by_adam(),
+      decay_towards(anchor, config.outer_weight_decay),
+      optax.scale_by_learning_rate(config.outer_learning_rate))
 
 
 def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
@@ -93,9 +119,15 @@ def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
 def resolve_tasks(config: MetaConfig) -> list:
   """The run's tasks (built, horizon ``config.horizon``), in a fixed order."""
   import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-  if config.tasks:
-    return [tasks_lib.build(tasks_lib.config_from_json(t), config.horizon)
-            for t in config.tasks]
+  if config.tasks or config.families:
+    configs = [tasks_lib.config_from_json(t) for t in config.tasks]
+    for f, name in enumerate(config.families):
+      family = tasks_lib.get_family(name)
+      key = jax.random.fold_in(jax.random.PRNGKey(config.seed), f)
+      configs += [family.sample(jax.random.fold_in(key, i))
+                  for i in range(config.family_samples)]
+    configs = list(dict.fromkeys(configs))  # a family may draw the same config twice
+    return [tasks_lib.build(c, config.horizon) for c in configs]
   entries = tasks_lib.get_suite(config.suite)
   if config.task_names:
     by_name = {e.name: e for e in entries}
@@ -137,7 +169,7 @@ class MetaTrainer:
     self.warm_theta = lo.theta
     flat, self.unravel = ravel_pytree(lo.theta)
     self.dim = int(flat.size)
-    self.optimizer = outer_optimizer(config)
+    self.optimizer = outer_optimizer(config, lo.theta)
     self.antithetic = est_lib.is_antithetic(config.estimator)
     self.estimator = est_lib.get_estimator(config.estimator, config.sigma)
     self.schedule = pop_lib.TruncationSchedule(
