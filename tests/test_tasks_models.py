@@ -11,6 +11,7 @@ import pytest
 import tasks
 from metaopt import mup
 from tasks import suites
+from tasks.models import conv
 from tasks.models import transformer
 
 ALL_SUITE_ENTRIES = [e for name in ("smoke", "meta_train_default", "heldout",
@@ -109,20 +110,41 @@ def test_mup_zero_readout_and_output_multiplier_vs_sp():
 def test_transformer_attention_scale_is_one_over_d_head_under_mup():
   cfg = tasks.TransformerLMConfig(width=32, heads=2, context=8)
   t_mu, t_sp = tasks.build(cfg), tasks.build(dataclasses.replace(cfg, mup=False))
-  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
-  attn = [transformer.CausalSelfAttention(2, s) for s in (1 / 16, 1 / 4)]
+  x = jax.random.normal(jax.random.key(0), (1, 4, 32))
+  attn = transformer.CausalSelfAttention(2, 1 / 16)
+  # Scaling the queries by sqrt(d_head) = 4 turns the muP scale 1/d_head into SP's.
+  rng = np.random.default_rng(0)
+  a = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) * 0.3,
+                   jax.eval_shape(attn.init, jax.random.key(0), x))
+  a4 = {"params": {**a["params"], "query": jax.tree.map(lambda w: 4 * w,
+                                                          a["params"]["query"])}}
 
   @jax.jit
   def outputs(key):
     p = t_sp.init(key)  # nonzero readout
     b = t_sp.sample_batch(key)
-    a = attn[0].init(key, x)
-    return t_mu.loss(p, b), t_sp.loss(p, b), attn[0].apply(a, x), attn[1].apply(a, x)
+    sp_attn = transformer.CausalSelfAttention(2, 1 / 4).apply(a, x)
+    return t_mu.loss(p, b), t_sp.loss(p, b), attn.apply(a4, x), sp_attn
 
-  loss_mu, loss_sp, attn_mu, attn_sp = outputs(jax.random.key(0))
+  loss_mu, loss_sp, attn_mu4, attn_sp = outputs(jax.random.key(0))
   # Same weights, base == width: the models differ only by the attention scale.
-  assert not np.allclose(loss_mu, loss_sp) and not np.allclose(attn_mu, attn_sp)
+  assert not np.allclose(loss_mu, loss_sp)
+  np.testing.assert_allclose(attn_mu4, attn_sp, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(attn_mu4, transformer.CausalSelfAttention(2, 1 / 16).apply(a, x))
   assert t_mu.roles["readout"]["kernel"].output_multiplier == 1.0
+
+
+@pytest.mark.parametrize("shape,k,stride", [
+    ((2, 8, 8, 3), 3, 1), ((2, 8, 8, 3), 3, 2), ((2, 7, 7, 4), 3, 2), ((1, 5, 6, 2), 5, 2),
+    ((3, 2, 8, 8, 1), 3, 2)])
+def test_im2col_conv_matches_lax_conv(shape, k, stride):
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (k, k, shape[-1], 5))
+  flat = x.reshape((-1, *shape[-3:]))
+  ref = jax.lax.conv_general_dilated(flat, w, (stride, stride), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ref = ref.reshape((*shape[:-3], *ref.shape[1:]))
+  np.testing.assert_allclose(conv.conv2d(x, w, stride), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_haiku_and_flax_mlps_compute_the_same_function():
@@ -183,6 +205,17 @@ def test_task_family_samples_valid_configs_deterministically():
   assert family.build(configs[0]).config == configs[0]
   with pytest.raises(ValueError, match="no fields"):
     tasks.TaskFamily(tasks.MLPConfig(), {"heads": (1,)})
+
+
+@pytest.mark.parametrize("name", tasks.suites.FAMILY_NAMES)
+def test_named_families_sample_buildable_configs(name):
+  family = tasks.get_family(name)
+  for i in range(3):
+    config = family.sample(jax.random.key(i))
+    assert tasks.config_from_json(tasks.config_to_json(config)) == config
+    assert family.build(config, num_steps=10).num_steps == 10
+  with pytest.raises(ValueError, match="transformer_lm"):
+    tasks.get_family("nope")
 
 
 def test_suites_contents():
