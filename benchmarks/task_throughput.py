@@ -2,10 +2,10 @@
 
 Usage::
 
-  python benchmarks/task_throughput.py [--suite meta_train_default] [--steps 200]
-      [--seeds 8] [--calibrate]
+  python benchmarks/task_throughput.py [--suite meta_train_default[,heldout,...]]
+      [--steps 200] [--seeds 8] [--calibrate]
 
-For every task of the suite it times (after compiling) a ``lax.scan`` unroll of
+For every task of the suites it times (after compiling) a ``lax.scan`` unroll of
 ``--steps`` AdamW steps (batch sampling + loss + grad + update, as meta-training runs
 them): one seed, and ``--seeds`` seeds under ``vmap`` (steps/s counts population steps;
 multiply by the seeds for member-steps/s). It prints a Markdown table with the cost
@@ -16,12 +16,14 @@ cost model's constants to the measurements by least squares.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
 import jax
 import numpy as np
 import optax
+import scipy.optimize
 
 import tasks
 from tasks import cost
@@ -49,33 +51,36 @@ def measure(task: tasks.Task, steps: int, seeds: int) -> tuple[float, float]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--suite", default="meta_train_default")
+  parser.add_argument("--suite", default="meta_train_default",
+                      help="a suite name, or several separated by commas")
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--seeds", type=int, default=8)
   parser.add_argument("--calibrate", action="store_true")
   args = parser.parse_args()
 
-  print(f"# {args.suite}: AdamW step throughput ({platform.processor() or platform.machine()}, "
-        f"{jax.devices()[0].platform}, jax {jax.__version__})\n")
+  print(f"# AdamW step throughput ({platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{jax.devices()[0].platform}, jax {jax.__version__}, load average "
+        f"{os.getloadavg()[0]:.1f})\n")
   print(f"| task | params | steps/s (1 seed) | ms/step | est. ms/step | "
         f"steps/s (vmap {args.seeds}) | member-steps/s |")
   print("|---|---:|---:|---:|---:|---:|---:|")
   rows = []
-  for e in tasks.get_suite(args.suite):
+  entries = [e for name in args.suite.split(",") for e in tasks.get_suite(name)]
+  for e in entries:
     task = e.build()
     single, batched = measure(task, args.steps, args.seeds)
     est = cost.estimate_step_seconds(e.config)
     print(f"| {task.name} | {task.num_params()} | {single:.0f} | {1e3 / single:.3f} | "
           f"{1e3 * est:.3f} | {batched:.0f} | {batched * args.seeds:.0f} |", flush=True)
-    rows.append((*cost.forward_macs_and_params(e.config), 1.0 / single))
+    rows.append((*cost.cost_features(e.config), 1.0 / single))
 
   if args.calibrate:
-    macs, params, secs = (np.array(c, np.float64) for c in zip(*rows))
-    design = np.stack([np.ones_like(macs), 3 * macs, params], axis=1)
-    # Relative least squares: every task weighs the same whatever its cost.
-    coef, *_ = np.linalg.lstsq(design / secs[:, None], np.ones_like(secs), rcond=None)
+    macs, params, elements, secs = (np.array(c, np.float64) for c in zip(*rows))
+    design = np.stack([np.ones_like(macs), 3 * macs, params, elements], axis=1)
+    # Relative non-negative least squares: every task weighs the same whatever its cost.
+    coef = scipy.optimize.nnls(design / secs[:, None], np.ones_like(secs))[0]
     print(f"\nfitted: OVERHEAD_S={coef[0]:.3g} S_PER_MAC={coef[1]:.3g} "
-          f"S_PER_PARAM={coef[2]:.3g}")
+          f"S_PER_PARAM={coef[2]:.3g} S_PER_ELEMENT={coef[3]:.3g}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from tasks.registry import build
 from tasks.registry import config_from_json
 from tasks.registry import config_to_json
 from tasks.suites import SuiteEntry
+from tasks.suites import get_family
 from tasks.suites import get_suite
 from tasks.suites import tfds_suite
 from tasks.suites import widths_suite
@@ -46,6 +47,7 @@ __all__ = [
     "config_from_json",
     "config_to_json",
     "estimate_step_seconds",
+    "get_family",
     "get_suite",
     "supervised_task",
     "tfds_suite",

@@ -61,7 +61,8 @@ class Task:
   activations: Callable[[Params, Batch], dict[str, jax.Array]] | None = None
 
   def __post_init__(self):
-    shapes = self.param_shapes()
+    shapes = jax.eval_shape(self.init, jax.random.key(0))
+    object.__setattr__(self, "_param_shapes", shapes)  # computed once; the task is frozen
     mup.check_roles(shapes, self.roles)
     bad = [jax.tree_util.keystr(p) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]
            if s.dtype != jnp.float32]
@@ -70,7 +71,7 @@ class Task:
 
   def param_shapes(self) -> Params:
     """``jax.ShapeDtypeStruct`` tree of the parameters (no computation)."""
-    return jax.eval_shape(self.init, jax.random.key(0))
+    return self._param_shapes
 
   def num_params(self) -> int:
     return sum(int(s.size) for s in jax.tree.leaves(self.param_shapes()))

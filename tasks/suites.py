@@ -14,7 +14,8 @@
   for any widths; use ``mup=False`` for the SP twin).
 
 :func:`tfds_suite` builds MLP and conv tasks on MNIST, Fashion-MNIST and CIFAR-10 from
-a prepared TFDS ``data_dir``.
+a prepared TFDS ``data_dir``; :func:`get_family` names :class:`TaskFamily` distributions
+(``mlp``, ``conv``, ``transformer_lm``, ``logistic``, ``quadratic``) for sampling.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Callable, Sequence
 from tasks import base
 from tasks import cost
 from tasks import registry
+from tasks.family import TaskFamily
 from tasks.data import DigitsData
 from tasks.data import GaussianMixtureData
 from tasks.data import TeacherStudentData
@@ -58,7 +60,7 @@ class SuiteEntry:
 def entry(config: Any, num_steps: int) -> SuiteEntry:
   """A SuiteEntry whose cost is ``num_steps * cost.estimate_step_seconds(config)``."""
   return SuiteEntry(config, num_steps,
-                    round(num_steps * cost.estimate_step_seconds(config), 3))
+                    float(f"{num_steps * cost.estimate_step_seconds(config):.3g}"))
 
 
 def _smoke() -> list[SuiteEntry]:
@@ -90,12 +92,12 @@ def _heldout() -> list[SuiteEntry]:
   teacher = TeacherStudentData(input_dim=64, output_dim=8, teacher_width=128, seed=3)
   return [
       entry(MLPConfig(DigitsData(), width=256, depth=3, activation="relu", batch_size=64),
-            1000),
+            800),
       entry(MLPConfig(gmm, width=256, depth=2, activation="gelu", batch_size=64,
-                      framework="haiku"), 1000),
+                      framework="haiku"), 800),
       entry(MLPConfig(teacher, width=512, depth=2, activation="relu", batch_size=32), 600),
       entry(ConvConfig(DigitsData(), width=16, depth=3, batch_size=32), 1000),
-      entry(TransformerLMConfig(width=64, depth=2, heads=4, context=16, batch_size=16,
+      entry(TransformerLMConfig(width=64, depth=2, heads=4, context=16, batch_size=8,
                                 base_width=32), 600),
       entry(LogisticConfig(gmm, batch_size=128), 1000),
       entry(QuadraticConfig(dim=256, condition_number=1e4, rotate=True, noise_std=0.05),
@@ -157,6 +159,37 @@ def get_suite(name: str) -> list[SuiteEntry]:
   if name not in SUITES:
     raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}.")
   return SUITES[name]()
+
+
+def _families() -> dict[str, TaskFamily]:
+  data = (DigitsData(), GaussianMixtureData(num_classes=8, dim=32, seed=1),
+          TeacherStudentData())
+  return {
+      "mlp": TaskFamily(MLPConfig(), {
+          "data": data, "width": (16, 32, 64, 128), "depth": (1, 2, 3),
+          "activation": ("relu", "gelu", "tanh", "silu"), "batch_size": (32, 64, 128)}),
+      "conv": TaskFamily(ConvConfig(), {
+          "width": (8, 16, 32), "depth": (1, 2, 3), "batch_size": (32, 64)}),
+      "transformer_lm": TaskFamily(TransformerLMConfig(), {
+          "width": (16, 32, 64), "depth": (1, 2), "heads": (1, 2, 4),
+          "context": (8, 16, 32), "batch_size": (8, 16)}),
+      "logistic": TaskFamily(LogisticConfig(), {
+          "data": data[:2], "batch_size": (32, 128)}),
+      "quadratic": TaskFamily(QuadraticConfig(), {
+          "dim": (8, 16, 64), "condition_number": (10.0, 100.0, 1e3, 1e4),
+          "rotate": (False, True), "noise_std": (0.0, 0.05, 0.1)}),
+  }
+
+
+def get_family(name: str) -> TaskFamily:
+  """A named family of small tasks (the meta_train_default scale) to sample from."""
+  families = _families()
+  if name not in families:
+    raise ValueError(f"unknown family {name!r}; expected one of {sorted(families)}.")
+  return families[name]
+
+
+FAMILY_NAMES = tuple(sorted(_families()))
 
 
 def estimate_eval_seconds(entries: Sequence[SuiteEntry], runs: int = EVAL_RUNS) -> float:

@@ -18,6 +18,7 @@ import functools
 import glob
 import os
 
+import jax
 import numpy as np
 
 from tasks.data.dataset import ArrayDataset, standardize
@@ -99,29 +100,34 @@ def check_prepared(name: str, data_dir: str, split: str) -> None:
       ".download_and_prepare()) and copy the directory here.")
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-  import jax  # pylint: disable=g-import-not-at-top
-  if images.shape[1] == size:
-    return images
-  out = [np.asarray(jax.image.resize(images[i:i + 4096],
-                                     (len(images[i:i + 4096]), size, size, images.shape[-1]),
-                                     "linear", antialias=True))
-         for i in range(0, len(images), 4096)]
-  return np.concatenate(out).astype(np.float32)
+def _to_float(images: np.ndarray, config: TFDSImageData) -> np.ndarray:
+  """uint8 (n, h, w, c) -> float32 in [0, 1], grayscale if asked, resized (in chunks)."""
+  out = []
+  for i in range(0, len(images), 4096):
+    chunk = images[i:i + 4096].astype(np.float32) / 255.0
+    if config.grayscale and chunk.shape[-1] == 3:
+      chunk = chunk @ _LUMA[:, None]
+    if chunk.shape[1] != config.image_size:
+      shape = (len(chunk), config.image_size, config.image_size, chunk.shape[-1])
+      chunk = np.asarray(jax.image.resize(chunk, shape, "linear", antialias=True))
+    out.append(chunk.astype(np.float32))
+  return np.concatenate(out)
 
 
 def _read_split(config: TFDSImageData, split: str) -> tuple[np.ndarray, np.ndarray]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   check_prepared(config.name, config.data_dir, split)
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("TFDS datasets need the optional extra: pip install "
+                      "'metaopt[tfds]' (tensorflow-datasets, no TensorFlow).") from e
   source = tfds.data_source(config.name, split=split,
                             data_dir=os.path.expanduser(config.data_dir), download=False)
   n = len(source) if config.max_examples is None else min(len(source), config.max_examples)
   records = [source[i] for i in range(n)]
-  images = np.stack([np.asarray(r["image"]) for r in records]).astype(np.float32) / 255.0
+  images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
   labels = np.asarray([r["label"] for r in records], dtype=np.int32)
-  if config.grayscale and images.shape[-1] == 3:
-    images = images @ _LUMA[:, None]
-  return _resize(images, config.image_size), labels
+  return _to_float(images, config), labels
 
 
 @functools.lru_cache(maxsize=None)

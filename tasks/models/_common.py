@@ -6,7 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tasks.data import DigitsData, GaussianMixtureData, TeacherStudentData, TFDSImageData
+from tasks.data import DigitsData
+from tasks.data import GaussianMixtureData
+from tasks.data import TeacherStudentData
+from tasks.data import TFDSImageData
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
