@@ -7,8 +7,9 @@
 * ``heldout``: the same families wider and deeper, plus conv nets, a Haiku MLP, a
   bigger LM, other data and longer horizons; sized so that evaluating a learned
   optimizer plus 4 tuned baselines x 7 learning rates x 2 schedules x 3 seeds
-  (:data:`EVAL_RUNS` = 171 single-seed runs per task) fits in about 20 minutes on a
-  2-core CPU (see :func:`estimate_eval_seconds`).
+  (:data:`EVAL_RUNS` = 171 single-seed runs per task) fits in 20 minutes on a 2-core
+  CPU: :func:`estimate_eval_seconds` gives ~15 minutes of AdamW runs (each step 0.05-2.6
+  ms), leaving room for the learned optimizer's overhead and compiles.
 * ``heldout-full``: ``heldout`` 8x wider, 2x deeper, with 10x longer horizons.
 * ``widths``: one muP MLP on digits at widths 64..8192 (:func:`widths_suite` builds it
   for any widths; use ``mup=False`` for the SP twin).

@@ -14,9 +14,10 @@ from tasks.data import synthetic
 from tasks.data import text
 from tasks.data import tfds as tfds_adapter
 
-# SHA-256 of Lib/email/architecture.rst, per Python version it was checked on. The file
-# has not changed for years (same 9561 characters on CPython 3.11.7 and on main in 2025);
-# other versions are compared with the 3.11 hash, so a change anywhere is detected.
+# SHA-256 of Lib/email/architecture.rst, per Python version it was checked on (3.11:
+# CPython 3.11.7). The file has not changed for years (CPython main at commit 3c33563 has
+# the same 9561 characters); other versions are compared with the 3.11 hash, so a change
+# anywhere is detected -- then record that version's hash here.
 CORPUS_SHA256 = {
     (3, 11): "f2b2ba7497fd02d13abcfc2a98099283a94b09e8b4f2c1c822ecacde3bec3eae",
 }
