@@ -119,6 +119,8 @@ def test_task_windows_are_deterministic_and_cover_the_tasks():
   assert all(len(w) == 2 and len(set(w)) == 2 for w in windows)
   assert all(windows[s] == windows[s - s % 5] for s in range(200))
   assert set(i for w in windows for i in w) == set(range(7))
+  # tasks_per_step=0 (the default): every task, every step.
+  assert outer.active_tasks(MetaConfig(), 7, 123) == tuple(range(7))
 
 
 def test_population_must_split_over_devices():

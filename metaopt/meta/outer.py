@@ -18,8 +18,11 @@ tasks are drawn.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
+import time
 import zlib
 from typing import Any, NamedTuple
 
@@ -92,13 +95,17 @@ def outer_optimizer(config: MetaConfig, anchor) -> optax.GradientTransformation:
 
   with ``theta_0`` the warm start: ES meta-gradients are noisy, and the decay keeps the
   coordinates they do not consistently move near the (working) warm start instead of
-  letting them random-walk; decaying toward zero would remove the classical mix.
+  letting them random-walk; decaying toward zero would remove the classical mix. The
+  learning rate is constant or, with ``outer_decay_steps``, cosine-decayed to 10%.
   """
+  lr = config.outer_learning_rate
+  if config.outer_decay_steps:
+    lr = optax.cosine_decay_schedule(lr, config.outer_decay_steps, alpha=0.1)
   return optax.chain(
       optax.clip_by_global_norm(config.outer_clip_norm),
       optax.scale_by_adam(),
       decay_towards(anchor, config.outer_weight_decay),
-      optax.scale_by_learning_rate(config.outer_learning_rate))
+      optax.scale_by_learning_rate(lr))
 
 
 def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
@@ -141,7 +148,9 @@ def resolve_tasks(config: MetaConfig) -> list:
 
 def active_tasks(config: MetaConfig, num_tasks: int, step: int) -> tuple[int, ...]:
   """Task indices trained at outer step ``step`` (fixed within a window)."""
-  count = min(config.tasks_per_step, num_tasks)
+  count = min(config.tasks_per_step or num_tasks, num_tasks)
+  if count == num_tasks:
+    return tuple(range(num_tasks))
   window = step // config.resample_every
   rng = np.random.default_rng([config.seed, window])
   return tuple(sorted(int(i) for i in rng.choice(num_tasks, count, replace=False)))
@@ -272,6 +281,17 @@ class MetaTrainer:
           out_shardings=(self._rep, self._rep, pop_sh, self._rep))
     return self._programs[task_index]
 
+  def lower_programs(self, state: MetaState) -> list:
+    """Every task's program and the update, lowered for ``state`` (not compiled)."""
+    lowered = []
+    for i in range(len(self.tasks)):
+      sub = {g.name: state.populations[g.name] for g in self.groups[i]}
+      lowered.append(self.program(i).lower(state.theta, sub, state.key, state.step))
+    count = len(self.active_tasks(0))
+    grads = jax.ShapeDtypeStruct((count, self.dim), jnp.float32, sharding=self._rep)
+    lowered.append(self._update.lower(state.theta, state.opt_state, grads, state.step))
+    return lowered
+
   def state_shapes(self) -> MetaState:
     """``ShapeDtypeStruct`` tree of the state (traced once, no computation)."""
     if self._state_shapes is None:
@@ -309,6 +329,16 @@ class MetaTrainer:
   def learned_optimizer(self, state: MetaState) -> metaopt.LearnedOptimizer:
     theta = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float32), state.theta)
     return metaopt.LearnedOptimizer(self.lo_config, theta)
+
+
+def compile_all(lowered: list, workers: int | None = None) -> float:
+  """Compiles lowered programs in parallel threads (XLA compiles outside the GIL);
+  later calls of the same jitted functions reuse the executables. Returns seconds."""
+  start = time.perf_counter()
+  workers = workers or os.cpu_count() or 1
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(lowered)))) as pool:
+    list(pool.map(lambda low: low.compile(), lowered))
+  return time.perf_counter() - start
 
 
 def hash_name(name: str) -> int:

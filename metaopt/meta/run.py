@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 import metaopt
 from metaopt.meta import checkpointing as ckpt
 from metaopt.meta import logging as log_lib
+from metaopt.meta import outer
 from metaopt.meta import sharding as shard_lib
 from metaopt.meta.config import MetaConfig
 from metaopt.meta.outer import MetaTrainer
@@ -62,6 +63,9 @@ class _Validator:
                                      loss_bound=c.loss_bound, seed=c.seed + 12345)
                 for mode in ("informed", "blind")}
 
+  def lower(self, theta) -> list:
+    return [fn.lower(theta) for fn in self.fns.values()]
+
   def __call__(self, theta) -> dict[str, Any]:
     return {"task": self.task_name,
             **{mode: {k: float(v) for k, v in fn(theta).items()}
@@ -89,8 +93,13 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = Fa
   validate = _Validator(trainer) if config.validation_every else None
 
   warm = None
+  state = (trainer.init() if start is None else
+           ckpt.restore(manager, start, trainer.abstract_state(), expected))
+  lowered = trainer.lower_programs(state) + (validate.lower(state.theta) if validate else [])
+  bar.message(f"compiling {len(lowered)} programs ({len(trainer.tasks)} tasks) ...")
+  seconds = outer.compile_all(lowered)
+  bar.message(f"compiled in {seconds:.1f} s")
   if start is None:
-    state = trainer.init()
     if validate:
       warm = validate(state.theta)
       log.write({"kind": "validation", "step": 0, "theta": "warm_start", **warm})
@@ -98,7 +107,6 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = Fa
                   f"{warm['informed']['meta_loss']:.4f}, blind "
                   f"{warm['blind']['meta_loss']:.4f}")
   else:
-    state = ckpt.restore(manager, start, trainer.abstract_state(), expected)
     log.truncate_after(start)
     log.write({"kind": "resume", "step": start, "devices": jax.device_count(),
                "processes": jax.process_count()})
@@ -135,7 +143,7 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = Fa
   if validate and last_val is None:
     last_val = validate(state.theta)
   lo = trainer.learned_optimizer(state)
-  summary = {"kind": "summary", "step": step,
+  summary = {"kind": "summary", "step": step, "compile_s": round(seconds, 1),
              "wall_s": round(time.perf_counter() - t0, 1),
              "devices": jax.device_count(), "processes": jax.process_count()}
   if validate:
