@@ -145,3 +145,27 @@ def test_augmentation_rescales_tensors_without_changing_the_function():
   np.testing.assert_allclose(
       task.loss(jax.tree.map(jnp.multiply, s_aug.params, s_aug.scales), batch),
       task.loss(s_plain.params, batch), rtol=1e-5)
+
+
+def test_metrics_log_plot_and_progress(tmp_path):
+  import io
+  from metaopt.meta import logging as log_lib
+  log = log_lib.MetricsLog(tmp_path / log_lib.METRICS_FILE)
+  for mode_loss, theta in ((0.5, "warm_start"), (0.3, "current")):
+    log.write({"kind": "validation", "step": 0 if theta == "warm_start" else 3,
+               "theta": theta, "informed": {"meta_loss": mode_loss},
+               "blind": {"meta_loss": mode_loss + 0.1}})
+  for s in range(1, 6):
+    log.write({"kind": "train", "step": s, "meta_loss": 1.0 / s})
+  log.truncate_after(3)
+  assert [r["step"] for r in log_lib.read_metrics(tmp_path)
+          if r["kind"] == "train"] == [1, 2, 3]
+  png = log_lib.plot_metrics(tmp_path)
+  assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+  stream = io.StringIO()  # not a terminal: plain lines every `every` steps
+  bar = log_lib.Progress(10, stream=stream, every=5)
+  for s in range(1, 11):
+    bar.update(s, 0.5)
+  lines = stream.getvalue().splitlines()
+  assert [l.split()[1] for l in lines] == ["1/10", "5/10", "10/10"]
+  assert "meta-loss 0.5000" in lines[-1] and "ETA" in lines[-1]

@@ -4,9 +4,9 @@
 optimizer training a :class:`tasks.Task` is one (:func:`lo_problem`), a toy problem with
 a hand-written inner optimizer is another (the estimator tests use one).
 
-Task augmentation (Celo: Moudgil et al, "Learning Versatile Optimizers on a Compute
-Diet", arXiv:2501.12670, 2025): each tensor is reparametrized as ``p = s * w`` with a
-per-episode scale ``s = 10^U(-a, a)``; the optimizer sees ``w`` and its gradient
+Task augmentation (as in Celo/Celo2: Moudgil et al, "Celo2: Towards Learned Optimization
+Free Lunch", arXiv:2602.19142, 2026): each tensor is reparametrized as ``p = s * w``
+with a per-episode scale ``s = 10^U(-a, a)``; the optimizer sees ``w`` and its gradient
 ``s * dL/dp``, so the best step size varies by orders of magnitude across the population.
 """
 
