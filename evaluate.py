@@ -23,17 +23,6 @@ import pathlib
 import sys
 import time
 
-SUITE_DEFAULTS = {
-    # The default heldout evaluation fits in about 20 minutes on a 2-core CPU.
-    "heldout": {},
-    "heldout-full": {},
-    # Under a minute: one tuned and one untuned baseline, the full grid on every seed.
-    "smoke": {"tuned": ("adamw",), "untuned": ("prodigy",), "tune_seeds": 3},
-    # The muP LO and mu_adamw on muP networks, AdamW (and an SP LO) on SP networks.
-    "widths": {"tuned": ("adamw", "mu_adamw"), "untuned": ()},
-}
-
-
 def _names(value: str) -> tuple[str, ...]:
   return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
 
@@ -72,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default eval_out/SUITE)")
   p.add_argument("--baselines", default=None,
                  help="comma-separated tuned baselines (default per suite; heldout: "
-                 "adamw,mu_adamw,lion,schedule_free_adamw)")
+                 "adamw,lion,schedule_free_adamw; widths: adamw,mu_adamw)")
   p.add_argument("--untuned", default=None,
                  help="comma-separated baselines at their defaults, or none (default: "
                  "prodigy,dadapt_adamw,momo_adam,schedule_free_adamw)")
@@ -91,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--lo-span", type=float, default=2.0)
   p.add_argument("--sp-checkpoint", default=None, help="an SP LO for the widths suite")
   p.add_argument("--widths", default=None, help="widths of the widths suite, e.g. 64,256")
-  p.add_argument("--max-memory-gb", type=float, default=8.0)
+  p.add_argument("--max-memory-gb", type=float, default=None,
+                 help="skip tasks whose one run needs more (default: half the RAM)")
   p.add_argument("--tasks", default="", help="only tasks whose name contains one of these")
   p.add_argument("--estimate", action="store_true", help="print the plan and exit")
   p.add_argument("--no-progress", action="store_true")
@@ -108,30 +98,32 @@ def config_from_args(args: argparse.Namespace):
     tasks.get_suite(args.suite)
   except ValueError as e:
     raise SystemExit(f"--suite: {e}") from None
-  values = dict(SUITE_DEFAULTS.get(args.suite, {}))
+  values = {}
   if args.baselines is not None:
     values["tuned"] = _names(args.baselines)
   if args.untuned is not None:
     values["untuned"] = _names(args.untuned)
   if args.tune_seeds is not None:
     values["tune_seeds"] = args.tune_seeds
-  for name in (*values.get("tuned", baselines.DEFAULT_TUNED),
-               *values.get("untuned", baselines.DEFAULT_UNTUNED)):
-    try:
-      baselines.resolve(name)
-    except ValueError as e:
-      raise SystemExit(f"--baselines/--untuned: {e}") from None
+  if args.max_memory_gb is not None:
+    values["max_memory_gb"] = args.max_memory_gb
   try:
-    return harness.EvalConfig(
-        suite=args.suite, seeds=args.seeds, lr_grid_size=args.lr_grid_size,
+    config = harness.EvalConfig.for_suite(
+        args.suite, seeds=args.seeds, lr_grid_size=args.lr_grid_size,
         lr_span_decades=args.lr_span, schedules=_names(args.schedules),
         warmup_fraction=args.warmup_fraction, finalists=args.finalists,
         tune_lo=args.tune_lo, lo_grid_size=args.lo_grid_size,
-        lo_span_decades=args.lo_span, max_memory_gb=args.max_memory_gb,
+        lo_span_decades=args.lo_span,
         widths=tuple(int(w) for w in _names(args.widths)) if args.widths else None,
         task_filter=_names(args.tasks), overlap_compile=not args.no_overlap, **values)
   except ValueError as e:
     raise SystemExit(str(e)) from None
+  for name in (*config.tuned, *config.untuned):
+    try:
+      baselines.resolve(name)
+    except ValueError as e:
+      raise SystemExit(f"--baselines/--untuned: {e}") from None
+  return config
 
 
 def main(argv: list[str] | None = None, *, persistent_cache: bool = False) -> int:

@@ -16,7 +16,7 @@ import re
 import tempfile
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2  # bump when a run's stored results change meaning
 
 
 def _digest(*parts: Any) -> str:

@@ -30,8 +30,27 @@ from metaopt.eval import sweep
 BYTES_PER_PARAM = 4 * 16
 # Seconds of (estimated) extra training worth spending to reuse a compilation.
 PAD_BUDGET_S = 2.0
-# A learned-optimizer step costs about this many AdamW steps (measured on heldout MLPs).
-LEARNED_COST_FACTOR = 3.5
+# A learned-optimizer step costs about this many AdamW steps (CPU time, heldout MLPs).
+LEARNED_COST_FACTOR = 5.0
+
+
+# Per-suite defaults of EvalConfig fields (see EvalConfig.for_suite).
+SUITE_DEFAULTS = {
+    # heldout, heldout-full: 3 tuned + 4 untuned baselines, two-stage tuning (the
+    # default heldout evaluation is sized for about 20 minutes on a 2-core CPU).
+    # smoke (under a minute): one tuned and one untuned baseline, full grid on all seeds.
+    "smoke": {"tuned": ("adamw",), "untuned": ("prodigy",), "tune_seeds": 3},
+    # widths: the muP LO and mu_adamw on muP networks, AdamW and an SP LO on SP ones.
+    "widths": {"tuned": ("adamw", "mu_adamw"), "untuned": ()},
+}
+
+
+def _default_memory_gb() -> float:
+  """Half of the machine's physical memory."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 31
+  except (ValueError, OSError, AttributeError):
+    return 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +70,8 @@ class EvalConfig:
     tune_lo: also report the LO with its learning-rate multiplier tuned.
     lo_grid_size, lo_span_decades: the multiplier grid around 1.0.
     widths: widths of the ``widths`` suite (None: the suite's default).
-    max_memory_gb: skip tasks whose single run needs more; batches are split to fit.
+    max_memory_gb: skip tasks whose single run needs more; batches are split to fit
+      (default: half the physical memory).
     task_filter: run only tasks whose name contains one of these strings.
     overlap_compile: compile the next job on a background thread while one runs
       (faster; the measured time per step then includes that contention).
@@ -71,7 +91,7 @@ class EvalConfig:
   lo_grid_size: int = 5
   lo_span_decades: float = 2.0
   widths: tuple[int, ...] | None = None
-  max_memory_gb: float = 8.0
+  max_memory_gb: float = dataclasses.field(default_factory=_default_memory_gb)
   task_filter: tuple[str, ...] = ()
   overlap_compile: bool = True
 
@@ -80,6 +100,11 @@ class EvalConfig:
       raise ValueError(f"seeds, tune_seeds and finalists must be >= 1: {self}")
     for s in self.schedules:
       sweep.schedule_shape(s, 2)
+
+  @classmethod
+  def for_suite(cls, suite: str, **overrides) -> "EvalConfig":
+    """The config of ``suite`` with its :data:`SUITE_DEFAULTS`, then ``overrides``."""
+    return cls(suite=suite, **{**SUITE_DEFAULTS.get(suite, {}), **overrides})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,18 +226,23 @@ class Evaluation:
     opt_id = (job.spec.label, f"{job.spec.fingerprint}|warmup={self.config.warmup_fraction}")
     return [self.cache.path(task_id, opt_id, p.schedule, p.lr, p.seed) for p in points]
 
-  def _pad_to(self, job: Job, planned: int, missing: int) -> int | None:
-    """Resuming a cheap job: run the full batch shape again (its compilation is then
-    reused, e.g. from JAX's persistent cache) rather than compile a smaller one."""
-    extra_s = (planned - missing) * getattr(job.entry, "est_cost_s", math.inf)
-    return planned if 0 < missing < planned and extra_s < PAD_BUDGET_S else None
+  def _pad_to(self, job: Job, missing: int) -> int | None:
+    """For a cheap job, the job's first-stage batch size to pad ``missing`` runs to.
+
+    Re-running that compiled shape (in this process, or from JAX's persistent cache)
+    beats compiling a smaller one when the padded runs cost under PAD_BUDGET_S: a resumed
+    job, and the confirmation stage of a cheap task.
+    """
+    full = len(self._first_points(job.spec))
+    extra_s = (full - missing) * getattr(job.entry, "est_cost_s", math.inf)
+    return full if 0 < missing < full and extra_s < PAD_BUDGET_S else None
 
   def prefetch(self, job: Job, task: Any) -> None:
     """Starts compiling the batches ``job`` will run (those not cached)."""
     first = self._paths(job, task, self._first_points(job.spec))
     missing = sum(not p.is_file() for p in first)
-    first_runs = self._pad_to(job, len(first), missing) or missing
-    for n in (first_runs, self._confirm_runs(job.spec)):
+    confirm = self._confirm_runs(job.spec)
+    for n in (self._pad_to(job, missing) or missing, self._pad_to(job, confirm) or confirm):
       for size in runner.batch_sizes(n, self.max_batch(task)):
         self.compiler.prefetch(task, job.spec, job.spec.schedules, size,
                                self.config.warmup_fraction)
@@ -229,7 +259,7 @@ class Evaluation:
       outputs, compile_s = runner.run_points(
           task, job.spec, [points[i] for i in missing], schedules=job.spec.schedules,
           warmup_fraction=self.config.warmup_fraction, max_batch=self.max_batch(task),
-          compiler=self.compiler, pad_to=self._pad_to(job, len(points), len(missing)))
+          compiler=self.compiler, pad_to=self._pad_to(job, len(missing)))
       for i, out in zip(missing, outputs):
         records[i] = run_record(job, task, out, stage)
         records[i]["compile_s"] = compile_s / len(missing)

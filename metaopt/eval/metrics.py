@@ -5,8 +5,9 @@
 * beats / tie / loses: lower final loss than the baseline's best setting; a tie is a
   relative difference within :data:`TIE_TOLERANCE`.
 * speedup: ``num_steps / s`` where ``s`` is the first step at which the LO's seed-mean
-  loss curve reaches the baseline's final loss; when it never does, ``s' / num_steps``
-  where ``s'`` is when the baseline's curve reaches the LO's final loss (< 1).
+  loss curve (trailing mean over the final-loss window) reaches the baseline's final
+  loss; when it never does, ``s' / num_steps`` where ``s'`` is when the baseline's curve
+  reaches the LO's final loss (< 1).
 """
 
 from __future__ import annotations
@@ -60,16 +61,28 @@ def steps_to_reach(steps: Sequence[int], curve: Sequence[float], target: float
   return int(np.asarray(steps)[hit[0]]) if hit.size and np.isfinite(target) else None
 
 
+def trailing_mean(values: Sequence[float], window: int) -> np.ndarray:
+  """Mean of the last ``window`` values at every position (fewer at the start)."""
+  x = np.asarray(values, np.float64)
+  c = np.concatenate([[0.0], np.cumsum(x)])
+  end = np.arange(1, len(x) + 1)
+  start = np.maximum(0, end - window)
+  return (c[end] - c[start]) / (end - start)
+
+
 def speedup(steps: Sequence[int], curve: Sequence[float], final: float,
             base_curve: Sequence[float], base_final: float, num_steps: int) -> float:
   """How much faster a curve reaches a baseline's final loss (see module docstring).
 
-  NaN when neither curve reaches the other's final loss (e.g. one diverged).
+  Curves are compared through a trailing mean over :data:`TAIL_FRACTION` of their
+  points, the window the final loss averages over, so a noisy dip does not count as
+  reaching it. NaN when neither curve reaches the other's final loss (e.g. diverged).
   """
-  s = steps_to_reach(steps, curve, base_final)
+  window = tail_length(len(curve))
+  s = steps_to_reach(steps, trailing_mean(curve, window), base_final)
   if s is not None:
     return num_steps / s
-  s = steps_to_reach(steps, base_curve, final)
+  s = steps_to_reach(steps, trailing_mean(base_curve, window), final)
   return s / num_steps if s is not None else math.nan
 
 

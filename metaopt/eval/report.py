@@ -35,9 +35,10 @@ DEFINITIONS = f"""\
   baselines run once per seed at their defaults; the LO runs untuned (multiplier 1).
 - **Beats / tie / loses**: the LO's final loss against the baseline's reported setting;
   a tie is a relative difference within {metrics.TIE_TOLERANCE:.0%}.
-- **Speedup** (vs tuned AdamW): steps / (first step at which the LO's seed-mean loss
-  curve, averaged in {metrics.CURVE_POINTS} bins, reaches AdamW's final loss); if it
-  never does, (step at which AdamW's curve reaches the LO's final loss) / steps, < 1.
+- **Speedup** (vs tuned AdamW): steps / (first step at which the LO's seed-mean loss,
+  averaged over a trailing window of {metrics.TAIL_FRACTION:.0%} of the steps, reaches
+  AdamW's final loss); if it never does, (step at which AdamW's curve reaches the LO's
+  final loss) / steps, < 1.
 - **Rank**: per task, by final loss among all optimizers (diverged last, ties share);
   averaged over tasks.
 - **ms/step**: wall time of a vmapped batch of runs / (steps x runs in the batch), so
@@ -140,9 +141,16 @@ def _pyplot():
     return None
 
 
+def _colors(chosen) -> dict[str, str]:
+  """One color per optimizer across every plot (the LO black)."""
+  names = [o for o in dict.fromkeys(o for _, o in chosen) if o != "lo"]
+  return {"lo": "black", **{o: f"C{i % 10}" for i, o in enumerate(names)}}
+
+
 def plot_curves(plt, path: pathlib.Path, task: str, chosen) -> None:
   """Seed-mean training loss of each optimizer's reported setting (log scale)."""
   fig, ax = plt.subplots(figsize=(6, 4))
+  colors = _colors(chosen)
   positive = True
   for (t, o), s in chosen.items():
     if t != task:
@@ -150,7 +158,7 @@ def plot_curves(plt, path: pathlib.Path, task: str, chosen) -> None:
     curve = np.asarray(s.curve)
     positive &= bool(np.all(curve[np.isfinite(curve)] > 0))
     ax.plot(s.curve_steps, curve, label=o, lw=2.5 if s.kind == "learned" else 1.2,
-            color="black" if o == "lo" else None)
+            color=colors[o])
   if positive:
     ax.set_yscale("log")
   ax.set(xlabel="step", ylabel="training loss", title=task)
@@ -174,19 +182,23 @@ def plot_ranks(plt, path: pathlib.Path, ranks: dict[str, float]) -> None:
 def plot_widths(plt, path: pathlib.Path, chosen, widths: dict[str, int]) -> None:
   """Final loss and chosen learning rate of each optimizer against width."""
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+  colors = _colors(chosen)
   for o in dict.fromkeys(o for _, o in chosen):
     pts = sorted((widths[t], s) for (t, oo), s in chosen.items() if oo == o and t in widths)
     if not pts:
       continue
-    a1.plot([w for w, _ in pts], [summary.reported_loss(s) for _, s in pts], "o-", label=o)
+    a1.plot([w for w, _ in pts], [summary.reported_loss(s) for _, s in pts], "o-", label=o,
+            color=colors[o])
     if pts[0][1].kind == "tuned":
-      a2.plot([w for w, _ in pts], [s.lr for _, s in pts], "o-", label=o)
-  a1.set(xscale="log", yscale="log", xlabel="width", ylabel="final training loss",
-         title="width scaling")
-  a2.set(xscale="log", yscale="log", xlabel="width", ylabel="best learning rate",
-         title="tuned learning rate")
-  a1.legend(fontsize=7)
-  a2.legend(fontsize=7)
+      a2.plot([w for w, _ in pts], [s.lr for _, s in pts], "o-", label=o, color=colors[o])
+  ticks = sorted(set(widths.values()))
+  for ax, ylabel, title in ((a1, "final training loss", "width scaling"),
+                            (a2, "chosen learning rate", "tuned learning rate")):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ticks, [str(w) for w in ticks])
+    ax.set(xlabel="width", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

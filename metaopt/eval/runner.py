@@ -77,10 +77,10 @@ def train_fn(task: Any, spec: baselines.OptimizerSpec, schedules: Sequence[str],
 
     def body(carry, key):
       params, opt_state = carry
+      if spec.eval_params is not None:  # the batch's loss at the evaluation point
+        eval_loss = task.loss(spec.eval_params(opt_state, params), task.sample_batch(key))
       params, opt_state, loss = step(params, opt_state, key)
-      if spec.eval_params is not None:  # loss at the averaged point after the update
-        loss = task.loss(spec.eval_params(opt_state, params), task.sample_batch(key))
-      return (params, opt_state), loss
+      return (params, opt_state), loss if spec.eval_params is None else eval_loss
 
     (params, opt_state), losses = jax.lax.scan(
         body, (params, opt.init(params)), jax.random.split(data_key, num_steps))
