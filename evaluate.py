@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None, *, persistent_cache: bool = False) -> in
   from metaopt.eval import harness, report  # pylint: disable=g-import-not-at-top
   lo = _load_lo(args.checkpoint, "--checkpoint")
   sp_lo = _load_lo(args.sp_checkpoint, "--sp-checkpoint") if args.sp_checkpoint else None
-  specs = harness.specs(config, lo, sp_lo)
+  try:
+    specs = harness.specs(config, lo, sp_lo)
+  except ValueError as e:
+    raise SystemExit(f"--baselines/--untuned: {e}") from None
   estimate = harness.estimate_seconds(config, specs)
   plan = harness.jobs(config, specs)
   print(f"suite {config.suite}: {len({j.task for j in plan})} tasks, {len(specs)} optimizers, "

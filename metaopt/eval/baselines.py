@@ -152,7 +152,8 @@ def default_lr(name: str) -> float:
 def tuned(name: str, *, grid_size: int = 7, span_decades: float = 3.0,
           schedules: tuple[str, ...] = sweep.SCHEDULE_NAMES,
           center: float | None = None) -> OptimizerSpec:
-  """A baseline tuned over ``lr_grid(center, grid_size, span) x schedules``."""
+  """A baseline tuned over ``lr_grid(center, grid_size, span) x schedules``, labelled
+  ``name`` as given (so ``"optax.adamw"`` and ``"adamw"`` stay apart)."""
   qualified, fn = resolve(name)
   short = _short(qualified)
   if center is None:
@@ -162,7 +163,7 @@ def tuned(name: str, *, grid_size: int = 7, span_decades: float = 3.0,
     schedules = ("constant",)
   for s in schedules:
     sweep.schedule_shape(s, 2)  # validates the name
-  return OptimizerSpec(label=short, kind="tuned", source=qualified,
+  return OptimizerSpec(label=name, kind="tuned", source=qualified,
                        make=_factory(qualified, fn),
                        lrs=sweep.lr_grid(center, grid_size, span_decades),
                        schedules=tuple(schedules), eval_params=EVAL_PARAMS.get(short),
@@ -173,7 +174,7 @@ def untuned(name: str) -> OptimizerSpec:
   """A baseline at its factory's defaults (constant schedule), labelled ``(default)``."""
   qualified, fn = resolve(name)
   short = _short(qualified)
-  return OptimizerSpec(label=f"{short} (default)", kind="untuned", source=qualified,
+  return OptimizerSpec(label=f"{name} (default)", kind="untuned", source=qualified,
                        make=_factory(qualified, fn), lrs=(default_lr(name),),
                        eval_params=EVAL_PARAMS.get(short), scalar_lr=_needs_scalar_lr(fn),
                        fingerprint=qualified)

@@ -138,6 +138,10 @@ def specs(config: EvalConfig, lo: Any, sp_lo: Any = None) -> list[baselines.Opti
                           span_decades=config.lr_span_decades, schedules=config.schedules)
           for n in config.tuned]
   out += [baselines.untuned(n) for n in config.untuned]
+  labels = [s.label for s in out]
+  repeated = sorted({l for l in labels if labels.count(l) > 1})
+  if repeated:
+    raise ValueError(f"optimizers listed twice: {repeated}.")
   return out
 
 
