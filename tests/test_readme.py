@@ -5,6 +5,8 @@ import io
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -12,13 +14,20 @@ def _blocks(language):
   return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
 
 
-def test_readme_has_exactly_the_install_and_test_commands():
+def test_readme_has_exactly_the_install_test_and_run_commands():
   assert [b.strip() for b in _blocks("bash")] == ['pip install -e ".[dev]"',
-                                                  "python -m pytest"]
+                                                  "python -m pytest",
+                                                  "python meta_train.py"]
 
 
-def test_readme_quick_start_trains():
-  (code,) = _blocks("python")
+@pytest.mark.parametrize("index", range(3))
+def test_readme_examples_train(index):
+  """The quick start (a classical optimizer) and the Flax and Haiku drop-in examples."""
+  blocks = _blocks("python")
+  assert len(blocks) == 3
+  code = blocks[index]
+  if index:  # the drop-in examples stay short: under 25 non-blank lines
+    assert len([line for line in code.splitlines() if line.strip()]) < 25
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})  # pylint: disable=exec-used
