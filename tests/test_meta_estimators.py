@@ -171,12 +171,13 @@ def test_nonfinite_members_are_reset_and_never_reach_the_gradient(name):
 
 def test_staggered_first_horizons_and_schedules():
   schedule = pop_lib.TruncationSchedule(K, T, min_horizon=10, kind="log_uniform")
-  h = jax.vmap(schedule.sample)(jax.random.split(jax.random.PRNGKey(0), 256))
-  h = np.asarray(h)
+  h = np.asarray(jax.jit(jax.vmap(schedule.sample))(
+      jax.random.split(jax.random.PRNGKey(0), 256)))
   assert np.all(h % K == 0) and h.min() >= 10 and h.max() <= T
   assert len(np.unique(h)) > 3
-  pop = pop_lib.init_population(toy_problem().init, pop_lib.TruncationSchedule(K, T),
-                                jax.random.PRNGKey(0), 64, FLAT.size)
+  pop = jax.jit(lambda k: pop_lib.init_population(
+      toy_problem().init, pop_lib.TruncationSchedule(K, T), k, 64, FLAT.size))(
+          jax.random.PRNGKey(0))
   first = np.asarray(pop.horizon)
   assert np.all(first % K == 0) and first.min() >= K and first.max() <= T
   assert len(np.unique(first)) > 3, "resets are staggered across pairs"
