@@ -104,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
                           plot=args.plot)
   s = result.summary
   if sharding.is_primary() and "final" not in s:
-    print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s)")
+    print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s "
+          f"+ {s['compile_s']} s compiling)")
   elif sharding.is_primary():
-    print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s); "
+    print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s "
+          f"+ {s['compile_s']} s compiling); "
           f"validation meta-objective on {s['validation_task']}: informed "
           f"{s['warm_start']['informed']['meta_loss']:.4f} -> "
           f"{s['final']['informed']['meta_loss']:.4f}, blind "
