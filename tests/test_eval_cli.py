@@ -79,8 +79,9 @@ def test_rerun_recomputes_only_deleted_runs(smoke_out, artifact):
     (["--suite", "nope"], r"unknown suite 'nope'.*heldout.*smoke"),
     (["--suite", "smoke", "--baselines", "adamw,nope"], r"unknown optimizer 'nope'.*lion"),
     (["--suite", "smoke", "--checkpoint", str(ROOT)], r"is not a metaopt learned-optimizer"),
-    (["--suite", "smoke", "--checkpoint", "default"], r"(?s)'default'.*--checkpoint runs/"),
+    (["--suite", "smoke", "--checkpoint", "no_such_release"],
+     r"(?s)no released learned optimizer named 'no_such_release'.*--checkpoint runs/"),
 ])
-def test_bad_input_says_what_is_valid(flags, message, capsys):
+def test_bad_input_says_what_is_valid(flags, message, tmp_path):
   with pytest.raises(SystemExit, match=message):
-    evaluate.main(flags)
+    evaluate.main([*flags, "--out", str(tmp_path)])
