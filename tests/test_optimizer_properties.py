@@ -114,17 +114,9 @@ PRESENT = [c for c in CASES if c.name not in MISSING]
 EPS_CASES = [c for c in PRESENT if c.eps]
 VALUE_CASES = [c for c in PRESENT if c.needs_value]
 
-# Known failures of the optimizers (not of these tests), reported to the lead; each is
-# a strict xfail, so the marker has to go when the optimizer is fixed.
-_EPS_ZERO_NAN = ("eps=0 is accepted (check_nonnegative) although it makes the update NaN "
-                 "for a parameter whose gradient is zero; the contract asks for eps > 0")
-EPS_ZERO_ACCEPTED = {
-    **{name: _EPS_ZERO_NAN
-       for name in ("adamw", "mu_adamw", "cautious_adamw", "adatam", "ademamix", "momo_adam",
-                    "grams", "laprop", "adan", "schedule_free_adamw", "mars_adamw", "adamp")},
-    "sgdp": ("eps=0 is accepted (check_nonnegative); the contract asks for eps > 0 (no NaN "
-             "seen: sgdp's other guards keep zero gradients/parameters finite)"),
-}
+# Known failures of the optimizers (not of these tests); each is a strict xfail, so
+# the marker has to go when the optimizer is fixed.
+EPS_ZERO_ACCEPTED: dict[str, str] = {}
 INJECT_FAILS = {
     "schedule_free_adamw": ("`if warmup_steps:` in the factory fails on the tracer that "
                             "inject_hyperparams makes of the int warmup_steps under jit "

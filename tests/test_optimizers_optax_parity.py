@@ -315,7 +315,7 @@ def test_mu_adamw_rejects_mismatched_roles():
 
 def test_schedule_free_warmup_starts_at_lr_over_warmup():
   """Step k (1-based) uses lr * min(1, k / warmup) for z, as the reference code does."""
-  opt = optimizers.schedule_free_adamw(1.0, warmup_steps=5, eps=0.0)
+  opt = optimizers.schedule_free_adamw(1.0, warmup_steps=5, eps=1e-12)
   params, grads = jnp.zeros(2), jnp.array([1.0, -2.0])
   state = opt.init(params)
   for k in (1, 2):

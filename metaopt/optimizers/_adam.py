@@ -61,7 +61,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   """
   _validation.check_beta("b1", b1)
   _validation.check_beta("b2", b2)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
   _validation.check_nonnegative("eps_root", eps_root)
 
   def init_fn(params):

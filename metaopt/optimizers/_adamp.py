@@ -129,7 +129,7 @@ def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_r
   """
   _validation.check_beta("b1", b1)
   _validation.check_beta("b2", b2)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
   _validation.check_nonnegative("weight_decay", weight_decay)
   _validation.check_nonnegative("delta", delta)
   _validation.check_nonnegative("wd_ratio", wd_ratio)
@@ -240,7 +240,7 @@ def scale_by_sgdp(momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1, wd_r
   _validation.check_nonnegative("weight_decay", weight_decay)
   _validation.check_nonnegative("delta", delta)
   _validation.check_nonnegative("wd_ratio", wd_ratio)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
 
   def init_fn(params):
     return ScaleBySgdpState(momentum=optax.tree.zeros_like(params))

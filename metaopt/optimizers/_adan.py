@@ -72,7 +72,7 @@ def scale_by_adan(b1=0.98, b2=0.92, b3=0.99, eps=1e-8) -> optax.GradientTransfor
   _validation.check_beta("b1", b1)
   _validation.check_beta("b2", b2)
   _validation.check_beta("b3", b3)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
 
   def init_fn(params):
     zeros = optax.tree.zeros_like(params)

@@ -87,7 +87,7 @@ def scale_by_ademamix(b1: float = 0.9, b2: float = 0.999, b3=0.9999, alpha=5.0,
   _validation.check_beta("b2", b2)
   _validation.check_beta("b3", b3)
   _validation.check_nonnegative("alpha", alpha)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
   for name, horizon in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
     if horizon is not None:
       _validation.check_positive(name, horizon)

@@ -58,7 +58,7 @@ def scale_by_laprop(b1=0.9, b2=0.999, eps=1e-15) -> optax.GradientTransformation
   """
   _validation.check_beta("b1", b1)
   _validation.check_beta("b2", b2)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
 
   def init_fn(params):
     return ScaleByLapropState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),

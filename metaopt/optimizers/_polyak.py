@@ -186,7 +186,7 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
   _validation.check_learning_rate(learning_rate)
   _validation.check_beta("b1", b1)
   _validation.check_beta("b2", b2)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
   _validation.check_nonnegative("weight_decay", weight_decay)
 
   def init_fn(params):

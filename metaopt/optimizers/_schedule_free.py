@@ -79,7 +79,7 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
   _validation.check_nonnegative("warmup_steps", warmup_steps)
   _validation.check_range("b1", b1, 0.0, 1.0, low_inclusive=False)
   _validation.check_beta("b2", b2)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
   _validation.check_nonnegative("weight_decay", weight_decay)
   if warmup_steps:
     learning_rate = _linear_warmup(learning_rate, warmup_steps)

@@ -85,7 +85,7 @@ def scale_by_tam(beta=0.9, gamma=0.9, eps=1e-8) -> optax.GradientTransformation:
   """
   _validation.check_beta("beta", beta)
   _validation.check_beta("gamma", gamma)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
 
   def init_fn(params):
     return ScaleByTamState(count=jnp.zeros([], jnp.int32),
@@ -177,7 +177,7 @@ def scale_by_adatam(beta=0.9, gamma=0.9, b2=0.999, eps=1e-8
   _validation.check_beta("beta", beta)
   _validation.check_beta("gamma", gamma)
   _validation.check_beta("b2", b2)
-  _validation.check_nonnegative("eps", eps)
+  _validation.check_positive("eps", eps)
 
   def init_fn(params):
     return ScaleByAdatamState(count=jnp.zeros([], jnp.int32),
