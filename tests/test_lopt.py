@@ -397,3 +397,38 @@ def test_value_changes_updates_only_through_polyak_features():
 def test_pretrained_unknown_name_lists_available():
   with pytest.raises(ValueError, match="no released learned optimizer named 'nope'"):
     metaopt.pretrained("nope")
+
+
+def _theta_with(lo, **entries):
+  theta = jax.tree.map(jnp.zeros_like, lo.theta)
+  for name, (index, value) in entries.items():
+    theta[name] = theta[name].at[index].set(value)
+  return theta
+
+
+def test_mlp_magnitude_is_bounded_by_max_log_step():
+  """However large the MLP's log-magnitude output, a step grows by at most e^max_log_step."""
+  adam = LearnedOptimizer.from_classical("adamw", weight_decay=0.0)
+  k = metaopt.lopt.CANDIDATE_NAMES.index("adam")
+  lo = adam.with_theta(_theta_with(adam, mix=(k, 1.0), b2=(1, 1e4)))
+  lo = lo.with_theta({**lo.theta, "log_lr": adam.theta["log_lr"]})
+  params = {"w": jnp.ones((5, 3))}
+  grads = {"w": jnp.linspace(-1, 1, 15).reshape(5, 3)}
+  u_adam, _ = adam.as_optax(sp=True).update(grads, adam.as_optax(sp=True).init(params), params)
+  u_big, _ = lo.as_optax(sp=True).update(grads, lo.as_optax(sp=True).init(params), params)
+  np.testing.assert_allclose(u_big["w"], u_adam["w"] * np.exp(lo.config.max_log_step),
+                             rtol=1e-5)
+
+
+def test_normalized_features_are_clipped():
+  """One huge gradient entry reaches the MLP as feature_clip, not as sqrt(size)."""
+  base = LearnedOptimizer.random(jax.random.key(0))
+  i = metaopt.lopt.FEATURE_NAMES.index("grad")
+  theta = _theta_with(base, w1=((i, 0), 1.0), w2=((0, 0), 1.0))  # d = relu(grad feature)
+  lo = base.with_theta(theta)
+  g = jnp.full((100, 100), 1e-3).at[3, 7].set(1e3)
+  params = {"w": jnp.zeros((100, 100))}
+  opt = lo.as_optax(sp=True)
+  u, _ = opt.update({"w": g}, opt.init(params), params)
+  assert float(u["w"][3, 7]) == pytest.approx(-lo.config.feature_clip, rel=1e-6)
+  assert float(jnp.max(jnp.abs(u["w"]))) == pytest.approx(lo.config.feature_clip, rel=1e-6)

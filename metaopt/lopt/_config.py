@@ -87,7 +87,12 @@ class LOConfig:
     laprop_b1, laprop_eps: LaProp's momentum and eps.
     step_mult: lambda1, the scale of the MLP's direction output.
     log_step_mult: lambda2, the scale of the MLP's log-magnitude output.
-    max_log_step: bound on |lambda2 * m| (keeps exp() finite).
+    max_log_step: bound on |lambda2 * m|: the MLP can scale a step by at most
+      e^max_log_step either way (10 let a meta-trained LO multiply steps by e^10 on
+      tasks unlike its training tasks and diverge).
+    feature_clip: bound on each RMS-normalized feature. A tensor whose statistic is
+      concentrated on a few entries (dead units, unused embeddings) otherwise feeds the
+      MLP values up to sqrt(size), far outside anything seen in meta-training.
     mup: scale hidden-layer updates by base_fan_in / fan_in.
     base_fan_in: the hidden width the LO was meta-trained at; used as the base of
       hidden/output roles given by labels or guessed by the fallback.
@@ -111,7 +116,8 @@ class LOConfig:
   laprop_eps: float = 1e-15
   step_mult: float = 1.0
   log_step_mult: float = 1.0
-  max_log_step: float = 10.0
+  max_log_step: float = 3.0
+  feature_clip: float = 5.0
   mup: bool = True
   base_fan_in: int = 64
 
@@ -127,7 +133,8 @@ class LOConfig:
       _check_unit(name, getattr(self, name))
     for i, d in enumerate(decays):
       _check_unit(f"momentum_decays[{i}]", d)
-    for name in ("adam_eps", "adatam_eps", "grams_eps", "laprop_eps", "momo_alpha"):
+    for name in ("adam_eps", "adatam_eps", "grams_eps", "laprop_eps", "momo_alpha",
+                 "max_log_step", "feature_clip"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in (0, inf).")
 

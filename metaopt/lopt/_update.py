@@ -246,8 +246,10 @@ def _leaf_update(config, theta, ctx, learning_rate, g, x, m_fast, m_mid_prev, m_
   def per_element(chunk, inv_rms):
     cands, stacked = stacked_features(chunk)
     classical = sum(mix[k] * cands[n] for k, n in enumerate(CANDIDATE_NAMES))
-    norm = jnp.concatenate([inv_rms, jnp.ones((len(BOUNDED_FEATURES),), dtype)])
-    direction, log_mag = _network.mlp_outputs(theta, stacked * norm, bias, dtype)
+    clip = config.feature_clip
+    normalized = jnp.clip(stacked[:, :num_norm] * inv_rms, -clip, clip)
+    feats = jnp.concatenate([normalized, stacked[:, num_norm:]], axis=-1)
+    direction, log_mag = _network.mlp_outputs(theta, feats, bias, dtype)
     step = classical + config.step_mult * direction
     log_mag = jnp.clip(config.log_step_mult * log_mag, -config.max_log_step,
                        config.max_log_step)
