@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import metaopt
 import tasks
 from metaopt.meta import MetaConfig, MetaTrainer, PRESETS, load_config
 from metaopt.meta import outer
@@ -103,6 +105,28 @@ def test_config_errors(tmp_path):
     load_config(tmp_path / "missing.json")
   with pytest.raises(ValueError, match="not in suite"):
     outer.resolve_tasks(MetaConfig(task_names=("no_such_task",)))
+
+
+def test_sp_warm_start_and_mismatched_artifact(tmp_path):
+  """mup=False meta-trains an SP LO; an artifact warm start must agree on muP."""
+  assert outer.warm_start(MetaConfig(mup=False)).config.mup is False
+  assert outer.warm_start(MetaConfig()).config.mup is True
+  path = tmp_path / "sp_lo"
+  metaopt.checkpoint.save(metaopt.LearnedOptimizer.from_classical("adamw"), path)
+  with pytest.raises(ValueError, match="has mup=False but MetaConfig.mup=True"):
+    outer.warm_start(MetaConfig(warm_start=str(path)))
+  with pytest.raises(ValueError, match="MetaConfig.mup=1"):
+    MetaConfig(mup=1)
+
+
+def test_release_configs_load():
+  """The configs the shipped artifacts were meta-trained with stay loadable."""
+  root = pathlib.Path(__file__).parent.parent / "configs"
+  for name in ("release_mup.json", "release_sp.json"):
+    config = load_config(root / name)
+    assert config.mup == (name == "release_mup.json")
+    names = [t.name for t in outer.resolve_tasks(config)]
+    assert len(names) == len(set(names)) >= 7
 
 
 def test_presets_name_existing_tasks():

@@ -33,6 +33,8 @@ class MetaConfig:
     warm_start: classical optimizer whose muP version theta starts from
       (``LearnedOptimizer.from_classical(name, mup=True)``), or an artifact directory.
     hidden_size: width of the LO's per-parameter MLP (0: the warm start's).
+    mup: meta-train a muP LO (hidden updates scaled by base_fan_in / fan_in); False
+      gives the SP LO of the widths comparison (with a classical warm start).
     estimator: ``"pes"`` (antithetic PES), ``"es"`` (truncated antithetic ES) or
       ``"tbptt"`` (truncated backprop).
     num_pairs: antithetic pairs per task that pass ``value=`` and ``num_steps=``
@@ -74,6 +76,7 @@ class MetaConfig:
   family_samples: int = 4
   warm_start: str = "adamw"
   hidden_size: int = 0
+  mup: bool = True
   estimator: str = "pes"
   num_pairs: int = 4
   num_blind_pairs: int = 2
@@ -114,6 +117,8 @@ class MetaConfig:
                  "tasks_per_step"):
       _check_int(name, getattr(self, name), 0)
     _check_int("hidden_size", self.hidden_size, 0)
+    if not isinstance(self.mup, bool):
+      raise ValueError(f"MetaConfig.mup={self.mup!r}; expected true or false.")
     _check_int("seed", self.seed, 0)
     for name in ("sigma", "loss_bound", "outer_learning_rate", "outer_clip_norm"):
       if not float(getattr(self, name)) > 0:

@@ -86,7 +86,7 @@ def decay_towards(anchor, rate: float) -> optax.GradientTransformation:
 
 
 def outer_optimizer(config: MetaConfig, anchor) -> optax.GradientTransformation:
-  """AdamW on the clipped meta-gradient, its weight decay pulling toward ``anchor``.
+  r"""AdamW on the clipped meta-gradient, its weight decay pulling toward ``anchor``.
 
   .. math::
 
@@ -109,11 +109,15 @@ def outer_optimizer(config: MetaConfig, anchor) -> optax.GradientTransformation:
 
 
 def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
-  """The LO theta starts from (float32): muP classical optimizer or an artifact."""
+  """The LO theta starts from (float32): a classical optimizer (its muP version unless
+  ``config.mup`` is off) or an artifact (whose muP setting must agree)."""
   if config.warm_start in lopt.CLASSICAL:
-    lo = metaopt.LearnedOptimizer.from_classical(config.warm_start, mup=True)
+    lo = metaopt.LearnedOptimizer.from_classical(config.warm_start, mup=config.mup)
   else:
     lo = metaopt.load(config.warm_start)
+    if lo.config.mup != config.mup:
+      raise ValueError(f"warm_start {config.warm_start!r} has mup={lo.config.mup} but "
+                       f"MetaConfig.mup={config.mup}; set them alike.")
   theta = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), lo.theta)
   if config.hidden_size and config.hidden_size != lo.config.hidden_size:
     lo_config = dataclasses.replace(lo.config, hidden_size=config.hidden_size)
