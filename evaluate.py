@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                  "adamw,lion,schedule_free_adamw; widths: adamw,mu_adamw)")
   p.add_argument("--untuned", default=None,
                  help="comma-separated baselines at their defaults, or none (default: "
-                 "prodigy,dadapt_adamw,momo_adam,schedule_free_adamw)")
+                 "adamw,prodigy,dadapt_adamw,momo_adam,schedule_free_adamw)")
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--lr-grid-size", type=int, default=7)
   p.add_argument("--lr-span", type=float, default=3.0, help="decades the lr grid spans")

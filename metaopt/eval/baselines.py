@@ -50,7 +50,8 @@ LR_CENTERS = {
 
 # Sized so that the default heldout evaluation fits in about 20 minutes on 2 CPU cores.
 DEFAULT_TUNED = ("adamw", "lion", "schedule_free_adamw")
-DEFAULT_UNTUNED = ("prodigy", "dadapt_adamw", "momo_adam", "schedule_free_adamw")
+# AdamW at its default lr (1e-3, constant) is what a user who tunes nothing runs.
+DEFAULT_UNTUNED = ("adamw", "prodigy", "dadapt_adamw", "momo_adam", "schedule_free_adamw")
 
 Factory = Callable[[Any, Any], optax.GradientTransformation]
 

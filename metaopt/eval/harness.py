@@ -36,7 +36,7 @@ LEARNED_COST_FACTOR = 5.0
 
 # Per-suite defaults of EvalConfig fields (see EvalConfig.for_suite).
 SUITE_DEFAULTS = {
-    # heldout, heldout-full: 3 tuned + 4 untuned baselines, two-stage tuning (the
+    # heldout, heldout-full: 3 tuned + 5 untuned baselines, two-stage tuning (the
     # default heldout evaluation is sized for about 20 minutes on a 2-core CPU).
     # smoke (under a minute): one tuned and one untuned baseline, full grid on all seeds.
     "smoke": {"tuned": ("adamw",), "untuned": ("prodigy",), "tune_seeds": 3},
