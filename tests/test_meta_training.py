@@ -193,3 +193,25 @@ def test_metrics_log_plot_and_progress(tmp_path):
   lines = stream.getvalue().splitlines()
   assert [l.split()[1] for l in lines] == ["1/10", "5/10", "10/10"]
   assert "meta-loss 0.5000" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_log_objective_is_the_mean_log_of_the_normalized_losses():
+  """log_loss=True over K steps == mean of log(per-step linear terms), step by step."""
+  from metaopt.meta import population as pop_lib
+  from metaopt.meta import unroll
+  trainer = MetaTrainer(TINY)
+  problem = lo_problem(trainer.tasks[0], trainer.lo_config, informed=True)
+  schedule = pop_lib.TruncationSchedule(20, 20)
+  pop = pop_lib.init_population(problem.init, schedule, jax.random.PRNGKey(0), 1, 1,
+                                antithetic=False, stagger=False)
+  member = jax.tree.map(lambda a: a[0], pop)
+  theta = {**trainer.warm_theta, "log_lr": trainer.warm_theta["log_lr"] + 4.0}  # lr ~0.05
+  _, log_mean, _ = unroll.truncate(problem, 20, 3.0, theta, member, log_loss=True)
+  terms, m = [], member
+  for _ in range(20):
+    m, linear, _ = unroll.truncate(problem, 1, 3.0, theta, m)
+    terms.append(float(linear))
+  assert max(terms) > 2 * min(terms)  # the loss moved, so the two objectives differ
+  np.testing.assert_allclose(float(log_mean), np.mean(np.log(terms)), rtol=1e-5)
+  with pytest.raises(ValueError, match="meta_objective"):
+    MetaConfig(meta_objective="log10")

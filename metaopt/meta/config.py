@@ -15,6 +15,7 @@ from typing import Any
 
 ESTIMATOR_NAMES = ("pes", "es", "tbptt")
 HORIZON_SCHEDULES = ("constant", "log_uniform")
+META_OBJECTIVES = ("linear", "log")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class MetaConfig:
     horizon: the episode length (the maximum one for ``log_uniform``).
     min_horizon: the shortest episode for ``log_uniform``.
     horizon_schedule: ``"constant"`` or ``"log_uniform"`` (rounded up to a multiple of K).
+    meta_objective: ``"linear"``, the mean normalized loss, or ``"log"``, the mean of
+      its log (see :mod:`metaopt.meta.unroll`): the linear one stops rewarding progress
+      below a few percent of the initial loss.
     loss_bound: cap on the normalized loss (loss / the episode's initial loss); an
       inner run that goes NaN/inf contributes this value and is reset.
     augment_scale: a, reparametrize each tensor as ``w * 10^U(-a, a)`` per episode
@@ -85,6 +89,7 @@ class MetaConfig:
   horizon: int = 300
   min_horizon: int = 60
   horizon_schedule: str = "log_uniform"
+  meta_objective: str = "linear"
   loss_bound: float = 3.0
   augment_scale: float = 0.0
   outer_steps: int = 1000
@@ -109,6 +114,7 @@ class MetaConfig:
         t if isinstance(t, str) else json.dumps(t, sort_keys=True) for t in self.tasks))
     _check_choice("estimator", self.estimator, ESTIMATOR_NAMES)
     _check_choice("horizon_schedule", self.horizon_schedule, HORIZON_SCHEDULES)
+    _check_choice("meta_objective", self.meta_objective, META_OBJECTIVES)
     for name in ("num_pairs", "truncation_length", "horizon", "min_horizon",
                  "outer_steps", "resample_every", "validation_seeds",
                  "checkpoint_every", "keep_checkpoints", "log_every", "family_samples"):

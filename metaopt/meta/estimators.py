@@ -63,6 +63,7 @@ class UnrollSpec:
     unravel: flat theta -> the theta pytree the problem reads.
     mesh: 1-D device mesh over which the population axis is sharded (None: no
       ``shard_map``).
+    log_loss: the log meta-objective (see :mod:`metaopt.meta.unroll`).
   """
 
   problem: InnerProblem
@@ -70,6 +71,7 @@ class UnrollSpec:
   loss_bound: float
   unravel: Callable
   mesh: Mesh | None = None
+  log_loss: bool = False
 
 
 def antithetic_noise(key: jax.Array, num_pairs: int, dim: int, sigma: float) -> jax.Array:
@@ -96,7 +98,7 @@ def _antithetic(spec: UnrollSpec, theta: jax.Array, pop: Population, key: jax.Ar
   acc = pop.perturbation + eps if persistent else eps
   pop, losses, finite = unroll_lib.unroll_population(
       spec.problem, spec.schedule.length, spec.loss_bound, spec.unravel,
-      theta[None] + eps, pop, spec.mesh)
+      theta[None] + eps, pop, spec.mesh, log_loss=spec.log_loss)
   n = size // 2
   diff = losses[:n] - losses[n:]
   gradient = diff @ acc[:n] / (n * 2 * sigma**2)
@@ -123,7 +125,7 @@ def tbptt(spec: UnrollSpec, theta: jax.Array, pop: Population, key: jax.Array, *
   del sigma
   pop, losses, grads, finite = unroll_lib.unroll_population_with_grad(
       spec.problem, spec.schedule.length, spec.loss_bound, spec.unravel, theta, pop,
-      spec.mesh)
+      spec.mesh, log_loss=spec.log_loss)
   ok = finite & jnp.all(jnp.isfinite(grads), axis=1)
   gradient = jnp.mean(jnp.where(ok[:, None], grads, 0.0), axis=0)
   return _finish(spec, pop, losses, finite, gradient, key, antithetic=False)

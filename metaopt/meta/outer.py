@@ -212,7 +212,8 @@ class MetaTrainer:
     problem = lo_problem(self.tasks[group.task_index], self.lo_config,
                          informed=group.informed, augment_scale=self.config.augment_scale)
     return est_lib.UnrollSpec(problem, self.schedule, self.config.loss_bound,
-                              self.unravel, self.mesh)
+                              self.unravel, self.mesh,
+                              log_loss=self.config.meta_objective == "log")
 
   def active_tasks(self, step: int) -> tuple[int, ...]:
     return active_tasks(self.config, len(self.tasks), step)

@@ -9,7 +9,10 @@ loss
         B\\right)
 
 where ``l_i(0)`` is the episode's initial loss (so tasks of different loss scales mix)
-and ``B`` the loss bound. Once a loss is NaN/inf the rest of the truncation contributes
+and ``B`` the loss bound. With ``log_loss`` each term is instead
+``log(max(min(l_i(t+k) / l_i(0), B), 1e-8))``: the linear mean stops rewarding progress
+once the loss is a few percent of its initial value, so meta-training on it learns to
+descend fast and then stall; the log keeps every further decade worth the same. Once a loss is NaN/inf the rest of the truncation contributes
 ``B`` and the member is marked non-finite (its episode is then reset).
 
 :func:`unroll_population` and :func:`unroll_population_with_grad` shard the population
@@ -31,6 +34,7 @@ from metaopt.meta.population import DATA_STREAM, Population
 
 POP_AXIS = "pop"
 _MIN_NORMALIZER = 1e-12
+_MIN_LOG_RATIO = 1e-8
 
 
 def all_finite(tree) -> jax.Array:
@@ -40,7 +44,8 @@ def all_finite(tree) -> jax.Array:
 
 
 def truncate(problem: InnerProblem, length: int, loss_bound: float,
-             theta, member: Population) -> tuple[Population, jax.Array, jax.Array]:
+             theta, member: Population, *, log_loss: bool = False
+             ) -> tuple[Population, jax.Array, jax.Array]:
   """One member (no leading axis), K = ``length`` inner steps with ``theta``.
 
   Returns ``(member, meta_loss, finite)``; ``member.step`` advanced by K.
@@ -57,6 +62,8 @@ def truncate(problem: InnerProblem, length: int, loss_bound: float,
     normalizer = jnp.where(t == 0, first, normalizer)
     ok = ok & jnp.isfinite(loss)
     normalized = jnp.where(ok, jnp.minimum(loss / normalizer, loss_bound), loss_bound)
+    if log_loss:
+      normalized = jnp.log(jnp.maximum(normalized, _MIN_LOG_RATIO))
     return (inner, normalizer, ok), normalized
 
   carry = (member.inner, member.normalizer, member.step >= 0)  # True, member-varying
@@ -66,9 +73,11 @@ def truncate(problem: InnerProblem, length: int, loss_bound: float,
   return member, jnp.mean(losses), finite
 
 
-def _theta_fn(unravel: Callable, problem: InnerProblem, length: int, loss_bound: float):
+def _theta_fn(unravel: Callable, problem: InnerProblem, length: int, loss_bound: float,
+              log_loss: bool):
   def fn(theta_flat, member):
-    return truncate(problem, length, loss_bound, unravel(theta_flat), member)
+    return truncate(problem, length, loss_bound, unravel(theta_flat), member,
+                    log_loss=log_loss)
   return fn
 
 
@@ -80,25 +89,25 @@ def _shard(fn, mesh: Mesh | None, in_specs, out_specs):
 
 def unroll_population(problem: InnerProblem, length: int, loss_bound: float,
                       unravel: Callable, thetas: jax.Array, pop: Population,
-                      mesh: Mesh | None = None
+                      mesh: Mesh | None = None, *, log_loss: bool = False
                       ) -> tuple[Population, jax.Array, jax.Array]:
   """Every member with its own flat theta (``thetas`` ``[P, d]``).
 
   Returns ``(population, meta_losses [P], finite [P])``.
   """
-  fn = jax.vmap(_theta_fn(unravel, problem, length, loss_bound))
+  fn = jax.vmap(_theta_fn(unravel, problem, length, loss_bound, log_loss))
   return _shard(fn, mesh, (P(POP_AXIS), P(POP_AXIS)), P(POP_AXIS))(thetas, pop)
 
 
 def unroll_population_with_grad(problem: InnerProblem, length: int, loss_bound: float,
                                 unravel: Callable, theta: jax.Array, pop: Population,
-                                mesh: Mesh | None = None):
+                                mesh: Mesh | None = None, *, log_loss: bool = False):
   """Every member with the shared flat ``theta``, plus d(meta-loss)/d(theta) per member.
 
   The incoming inner state is a constant (truncated backprop through K steps).
   Returns ``(population, meta_losses [P], grads [P, d], finite [P])``.
   """
-  fn = _theta_fn(unravel, problem, length, loss_bound)
+  fn = _theta_fn(unravel, problem, length, loss_bound, log_loss)
 
   def member_fn(th, member):
     def loss_fn(t):

@@ -24,8 +24,8 @@ from metaopt.meta.inner import lo_problem
 
 
 def make_evaluator(lo_config: lopt.LOConfig, task, *, num_steps: int, seeds: int = 4,
-                   informed: bool = True, loss_bound: float = 3.0, seed: int = 0
-                   ) -> Callable[[dict], dict]:
+                   informed: bool = True, loss_bound: float = 3.0, seed: int = 0,
+                   log_loss: bool = False) -> Callable[[dict], dict]:
   """A jitted ``theta -> {"meta_loss", "final_loss", "test_loss"}`` (seed means)."""
   problem = lo_problem(task, lo_config, informed=informed)
   schedule = pop_lib.TruncationSchedule(num_steps, num_steps)
@@ -37,7 +37,7 @@ def make_evaluator(lo_config: lopt.LOConfig, task, *, num_steps: int, seeds: int
 
     def run(member):
       member, meta_loss, finite = unroll_lib.truncate(problem, num_steps, loss_bound,
-                                                      theta, member)
+                                                      theta, member, log_loss=log_loss)
       inner = member.inner
       params = jax.tree.map(jnp.multiply, inner.params, inner.scales)
       test = task.metrics(params, eval_batch)["loss"]
