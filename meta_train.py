@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--plot", action="store_true", help="draw meta_loss.png at the end")
   parser.add_argument("--plot-run", default=None, metavar="RUN",
                       help="only draw RUN/meta_loss.png from its metrics.jsonl")
+  parser.add_argument("--export", type=int, default=None, metavar="STEP",
+                      help="only write checkpoint STEP of the run --out as an LO artifact "
+                      "in --export-to (default RUN/step_STEP)")
+  parser.add_argument("--export-to", default=None, metavar="DIR")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--compile-cache", default=None, metavar="DIR",
                       help="persistent JAX compilation cache (default: .jax_cache next "
@@ -69,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
   from metaopt.meta import logging as log_lib  # pylint: disable=g-import-not-at-top
   if args.plot_run:
     print(log_lib.plot_metrics(args.plot_run))
+    return 0
+
+  if args.export is not None:
+    from metaopt.meta import run  # pylint: disable=g-import-not-at-top
+    if not args.out:
+      print("--export needs --out RUN (the run directory)", file=sys.stderr)
+      return 2
+    dest = args.export_to or pathlib.Path(args.out) / f"step_{args.export}"
+    try:
+      run.export_checkpoint(args.out, args.export, dest)
+    except ValueError as e:
+      print(f"--export: {e}", file=sys.stderr)
+      return 2
+    print(f"wrote {dest}")
     return 0
 
   from metaopt.meta import sharding  # pylint: disable=g-import-not-at-top

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import metaopt
 import tasks
 from metaopt.meta import MetaConfig, MetaTrainer
 from metaopt.meta import checkpointing as ckpt
@@ -104,3 +105,17 @@ def test_meta_train_refuses_to_overwrite_and_finds_newest_run(saved, tmp_path):
   assert run.newest_run(tmp_path / "runs") == out
   assert run.newest_run(out) == out
   assert run.newest_run(tmp_path / "nothing") is None
+
+
+def test_export_checkpoint_writes_a_loadable_artifact(saved, tmp_path):
+  directory, trainer, state = saved
+  out = tmp_path / "run"
+  out.mkdir()
+  _copy(directory, out / run.CHECKPOINT_DIR)
+  lo = run.export_checkpoint(out, 0, tmp_path / "artifact")
+  loaded = metaopt.load(tmp_path / "artifact")
+  assert loaded.config == trainer.lo_config == lo.config
+  for k, v in state.theta.items():
+    np.testing.assert_array_equal(loaded.theta[k], np.asarray(v))
+  with pytest.raises(ValueError, match=r"no checkpoint at outer step 7; it has \[0\]"):
+    run.export_checkpoint(out, 7, tmp_path / "other")

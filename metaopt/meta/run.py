@@ -188,6 +188,29 @@ def export(lo: metaopt.LearnedOptimizer, path: pathlib.Path, meta_training: dict
     metaopt.checkpoint._checkpointer = original  # pylint: disable=protected-access
 
 
+def export_checkpoint(run_dir: str | pathlib.Path, step: int,
+                      path: str | pathlib.Path) -> metaopt.LearnedOptimizer:
+  """Writes theta of checkpoint ``step`` of the run in ``run_dir`` as an LO artifact.
+
+  How a release is cut from a run: validation picks an outer step (not necessarily
+  the last), and that step's theta becomes a ``metaopt.load``-able artifact at ``path``.
+  """
+  run_dir = pathlib.Path(run_dir).absolute()
+  manager = ckpt.checkpoint_manager(run_dir / CHECKPOINT_DIR, keep=1 << 30)
+  steps = sorted(manager.all_steps())
+  if step not in steps:
+    raise ValueError(f"{run_dir} has no checkpoint at outer step {step}; it has "
+                     f"{steps or 'none'}.")
+  meta = ckpt.read_metadata(manager, step)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  state = ocp.StandardCheckpointer().restore(run_dir / CHECKPOINT_DIR / str(step) / "state")
+  theta = {k: np.asarray(v, np.float32) for k, v in state["theta"].items()}
+  lo = metaopt.LearnedOptimizer(metaopt.LOConfig.from_dict(meta["lo_config"]), theta)
+  export(lo, pathlib.Path(path), {"config": meta["config"], "outer_steps": step,
+                                  "tasks": meta["tasks"]})
+  return lo
+
+
 def _first_record(log: log_lib.MetricsLog, theta: str) -> dict[str, Any] | None:
   if not log.path.exists():
     return None
