@@ -45,7 +45,9 @@ class _MLP(nn.Module):
 
 @pytest.mark.parametrize("pass_value", [True, False])
 def test_pretrained_trains_a_digits_mlp_untuned(pass_value):
-  """Untuned, through plain optax: full-batch digits cross-entropy < 0.2 in 300 steps."""
+  """Untuned, through plain optax, full-batch digits cross-entropy goes from > 2 to
+  < 0.01 by step 100 and < 1e-3 by step 300 (the muAdamW warm start it was meta-trained
+  from is at 0.26 and 0.04: this fails for an artifact that was not meta-trained)."""
   x, y = load_digits(return_X_y=True)
   x, y = jnp.asarray(x / 16.0, jnp.float32), jnp.asarray(y)
   model = _MLP()
@@ -67,4 +69,5 @@ def test_pretrained_trains_a_digits_mlp_untuned(pass_value):
   (params, _), losses = jax.lax.scan(step, (params, state), None, length=300)
   assert bool(jnp.all(jnp.isfinite(losses)))
   assert float(losses[0]) > 2.0
-  assert float(loss_fn(params)) < 0.2, losses[::50]
+  assert float(losses[100]) < 0.01, losses[::50]
+  assert float(loss_fn(params)) < 1e-3, losses[::50]
