@@ -432,3 +432,27 @@ def test_normalized_features_are_clipped():
   u, _ = opt.update({"w": g}, opt.init(params), params)
   assert float(u["w"][3, 7]) == pytest.approx(-lo.config.feature_clip, rel=1e-6)
   assert float(jnp.max(jnp.abs(u["w"]))) == pytest.approx(lo.config.feature_clip, rel=1e-6)
+
+
+def test_linear_horizon_decay_scales_updates_only_when_num_steps_is_known():
+  """horizon_decay="linear": update_t = (1 - (t-1)/N) * the undecayed update (same
+  state); without num_steps nothing changes."""
+  plain = LearnedOptimizer.random(jax.random.key(1), output_scale=0.3)
+  decayed = plain.with_config(horizon_decay="linear")
+  params = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3)}
+  n = 8
+  opts = [plain.as_optax(num_steps=n, sp=True), decayed.as_optax(num_steps=n, sp=True),
+          plain.as_optax(sp=True), decayed.as_optax(sp=True)]
+  states = [o.init(params) for o in opts]
+  for t in range(1, 5):
+    grads = {"w": jnp.sin(t * params["w"] + 0.3)}
+    out = [o.update(grads, s, params) for o, s in zip(opts, states)]
+    states = [s for _, s in out]
+    u = [x["w"] for x, _ in out]
+    np.testing.assert_allclose(u[1], (1 - (t - 1) / n) * u[0], rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(u[3], u[2])
+    assert float(jnp.max(jnp.abs(u[2]))) > 0
+  with pytest.raises(ValueError, match="horizon_decay='cosine'"):
+    plain.with_config(horizon_decay="cosine")
+  with pytest.raises(ValueError, match="changes theta's shapes"):
+    plain.with_config(hidden_size=4)

@@ -76,6 +76,17 @@ class LearnedOptimizer:
   def with_theta(self, theta: dict) -> "LearnedOptimizer":
     return dataclasses.replace(self, theta=theta)
 
+  def with_config(self, **changes) -> "LearnedOptimizer":
+    """The same theta under a changed config, e.g. ``with_config(horizon_decay="none")``.
+
+    Only changes that keep theta's shapes are allowed (not ``hidden_size``).
+    """
+    config = dataclasses.replace(self.config, **changes)
+    if _network.theta_shapes(config) != _network.theta_shapes(self.config):
+      raise ValueError(f"with_config({changes}) changes theta's shapes; build a new LO "
+                       "with LearnedOptimizer.random or from_classical instead.")
+    return dataclasses.replace(self, config=config)
+
   # ------------------------------------------------------------------ optax
   def as_optax(self, num_steps: int | None = None,
                learning_rate: float | Callable[[jax.Array], jax.Array] = 1.0, *,

@@ -12,6 +12,8 @@ One step, for every tensor (leaf) W with gradient g and parameter x:
    per-tensor scalars and time; a residual MLP maps them to (d, m) per parameter.
 4. update = -lr * s_mup * exp(log_lr) * (sum_k mix_k c_k + lambda1 d) * exp(lambda2 m),
    s_mup = base_fan_in / fan_in for hidden tensors (1 otherwise, or when muP is off).
+   With ``horizon_decay="linear"`` and ``num_steps`` given, lr is multiplied by
+   1 - (t - 1) / num_steps at step t (1-based).
 
 The state holds six parameter-shaped buffers (three momenta, v, TAM and LaProp
 momenta), small factored accumulators and scalars; never the parameters.
@@ -149,6 +151,9 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                     momo_tau=momo_tau, polyak_ratio=momo_tau / momo_cap,
                     has_loss=has_loss, time=time)
 
+  if config.horizon_decay == "linear" and num_steps is not None:
+    learning_rate = learning_rate * jnp.clip(
+        1 - (count.astype(jnp.float32) - 1) / num_steps, 0.0, 1.0)
   leaf_update = lambda *a: _leaf_update(config, theta, ctx, learning_rate, *a)
   updates = jax.tree.map(leaf_update, g, x, m_fast, state.momenta[1], m_slow, v, factored,
                          tam_m,
