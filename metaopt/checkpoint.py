@@ -32,6 +32,7 @@ from metaopt.lopt._learned import LearnedOptimizer
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 THETA_DIR = "theta"
+MODEL_CARD_FILE = "MODEL_CARD.md"
 
 
 class ArtifactError(ValueError):
@@ -50,6 +51,7 @@ def save(lo: LearnedOptimizer, path: str | os.PathLike, *,
 
   The arrays are written by orbax into a temporary sibling directory which is renamed
   into place only once complete, so a crash never leaves a half-written artifact.
+  Overwriting keeps an existing ``MODEL_CARD.md``.
   """
   path = pathlib.Path(path).absolute()
   if path.exists() and not overwrite:
@@ -76,6 +78,9 @@ def save(lo: LearnedOptimizer, path: str | os.PathLike, *,
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     if path.exists():
       import shutil  # pylint: disable=g-import-not-at-top
+      card = path / MODEL_CARD_FILE
+      if card.is_file():  # the card documents the artifact; re-saving must not lose it
+        shutil.copy2(card, tmp / MODEL_CARD_FILE)
       shutil.rmtree(path)
     os.replace(tmp, path)
   except BaseException:

@@ -39,8 +39,13 @@ def test_save_refuses_to_overwrite_and_leaves_no_partial_dirs(tmp_path):
   path = checkpoint.save(_lo(), tmp_path / "lo")
   with pytest.raises(FileExistsError):
     checkpoint.save(_lo(), path)
+  (path / "MODEL_CARD.md").write_text("# card")
+  (path / "stale.txt").write_text("old")
   checkpoint.save(_lo(), path, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["lo"]
+  # Overwriting keeps the model card and nothing else from before.
+  assert (path / "MODEL_CARD.md").read_text() == "# card"
+  assert not (path / "stale.txt").exists()
 
 
 def _rewrite_metadata(path, **changes):
