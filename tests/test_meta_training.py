@@ -122,7 +122,8 @@ def test_sp_warm_start_and_mismatched_artifact(tmp_path):
 def test_release_configs_load():
   """The configs the shipped artifacts were meta-trained with stay loadable."""
   root = pathlib.Path(__file__).parent.parent / "configs"
-  for name in ("release_mup.json", "release_mup_finetune.json", "release_sp.json"):
+  for name in ("release_mup.json", "release_mup_finetune.json",
+               "release_mup_finetune_decay.json", "release_sp.json"):
     config = load_config(root / name)
     assert config.mup == (name != "release_sp.json")
     names = [t.name for t in outer.resolve_tasks(config)]
