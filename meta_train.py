@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="only write checkpoint STEP of the run --out as an LO artifact "
                       "in --export-to (default RUN/step_STEP)")
   parser.add_argument("--export-to", default=None, metavar="DIR")
+  parser.add_argument("--score", default=None, metavar="STEPS",
+                      help="only score checkpoints STEPS (comma-separated) of the run --out "
+                      "on the validation suite (log meta-objective, informed; lower is "
+                      "better) -- how release checkpoints are picked")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--compile-cache", default=None, metavar="DIR",
                       help="persistent JAX compilation cache (default: .jax_cache next "
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     print(log_lib.plot_metrics(args.plot_run))
     return 0
 
+  if args.score is not None:
+    return _score(args.out, args.score)
   if args.export is not None:
     from metaopt.meta import run  # pylint: disable=g-import-not-at-top
     if not args.out:
@@ -132,6 +138,39 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['final']['informed']['meta_loss']:.4f}, blind "
           f"{s['warm_start']['blind']['meta_loss']:.4f} -> "
           f"{s['final']['blind']['meta_loss']:.4f}")
+  return 0
+
+
+def _score(out: str | None, steps_arg: str) -> int:
+  """Prints the validation-suite score of each listed checkpoint of run ``out``."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top
+  from metaopt.meta import run, validation  # pylint: disable=g-import-not-at-top
+  try:
+    steps = [int(s) for s in steps_arg.split(",")]
+  except ValueError:
+    print(f"--score {steps_arg!r}: expected comma-separated outer steps", file=sys.stderr)
+    return 2
+  if not out:
+    print("--score needs --out RUN (the run directory)", file=sys.stderr)
+    return 2
+  try:
+    los = {str(s): run.checkpoint_lo(out, s)[0] for s in steps}
+  except ValueError as e:
+    print(f"--score: {e}", file=sys.stderr)
+    return 2
+  config = next(iter(los.values())).config
+  scores = validation.score_thetas(config, {k: lo.theta for k, lo in los.items()},
+                                   tasks.get_suite("validation"))
+  labels = list(los)
+  print("| task | " + " | ".join(f"step {k}" for k in labels) + " |")
+  print("|---" * (len(labels) + 1) + "|")
+  for name, row in scores.items():
+    print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in labels) + " |")
+  first = labels[0]
+  for k in labels:
+    diffs = [row[k] - row[first] for row in scores.values()]
+    print(f"step {k}: mean {np.mean(diffs):+.4f}, worst {np.max(diffs):+.4f} vs step {first}")
   return 0
 
 

@@ -10,6 +10,9 @@
   (:data:`EVAL_RUNS` = 171 single-seed runs per task) fits in 20 minutes on a 2-core
   CPU: :func:`estimate_eval_seconds` gives ~15 minutes of AdamW runs (each step 0.05-2.6
   ms), leaving room for the learned optimizer's overhead and compiles.
+* ``validation``: 5 tasks that are in neither ``meta_train_default`` nor ``heldout``
+  (MLPs of width 96-256 on other data, a conv net and an LM of other sizes), 600 steps:
+  what meta-training checkpoints are selected on, so ``heldout`` stays a test set.
 * ``heldout-full``: ``heldout`` 8x wider, 2x deeper, with 10x longer horizons.
 * ``widths``: one muP MLP on digits at widths 64..8192 (:func:`widths_suite` builds it
   for any widths; use ``mup=False`` for the SP twin).
@@ -106,6 +109,20 @@ def _heldout() -> list[SuiteEntry]:
   ]
 
 
+def _validation() -> list[SuiteEntry]:
+  gmm = GaussianMixtureData(num_classes=10, dim=48, seed=11)
+  teacher = TeacherStudentData(input_dim=32, output_dim=4, teacher_width=64, seed=5)
+  return [
+      entry(MLPConfig(gmm, width=256, depth=2, activation="silu", batch_size=64), 600),
+      entry(MLPConfig(teacher, width=192, depth=3, activation="gelu", batch_size=32), 600),
+      entry(MLPConfig(DigitsData(), width=96, depth=2, activation="tanh", batch_size=32),
+            600),
+      entry(ConvConfig(DigitsData(), width=24, depth=2, batch_size=32), 600),
+      entry(TransformerLMConfig(width=48, depth=1, heads=2, context=16, batch_size=8),
+            600),
+  ]
+
+
 def scale_up(config: Any, width_factor: int = 8, depth_factor: int = 2) -> Any:
   """The same task ``width_factor`` x wider and ``depth_factor`` x deeper.
 
@@ -151,6 +168,7 @@ SUITES: dict[str, Callable[[], list[SuiteEntry]]] = {
     "meta_train_default": _meta_train_default,
     "heldout": _heldout,
     "heldout-full": _heldout_full,
+    "validation": _validation,
     "widths": widths_suite,
 }
 

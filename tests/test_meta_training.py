@@ -216,3 +216,32 @@ def test_log_objective_is_the_mean_log_of_the_normalized_losses():
   np.testing.assert_allclose(float(log_mean), np.mean(np.log(terms)), rtol=1e-5)
   with pytest.raises(ValueError, match="meta_objective"):
     MetaConfig(meta_objective="log10")
+
+
+def test_validation_suite_is_disjoint_from_training_and_heldout():
+  names = lambda suite: {tasks.build(e.config, 10).name for e in tasks.get_suite(suite)}
+  validation = names("validation")
+  assert len(validation) == 5
+  assert not validation & (names("heldout") | names("meta_train_default"))
+
+
+def test_score_thetas_ranks_a_faster_theta_better():
+  from metaopt.meta import validation
+  trainer = MetaTrainer(TINY)
+  slow = trainer.warm_theta
+  fast = {**slow, "log_lr": slow["log_lr"] + 3.0}  # muAdamW lr 2e-2 instead of 1e-3
+  entries = [tasks.SuiteEntry(QUADRATIC, 40, 0.0)]
+  scores = validation.score_thetas(trainer.lo_config, {"slow": slow, "fast": fast},
+                                   entries)
+  (row,) = scores.values()
+  assert row["fast"] < row["slow"] - 0.1, row
+
+
+def test_score_and_export_flags_fail_clearly(tmp_path, capsys):
+  import meta_train
+  assert meta_train.main(["--score", "1,x", "--out", str(tmp_path)]) == 2
+  assert "comma-separated outer steps" in capsys.readouterr().err
+  assert meta_train.main(["--score", "5"]) == 2
+  assert "--score needs --out" in capsys.readouterr().err
+  assert meta_train.main(["--export", "5"]) == 2
+  assert "--export needs --out" in capsys.readouterr().err

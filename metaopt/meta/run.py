@@ -195,6 +195,15 @@ def export_checkpoint(run_dir: str | pathlib.Path, step: int,
   How a release is cut from a run: validation picks an outer step (not necessarily
   the last), and that step's theta becomes a ``metaopt.load``-able artifact at ``path``.
   """
+  lo, meta = checkpoint_lo(run_dir, step)
+  export(lo, pathlib.Path(path), {"config": meta["config"], "outer_steps": step,
+                                  "tasks": meta["tasks"]})
+  return lo
+
+
+def checkpoint_lo(run_dir: str | pathlib.Path, step: int
+                  ) -> tuple[metaopt.LearnedOptimizer, dict[str, Any]]:
+  """The LO of checkpoint ``step`` of a run, and that checkpoint's run metadata."""
   run_dir = pathlib.Path(run_dir).absolute()
   manager = ckpt.checkpoint_manager(run_dir / CHECKPOINT_DIR, keep=1 << 30)
   steps = sorted(manager.all_steps())
@@ -205,10 +214,7 @@ def export_checkpoint(run_dir: str | pathlib.Path, step: int,
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   state = ocp.StandardCheckpointer().restore(run_dir / CHECKPOINT_DIR / str(step) / "state")
   theta = {k: np.asarray(v, np.float32) for k, v in state["theta"].items()}
-  lo = metaopt.LearnedOptimizer(metaopt.LOConfig.from_dict(meta["lo_config"]), theta)
-  export(lo, pathlib.Path(path), {"config": meta["config"], "outer_steps": step,
-                                  "tasks": meta["tasks"]})
-  return lo
+  return metaopt.LearnedOptimizer(metaopt.LOConfig.from_dict(meta["lo_config"]), theta), meta
 
 
 def _first_record(log: log_lib.MetricsLog, theta: str) -> dict[str, Any] | None:

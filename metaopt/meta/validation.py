@@ -63,3 +63,21 @@ def evaluate_theta(lo_config: lopt.LOConfig, theta: dict, task_list, *, num_step
       out[task.name]["informed" if informed else "blind"] = {
           k: float(v) for k, v in fn(theta).items()}
   return out
+
+
+def score_thetas(lo_config: lopt.LOConfig, thetas: dict[str, dict], entries, *,
+                 seeds: int = 2, log_loss: bool = True) -> dict[str, dict[str, float]]:
+  """``{task name: {label: meta-objective}}`` of each theta on suite ``entries``.
+
+  Informed runs (``value`` and ``num_steps`` passed) of each entry's full horizon; one
+  compilation per task serves every theta. With ``log_loss`` (the default) late progress
+  counts: this is how release checkpoints are selected on the ``validation`` suite.
+  """
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for entry in entries:
+    task = tasks_lib.build(entry.config, entry.num_steps)
+    fn = make_evaluator(lo_config, task, num_steps=entry.num_steps, seeds=seeds,
+                        informed=True, log_loss=log_loss)
+    out[task.name] = {label: float(fn(theta)["meta_loss"]) for label, theta in thetas.items()}
+  return out
