@@ -1,4 +1,5 @@
-"""Pieces shared by the model definitions: activations and muP/SP initializers."""
+"""Pieces shared by the model definitions: activations, muP/SP initializers and the
+Flax init/apply/activations adapter."""
 
 from __future__ import annotations
 
@@ -55,3 +56,23 @@ def data_name(data) -> str:
     raise ValueError(f"{data!r} is not a data config; expected one of "
                      f"{[c.__name__ for c in (*names, TFDSImageData)]}.")
   return names[type(data)]
+
+
+def flax_functions(model: nn.Module, dummy_input: jax.Array):
+  """``(init, apply, activations)`` of a Flax classifier that ``sow``s its activations.
+
+  ``activations(params, batch)`` returns every sown intermediate plus ``"logits"`` (what
+  the muP coordinate check reads).
+  """
+
+  def init(key):
+    return model.init(key, dummy_input)["params"]
+
+  def apply(params, x):
+    return model.apply({"params": params}, x)
+
+  def activations(params, batch):
+    logits, state = model.apply({"params": params}, batch["x"], mutable=["intermediates"])
+    return {**{k: v[0] for k, v in state["intermediates"].items()}, "logits": logits}
+
+  return init, apply, activations

@@ -141,17 +141,8 @@ def build(config: ConvConfig, num_steps: int = base.DEFAULT_NUM_STEPS) -> base.T
   roles = conv_roles(config, dataset.input_shape[-1])
   model = ConvNet(config.width, config.depth, config.kernel_size, dataset.num_outputs,
                   config.activation, config.mup, roles["readout"]["kernel"].output_multiplier)
-  dummy = jnp.zeros((1, *dataset.input_shape), jnp.float32)
-
-  def init(key):
-    return model.init(key, dummy)["params"]
-
-  def apply(params, x):
-    return model.apply({"params": params}, x)
-
-  def activations(params, batch):
-    logits, state = model.apply({"params": params}, batch["x"], mutable=["intermediates"])
-    return {**{k: v[0] for k, v in state["intermediates"].items()}, "logits": logits}
+  init, apply, activations = _common.flax_functions(
+      model, jnp.zeros((1, *dataset.input_shape), jnp.float32))
 
   return base.supervised_task(
       name=config.name, config=config, init=init, apply=apply,

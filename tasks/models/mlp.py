@@ -107,18 +107,8 @@ def build(config: MLPConfig, num_steps: int = base.DEFAULT_NUM_STEPS) -> base.Ta
   roles = mlp_roles(config, input_dim)
   model = MLP(config.width, config.depth, dataset.num_outputs, config.activation,
               config.mup, roles["readout"]["kernel"].output_multiplier)
-  dummy = jnp.zeros((1, *dataset.input_shape), jnp.float32)
-
-  def init(key):
-    return model.init(key, dummy)["params"]
-
-  def apply(params, x):
-    return model.apply({"params": params}, x)
-
-  def activations(params, batch):
-    logits, state = model.apply({"params": params}, batch["x"], mutable=["intermediates"])
-    acts = {k: v[0] for k, v in state["intermediates"].items()}
-    return {**acts, "logits": logits}
+  init, apply, activations = _common.flax_functions(
+      model, jnp.zeros((1, *dataset.input_shape), jnp.float32))
 
   return base.supervised_task(
       name=config.name, config=config, init=init, apply=apply,

@@ -160,18 +160,9 @@ def build(config: TransformerLMConfig,
   model = TransformerLM(config.width, config.depth, config.heads, config.context,
                         config.mlp_ratio, corpus.vocab_size, config.mup,
                         roles["readout"]["kernel"].output_multiplier)
-  dummy = jnp.zeros((1, config.context), jnp.int32)
+  init, apply, activations = _common.flax_functions(
+      model, jnp.zeros((1, config.context), jnp.int32))
   eval_windows = text.fixed_windows(corpus, config.context)
-
-  def init(key):
-    return model.init(key, dummy)["params"]
-
-  def apply(params, x):
-    return model.apply({"params": params}, x)
-
-  def activations(params, batch):
-    logits, state = model.apply({"params": params}, batch["x"], mutable=["intermediates"])
-    return {**{k: v[0] for k, v in state["intermediates"].items()}, "logits": logits}
 
   return base.supervised_task(
       name=config.name, config=config, init=init, apply=apply,
