@@ -148,6 +148,11 @@ class MetaConfig:
   def num_blind_members(self) -> int:
     return 2 * self.num_blind_pairs
 
+  @property
+  def log_loss(self) -> bool:
+    """Whether unrolls score the log meta-objective (training and validation alike)."""
+    return self.meta_objective == "log"
+
   def replace(self, **changes) -> "MetaConfig":
     return dataclasses.replace(self, **changes)
 

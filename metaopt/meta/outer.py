@@ -213,7 +213,7 @@ class MetaTrainer:
                          informed=group.informed, augment_scale=self.config.augment_scale)
     return est_lib.UnrollSpec(problem, self.schedule, self.config.loss_bound,
                               self.unravel, self.mesh,
-                              log_loss=self.config.meta_objective == "log")
+                              log_loss=self.config.log_loss)
 
   def active_tasks(self, step: int) -> tuple[int, ...]:
     return active_tasks(self.config, len(self.tasks), step)

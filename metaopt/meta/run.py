@@ -61,7 +61,7 @@ class _Validator:
     self.fns = {mode: make_evaluator(trainer.lo_config, task, num_steps=c.horizon,
                                      seeds=c.validation_seeds, informed=mode == "informed",
                                      loss_bound=c.loss_bound, seed=c.seed + 12345,
-                                     log_loss=c.meta_objective == "log")
+                                     log_loss=c.log_loss)
                 for mode in ("informed", "blind")}
 
   def lower(self, theta) -> list:
