@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
   if args.score is not None:
     return _score(args.out, args.score)
   if args.export is not None:
-    from metaopt.meta import run  # pylint: disable=g-import-not-at-top
+    from metaopt.meta import checkpointing, run  # pylint: disable=g-import-not-at-top
     if not args.out:
       print("--export needs --out RUN (the run directory)", file=sys.stderr)
       return 2
     dest = args.export_to or pathlib.Path(args.out) / f"step_{args.export}"
     try:
       run.export_checkpoint(args.out, args.export, dest)
-    except ValueError as e:
+    except (ValueError, checkpointing.CheckpointError) as e:
       print(f"--export: {e}", file=sys.stderr)
       return 2
     print(f"wrote {dest}")
@@ -145,7 +145,7 @@ def _score(out: str | None, steps_arg: str) -> int:
   """Prints the validation-suite score of each listed checkpoint of run ``out``."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top
-  from metaopt.meta import run, validation  # pylint: disable=g-import-not-at-top
+  from metaopt.meta import checkpointing, run, validation  # pylint: disable=g-import-not-at-top
   try:
     steps = [int(s) for s in steps_arg.split(",")]
   except ValueError:
@@ -156,7 +156,7 @@ def _score(out: str | None, steps_arg: str) -> int:
     return 2
   try:
     los = {str(s): run.checkpoint_lo(out, s)[0] for s in steps}
-  except ValueError as e:
+  except (ValueError, checkpointing.CheckpointError) as e:
     print(f"--score: {e}", file=sys.stderr)
     return 2
   config = next(iter(los.values())).config

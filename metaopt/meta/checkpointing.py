@@ -133,6 +133,19 @@ def check_shapes(manager, step: int, abstract_state, where: str) -> None:
         f"{extra[:5]}, different shape/dtype {wrong[:5]}.")
 
 
+def restore_theta(manager, step: int) -> dict[str, Any]:
+  """Only theta of checkpoint ``step`` (host arrays), readable without the run's trainer:
+  what exporting or scoring a checkpoint needs."""
+  ocp = _ocp()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  except Exception as e:  # orbax raises many types; report them as one.
+    raise CheckpointError(f"checkpoint {manager.directory}/{step}: could not restore "
+                          f"theta ({type(e).__name__}: {e}).") from e
+  return dict(restored["state"]["theta"])
+
+
 def restore(manager, step: int, abstract_state, expected_metadata: dict[str, Any]):
   """The state saved at ``step``, placed with ``abstract_state``'s shardings."""
   ocp = _ocp()

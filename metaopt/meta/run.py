@@ -211,9 +211,7 @@ def checkpoint_lo(run_dir: str | pathlib.Path, step: int
     raise ValueError(f"{run_dir} has no checkpoint at outer step {step}; it has "
                      f"{steps or 'none'}.")
   meta = ckpt.read_metadata(manager, step)
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  state = ocp.StandardCheckpointer().restore(run_dir / CHECKPOINT_DIR / str(step) / "state")
-  theta = {k: np.asarray(v, np.float32) for k, v in state["theta"].items()}
+  theta = {k: np.asarray(v, np.float32) for k, v in ckpt.restore_theta(manager, step).items()}
   return metaopt.LearnedOptimizer(metaopt.LOConfig.from_dict(meta["lo_config"]), theta), meta
 
 

@@ -12,8 +12,9 @@ where ``l_i(0)`` is the episode's initial loss (so tasks of different loss scale
 and ``B`` the loss bound. With ``log_loss`` each term is instead
 ``log(max(min(l_i(t+k) / l_i(0), B), 1e-8))``: the linear mean stops rewarding progress
 once the loss is a few percent of its initial value, so meta-training on it learns to
-descend fast and then stall; the log keeps every further decade worth the same. Once a loss is NaN/inf the rest of the truncation contributes
-``B`` and the member is marked non-finite (its episode is then reset).
+descend fast and then stall; the log keeps every further decade worth the same. Once a
+loss is NaN/inf the rest of the truncation contributes ``B`` and the member is marked
+non-finite (its episode is then reset).
 
 :func:`unroll_population` and :func:`unroll_population_with_grad` shard the population
 axis over a 1-D device mesh with ``jax.shard_map``: every device unrolls its own members,
