@@ -50,6 +50,11 @@ def adam_direction(m_hat, v_hat, eps, eps_root=0.0):
   return jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), m_hat, v_hat)
 
 
+def inverse_adam_denominator(v_hat, eps):
+  """1 / (sqrt(v_hat) + eps): Adam's preconditioner, for directions built as products."""
+  return 1 / (jnp.sqrt(v_hat) + eps)
+
+
 class MultiEmaState(NamedTuple):
   """Momentum EMAs at several decays (one tree per decay)."""
 
@@ -85,11 +90,15 @@ class FactoredMoment(NamedTuple):
 
 
 def factored_init(leaf: jax.Array) -> FactoredMoment:
-  shape = jnp.shape(leaf)
-  if len(shape) < 2:
-    return FactoredMoment(jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.float32))
-  return FactoredMoment(jnp.zeros(shape[:-1], jnp.float32),
-                        jnp.zeros(shape[:-2] + shape[-1:], jnp.float32))
+  """Zero accumulators for ``leaf``, in its dtype (float32 at least).
+
+  They are reductions of a zero buffer shaped like ``leaf``, so a sharded ``leaf`` gives
+  accumulators sharded like the axes they keep.
+  """
+  zeros = jnp.zeros_like(leaf, dtype=jnp.promote_types(jnp.result_type(leaf), jnp.float32))
+  if jnp.ndim(leaf) < 2:
+    return FactoredMoment(zeros, jnp.zeros((), zeros.dtype))
+  return FactoredMoment(jnp.sum(zeros, axis=-1), jnp.sum(zeros, axis=-2))
 
 
 def update_factored(acc: FactoredMoment, g: jax.Array, decay, eps: float = 1e-30
@@ -154,9 +163,14 @@ def torque_cosine(m_prev: jax.Array, g: jax.Array, eps: float = 1e-12) -> jax.Ar
   """s_t = <m_{t-1}, g_t> / (||m_{t-1}|| ||g_t||) per tensor; 0 where a norm is 0."""
   m = m_prev.astype(jnp.promote_types(m_prev.dtype, jnp.float32))
   gg = g.astype(m.dtype)
-  denom = jnp.linalg.norm(m.ravel()) * jnp.linalg.norm(gg.ravel())
-  return jnp.where(denom > eps, jnp.vdot(m.ravel(), gg.ravel()) / jnp.maximum(denom, eps),
-                   0.0)
+  return torque_cosine_from_sums(jnp.vdot(m.ravel(), gg.ravel()),
+                                 jnp.sum(jnp.square(m)), jnp.sum(jnp.square(gg)), eps)
+
+
+def torque_cosine_from_sums(m_dot_g, m_sq, g_sq, eps: float = 1e-12):
+  """:func:`torque_cosine` from <m, g>, ||m||^2 and ||g||^2 (for fused reductions)."""
+  denom = jnp.sqrt(m_sq) * jnp.sqrt(g_sq)
+  return jnp.where(denom > eps, m_dot_g / jnp.maximum(denom, eps), 0.0)
 
 
 def update_torque_ema(s_hat, s, gamma):
@@ -181,8 +195,30 @@ def update_tam_momentum(m, g, beta, damping, eps):
 
 def cautious_mask(u: jax.Array, g: jax.Array, min_mean: float = 1e-3) -> jax.Array:
   """phi = 1[u * g > 0] / max(mean(1[u * g > 0]), min_mean), per tensor."""
-  phi = (u * g > 0).astype(u.dtype)
+  phi = agreement(u, g)
   return phi / jnp.maximum(jnp.mean(phi), min_mean).astype(u.dtype)
+
+
+def agreement(u: jax.Array, g: jax.Array) -> jax.Array:
+  """1[u * g > 0]: where a direction agrees in sign with the gradient (the cautious mask
+  before its renormalization)."""
+  return (u * g > 0).astype(u.dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Sign-based directions.
+
+
+def lion_direction(m_prev: jax.Array, g: jax.Array, b1) -> jax.Array:
+  """Lion's sign(b1 m_{t-1} + (1 - b1) g_t) (Chen et al, "Symbolic Discovery of
+  Optimization Algorithms", arXiv:2302.06675, 2023)."""
+  return jnp.sign(b1 * m_prev + (1 - b1) * g)
+
+
+def grams_direction(g: jax.Array, u: jax.Array) -> jax.Array:
+  """Grams' sign(g) |u|: the magnitude of ``u`` with the gradient's sign (Cao et al,
+  "Grams: Gradient Descent with Adaptive Momentum Scaling", arXiv:2412.17107, 2024)."""
+  return jnp.sign(g) * jnp.abs(u)
 
 
 # ----------------------------------------------------------------------------------

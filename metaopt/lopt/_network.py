@@ -10,9 +10,9 @@ The MLP maps F features to a direction ``d`` and a log-magnitude ``m`` per param
 Its output layer starts at zero, so a fresh LO is exactly its classical mix.
 
 Features that are constant over a tensor (time, per-tensor statistics) enter as a
-per-tensor bias, costing nothing per parameter; the per-parameter features form an
-``[n, F]`` matrix that the update builds in chunks for large tensors, so memory stays
-bounded however large a tensor is.
+per-tensor bias, costing nothing per parameter. The per-parameter features stay
+separate arrays, one per feature: the MLP runs as per-output multiply-adds over them,
+which XLA fuses into one elementwise loop, so no ``[n, F]`` matrix is ever built.
 """
 
 from __future__ import annotations
@@ -51,21 +51,31 @@ def theta_shapes(config: LOConfig) -> dict[str, tuple[int, ...]]:
           "b1": (hidden,), "w2": (hidden, 2), "b2": (2,)}
 
 
-def hidden_bias(theta: Theta, tensor_features: Sequence[jax.Array], offset: int):
-  """b1 + sum_f w1[offset + f] * feature_f for scalar (per-tensor) features."""
-  bias = theta["b1"]
-  for i, f in enumerate(tensor_features):
-    bias = bias + theta["w1"][offset + i] * f
-  return bias
+def hidden_bias(theta: Theta, tensor_features: jax.Array, offset: int) -> jax.Array:
+  """b1 + tensor_features @ w1[offset:offset + k] for per-tensor features.
 
-
-def mlp_outputs(theta: Theta, features: jax.Array, bias: jax.Array,
-                dtype) -> tuple[jax.Array, jax.Array]:
-  """(direction, log_magnitude) per element from ``features[..., F_elementwise]``.
-
-  The per-tensor features enter through ``bias`` (see :func:`hidden_bias`).
+  ``tensor_features`` is ``[..., k]`` (one row per tensor); returns ``[..., hidden]``.
   """
-  num = features.shape[-1]
-  hidden = jax.nn.relu(features @ theta["w1"][:num].astype(dtype) + bias.astype(dtype))
-  out = hidden @ theta["w2"].astype(dtype) + theta["b2"].astype(dtype)
-  return out[..., 0], out[..., 1]
+  w1 = theta["w1"]
+  k = tensor_features.shape[-1]
+  return theta["b1"] + tensor_features.astype(w1.dtype) @ w1[offset:offset + k]
+
+
+def mlp_outputs_elementwise(theta: Theta, features: Sequence[jax.Array], bias: jax.Array,
+                            dtype) -> tuple[jax.Array, jax.Array]:
+  """(direction, log_magnitude) per element from per-parameter feature arrays.
+
+  ``features[f]`` is the f-th elementwise feature (all of one shape); the per-tensor
+  features enter through ``bias`` (see :func:`hidden_bias`). Computes
+  ``relu(sum_f features[f] w1[f] + bias) @ w2 + b2`` one hidden unit at a time.
+  """
+  w1, w2 = theta["w1"].astype(dtype), theta["w2"].astype(dtype)
+  b2, bias = theta["b2"].astype(dtype), bias.astype(dtype)
+  out = [b2[0], b2[1]]
+  for j in range(w1.shape[1]):
+    pre = bias[j]
+    for f, feat in enumerate(features):
+      pre = pre + feat * w1[f, j]
+    hidden = jax.nn.relu(pre)
+    out = [out[0] + hidden * w2[j, 0], out[1] + hidden * w2[j, 1]]
+  return out[0], out[1]

@@ -15,12 +15,26 @@ One step, for every tensor (leaf) W with gradient g and parameter x:
    With ``horizon_decay="linear"`` and ``num_steps`` given, lr is multiplied by
    1 - (t - 1) / num_steps at step t (1-based).
 
+How it computes (the engine). No per-parameter feature matrix is built and nothing runs
+serially over chunks. Per tensor: one fused pass advances the moments and gives the raw
+sums (TAM's torque cosine, MoMo's inner products); then, with the cross-tensor scalars
+known, TAM's and LaProp's momenta; one fused reduction pass gives every feature
+statistic (the cautious mask's mean, the feature sums of squares, the parameter and
+gradient RMS); and one fused elementwise pass builds the features, runs the MLP as
+per-output multiply-adds (a ``[n, 27] @ [27, 8]`` matmul on skinny operands is not what
+XLA fuses) and writes the update. The per-tensor scalar math runs once for all tensors,
+as ``[num_tensors, k]`` arrays. Every pass works on each tensor's own shape, so a
+sharded parameter keeps its sharding and no parameter is gathered. Small tensors of
+equal shape and dtype are stacked and processed by one vmapped program (XLA:CPU's
+compile time is per distinct fused program).
+
 The state holds six parameter-shaped buffers (three momenta, v, TAM and LaProp
 momenta), small factored accumulators and scalars; never the parameters.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -55,17 +69,30 @@ def state_dtype(leaf) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(leaf), jnp.float32)
 
 
+def _zeros_like(leaf, dtype):
+  """Zeros with ``leaf``'s shape and, for a concrete sharded array, its sharding."""
+  sharding = getattr(leaf, "sharding", None)
+  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+    return jnp.zeros_like(leaf, dtype=dtype)  # keeps a committed array's sharding.
+  if sharding is not None and isinstance(leaf, jax.ShapeDtypeStruct):
+    return jnp.zeros(leaf.shape, dtype, device=sharding)
+  return jnp.zeros(jnp.shape(leaf), dtype)
+
+
 def init_state(params: Tree, mup_scale: Tree) -> LOState:
-  zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), state_dtype(x)), params)
+  """A fresh state; works on arrays, sharded arrays and ``jax.ShapeDtypeStruct`` trees.
+
+  Parameter-shaped buffers take their parameter's sharding; the factored accumulators
+  are reductions of such a buffer, so they take the matching part of it.
+  """
+  zeros = jax.tree.map(lambda x: _zeros_like(x, state_dtype(x)), params)
   scalar_dtype = jnp.result_type(*[state_dtype(x) for x in jax.tree.leaves(params)] or
                                  [jnp.float32])
   return LOState(
       count=jnp.zeros([], jnp.int32),
       momenta=(zeros, zeros, zeros),
       second_moment=zeros,
-      factored=jax.tree.map(
-          lambda x: jax.tree.map(lambda a: a.astype(state_dtype(x)), F.factored_init(x)),
-          params),
+      factored=jax.tree.map(F.factored_init, zeros),
       tam_momentum=zeros,
       torque_ema=jax.tree.map(lambda x: jnp.zeros([], state_dtype(x)), params),
       laprop_momentum=zeros,
@@ -79,203 +106,352 @@ def init_state(params: Tree, mup_scale: Tree) -> LOState:
 class StepContext(NamedTuple):
   """Scalars shared by every tensor in one step (the cross-tensor part of the rules)."""
 
-  t: jax.Array  # 1-based step.
   bc_fast: jax.Array  # 1 - b_fast^t
   bc_v: jax.Array  # 1 - b2^t
   bc_laprop: jax.Array  # 1 - b_laprop^t
   momo_tau: jax.Array  # MoMo-Adam's step (its cap alpha / bc_fast without a loss).
-  polyak_ratio: jax.Array  # momo_tau / cap in [0, 1] (1 without a loss).
-  has_loss: jax.Array  # 1.0 when value= was given.
-  time: jax.Array  # [len(TIME_TAUS) + 2] time features.
+  learning_rate: jax.Array  # the user's multiplier, with the horizon decay applied.
 
 
-def _leafwise(fn, *trees):
-  return jax.tree.map(fn, *trees)
+class LeafInputs(NamedTuple):
+  """One tensor's quantities after this step's state update: what features read."""
+
+  g: jax.Array
+  x: jax.Array
+  m_fast: jax.Array
+  m_mid_prev: jax.Array  # before this step: Lion interpolates it with g.
+  m_slow: jax.Array
+  v: jax.Array
+  tam_m: jax.Array
+  laprop_m: jax.Array
+  rsqrt_fact: jax.Array  # 1 / sqrt(Adafactor's V_hat).
+  mup_scale: jax.Array
+
+
+class Moments(NamedTuple):
+  """One tensor's moments that need no cross-tensor scalar (the first pass)."""
+
+  m_fast: jax.Array
+  m_mid: jax.Array
+  m_slow: jax.Array
+  v: jax.Array
+  factored: F.FactoredMoment
+
+
+class TensorScalars(NamedTuple):
+  """Per-tensor statistics the elementwise pass reads."""
+
+  cautious_norm: jax.Array  # 1 / max(mean(cautious mask), 1e-3)
+  inv_rms: jax.Array  # [len(NORMALIZED_FEATURES)] 1 / RMS of each feature.
+  bias: jax.Array  # [hidden] the MLP's first-layer bias with per-tensor features.
+
+
+class Candidates(NamedTuple):
+  """The classical directions of one tensor, in :data:`CANDIDATE_NAMES` order."""
+
+  sgdm: jax.Array
+  adam: jax.Array
+  lion: jax.Array
+  cautious_adam: jax.Array
+  tam: jax.Array
+  adatam: jax.Array
+  ademamix: jax.Array
+  momo_adam: jax.Array
+  grams: jax.Array
+  laprop: jax.Array
+  weight_decay: jax.Array
+
+
+assert Candidates._fields == CANDIDATE_NAMES
+
+
+def candidate_directions(config: LOConfig, ctx: StepContext, inp: LeafInputs,
+                         cautious_norm) -> tuple[Candidates, Any]:
+  """The classical directions (before the learning rate; optax sign: to be subtracted).
+
+  ``cautious_norm`` is the per-tensor renormalization 1 / max(mean(mask), 1e-3) of the
+  cautious mask (:func:`metaopt.features.cautious_mask`). Returns the candidates and
+  ``inverse_denominator(eps)`` = 1 / (sqrt(v_hat) + eps).
+
+  Divisions are multiplications by reciprocals computed once per tensor (or once per
+  scalar): XLA does not duplicate a division into the several fusions that read it, so
+  each quotient would otherwise be written to memory and read back.
+  """
+  g = inp.g
+  m_hat = inp.m_fast * (1 / ctx.bc_fast)
+  v_hat = inp.v * (1 / ctx.bc_v)
+  cache = {}
+
+  def inverse_denominator(eps):
+    if eps not in cache:
+      cache[eps] = F.inverse_adam_denominator(v_hat, eps)
+    return cache[eps]
+
+  adam = m_hat * inverse_denominator(config.adam_eps)
+  cands = Candidates(
+      sgdm=inp.m_fast * (1 / (1 - config.momentum_decays[0])),
+      adam=adam,
+      lion=F.lion_direction(inp.m_mid_prev, g, config.lion_b1),
+      cautious_adam=adam * (F.agreement(adam, g) * cautious_norm),
+      tam=inp.tam_m,
+      adatam=inp.tam_m * inverse_denominator(config.adatam_eps),
+      ademamix=(m_hat + config.ademamix_alpha * inp.m_slow) *
+      inverse_denominator(config.adam_eps),
+      momo_adam=ctx.momo_tau * inp.m_fast * inverse_denominator(config.adam_eps),
+      grams=F.grams_direction(g, m_hat * inverse_denominator(config.grams_eps)),
+      laprop=inp.laprop_m * (1 / ctx.bc_laprop),
+      weight_decay=inp.x,
+  )
+  return cands, inverse_denominator
+
+
+def _elementwise_features(config, ctx, inp: LeafInputs):
+  """(candidates, raw normalized-feature values, bounded features) of one tensor.
+
+  The cautious candidate and feature are returned *before* their per-tensor
+  renormalization (``cautious_norm = 1``): the norm is a statistic of this same pass.
+  """
+  cands, inverse_denominator = candidate_directions(config, ctx, inp, 1.0)
+  g, rsqrt_fact = inp.g, inp.rsqrt_fact
+  by_name = dict(grad=g, param=inp.x, momentum_fast=inp.m_fast,
+                 momentum_mid=inp.m_mid_prev, momentum_slow=inp.m_slow,
+                 rsqrt_second_moment=inverse_denominator(1e-8), adam=cands.adam,
+                 adafactor_grad=g * rsqrt_fact, adafactor_momentum=inp.m_fast * rsqrt_fact,
+                 tam_momentum=inp.tam_m, laprop=inp.laprop_m, lion_sign=cands.lion,
+                 cautious_adam=cands.cautious_adam, grams=cands.grams,
+                 ademamix=cands.ademamix)
+  agreement = F.agreement(cands.adam, g)
+  return cands, [by_name[n] for n in NORMALIZED_FEATURES], [agreement]
+
+
+assert BOUNDED_FEATURES == ("cautious_agreement",)
+_CAUTIOUS = NORMALIZED_FEATURES.index("cautious_adam")
+
+
+_ROW = 128  # row length of the variadic reduction over long vectors.
+
+
+def _sum_all(arrays: list) -> list:
+  """The sum of every element of each array (all of one shape), in one pass.
+
+  Row sums over the last axis come from one variadic ``lax.reduce`` over all operands:
+  one loop over the tensor into which XLA fuses the elementwise producers (separate
+  ``jnp.sum`` calls each become their own reduction on XLA:CPU and force every operand
+  to be written to memory first). That loop accumulates sequentially, so it only runs
+  along rows; the row sums are then added by ``jnp.sum``, keeping float32 error at the
+  level of a plain sum. Vectors and scalars use ``jnp.sum`` directly.
+  """
+  if arrays[0].ndim < 2:
+    size = arrays[0].size
+    if size < 2 * _ROW or size % _ROW:
+      return list(jnp.sum(jnp.stack(arrays).reshape(len(arrays), -1), axis=1))
+    arrays = [a.reshape(-1, _ROW) for a in arrays]
+  zeros = tuple(jnp.zeros([], a.dtype) for a in arrays)
+  add = lambda acc, x: tuple(u + w for u, w in zip(acc, x))
+  rows = jax.lax.reduce(tuple(arrays), zeros, add, (arrays[0].ndim - 1,))
+  stacked = jnp.stack([r.reshape(-1) for r in rows])
+  return list(jnp.sum(stacked, axis=1))
+
+
+def _log_rms(sum_sq, size):
+  return jnp.log10(jnp.sqrt(sum_sq / size) + 1e-8) / 4.0
+
+
+# The per-tensor sums of the first pass: TAM's torque cosine, then MoMo's inner products.
+_TORQUE_SUMS = 3
+_MOMO_SUMS = 3
+
+
+def _first_pass(config: LOConfig, bc_v, with_loss: bool, m_fast, m_mid, m_slow, v,
+                factored, tam_m, g, x):
+  """Moments from :mod:`metaopt.features` and the raw per-tensor sums, in one pass.
+
+  Sums: <m_tam, g>, ||m_tam||^2, ||g||^2 (TAM's torque cosine, before this step's TAM
+  momentum) and, with a loss, <g, x>, <m, m / (sqrt(v_hat) + eps)>, <m, x> (MoMo-Adam).
+  """
+  b_fast, b_mid, b_slow = config.momentum_decays
+  m_fast = F.update_ema(m_fast, g, b_fast)
+  v = F.update_second_moment(v, g, config.second_moment_decay)
+  moments = Moments(m_fast=m_fast, m_mid=F.update_ema(m_mid, g, b_mid),
+                    m_slow=F.update_ema(m_slow, g, b_slow), v=v,
+                    factored=F.update_factored(factored, g, config.factored_decay))
+  terms = [tam_m * g, jnp.square(tam_m), jnp.square(g)]
+  if with_loss:
+    direction = m_fast * F.inverse_adam_denominator(v * (1 / bc_v), config.adam_eps)
+    terms += [g * x, m_fast * direction, m_fast * x]
+  return moments, jnp.stack(_sum_all(terms))
+
+
+def _tam_laprop_pass(config: LOConfig, bc_v, damping, tam_m, laprop_m, factored, g, v):
+  """TAM's and LaProp's momenta, and Adafactor's 1 / sqrt(V_hat), of one tensor."""
+  tam_m = F.update_tam_momentum(tam_m, g, config.tam_beta, damping, config.tam_eps)
+  laprop_in = F.adam_direction(g, v * (1 / bc_v), config.laprop_eps)
+  laprop_m = F.update_ema(laprop_m, laprop_in, config.laprop_b1)
+  rsqrt_fact = jax.lax.rsqrt(F.factored_second_moment(factored, g) + 1e-30)
+  return tam_m, laprop_m, rsqrt_fact
+
+
+def _statistics_pass(config: LOConfig, ctx: StepContext, inp: LeafInputs):
+  """Every per-tensor sum the features need: each normalized feature's sum of squares
+  (the cautious one before its renormalization), then the cautious mask's count."""
+  _, raw, bounded = _elementwise_features(config, ctx, inp)
+  return jnp.stack(_sum_all([jnp.square(f) for f in raw] + bounded))
+
+
+def _tensor_scalars(theta: dict, sums, sizes, tensor_features, time) -> TensorScalars:
+  """Per-tensor statistics of every tensor at once (rows: tensors).
+
+  ``tensor_features``: the first per-tensor features (damping, Polyak ratio, has-loss),
+  to which the two log-RMS features and the time features are appended, as in
+  :data:`metaopt.lopt.FEATURE_NAMES`.
+  """
+  cautious_norm = 1 / jnp.maximum(sums[:, -1] / sizes, 1e-3)
+  sum_sq = sums[:, :-1].at[:, _CAUTIOUS].multiply(jnp.square(cautious_norm))
+  inv_rms = jax.lax.rsqrt(sum_sq / sizes[:, None] + 1e-8)
+  idx_x, idx_g = NORMALIZED_FEATURES.index("param"), NORMALIZED_FEATURES.index("grad")
+  log_rms = [_log_rms(sum_sq[:, idx_x], sizes), _log_rms(sum_sq[:, idx_g], sizes)]
+  scalars = jnp.concatenate([tensor_features, jnp.stack(log_rms, axis=1),
+                             jnp.broadcast_to(time, (sizes.shape[0], time.shape[0]))], axis=1)
+  assert scalars.shape[1] == len(TENSOR_FEATURES) + len(TIME_TAUS) + 2
+  num_elementwise = len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
+  return TensorScalars(cautious_norm, inv_rms,
+                       _network.hidden_bias(theta, scalars, offset=num_elementwise))
+
+
+def _tensor_update(config: LOConfig, theta: dict, ctx: StepContext, inp: LeafInputs,
+                   scalars: TensorScalars):
+  """The update of one tensor: features, MLP and classical mix in one elementwise pass."""
+  dtype = inp.g.dtype
+  cands, raw, bounded = _elementwise_features(config, ctx, inp)
+  cautious_norm = scalars.cautious_norm.astype(dtype)
+  cands = cands._replace(cautious_adam=cands.cautious_adam * cautious_norm)
+  raw[_CAUTIOUS] = raw[_CAUTIOUS] * cautious_norm
+  clip = config.feature_clip
+  inv_rms = scalars.inv_rms.astype(dtype)
+  feats = [jnp.clip(f * inv_rms[i], -clip, clip) for i, f in enumerate(raw)]
+  direction, log_mag = _network.mlp_outputs_elementwise(theta, feats + bounded,
+                                                         scalars.bias, dtype)
+  mix = theta["mix"].astype(dtype)
+  classical = sum(mix[k] * c for k, c in enumerate(cands))
+  step = classical + config.step_mult * direction
+  log_mag = jnp.clip(config.log_step_mult * log_mag, -config.max_log_step,
+                     config.max_log_step)
+  scale = ctx.learning_rate * inp.mup_scale * jnp.exp(theta["log_lr"].astype(dtype))
+  return -scale * step * jnp.exp(log_mag)
 
 
 def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: Tree, *,
            value=None, num_steps=None, learning_rate=1.0):
   """One learned-optimizer step; returns (updates, new_state). Pure and jittable."""
-  b_fast, b_mid, b_slow = config.momentum_decays
-  b2 = config.second_moment_decay
-  sdt = jax.tree.map(lambda m: m.dtype, state.second_moment)
-  g = jax.tree.map(lambda gr, dt: gr.astype(dt), grads, sdt)
-  x = jax.tree.map(lambda p, dt: p.astype(dt), params, sdt)
+  treedef = jax.tree.structure(params)
+  flat = treedef.flatten_up_to
+  sdt = [m.dtype for m in flat(state.second_moment)]
+  g = [gr.astype(dt) for gr, dt in zip(flat(grads), sdt)]
+  x = [p.astype(dt) for p, dt in zip(flat(params), sdt)]
   count = optax.safe_increment(state.count)
   scalar_dt = state.loss_ema.dtype
   t = count.astype(scalar_dt)
+  bc = lambda b: 1 - jnp.asarray(b, scalar_dt)**t
+  bc_fast, bc_v = bc(config.momentum_decays[0]), bc(config.second_moment_decay)
+  with_loss = value is not None
+  keys = [(a.shape, a.dtype) for a in g]
+  stack = lambda rows: jnp.stack([r.astype(scalar_dt) for r in rows])
 
-  # 1. Raw state.
-  m_fast = F.update_ema(state.momenta[0], g, b_fast)
-  m_mid = F.update_ema(state.momenta[1], g, b_mid)
-  m_slow = F.update_ema(state.momenta[2], g, b_slow)
-  v = F.update_second_moment(state.second_moment, g, b2)
-  factored = jax.tree.map(lambda acc, gr: F.update_factored(acc, gr, config.factored_decay),
-                          state.factored, g,
-                          is_leaf=lambda a: isinstance(a, F.FactoredMoment))
-  s = _leafwise(F.torque_cosine, state.tam_momentum, g)
-  s_hat = _leafwise(lambda sh, c: F.update_torque_ema(sh, c, config.tam_gamma),
-                    state.torque_ema, s)
-  damping = _leafwise(F.tam_damping, s_hat)
-  tam_m = _leafwise(
-      lambda m, gr, d: F.update_tam_momentum(m, gr, config.tam_beta, d, config.tam_eps),
-      state.tam_momentum, g, damping)
-  bc_v = 1 - jnp.asarray(b2, scalar_dt)**t
-  laprop_in = _leafwise(lambda gr, vv: gr / (jnp.sqrt(vv / bc_v) + config.laprop_eps), g, v)
-  laprop_m = F.update_ema(state.laprop_momentum, laprop_in, config.laprop_b1)
+  # Pass 1: moments and the raw sums of every tensor.
+  first = lambda *a: _first_pass(config, bc_v, with_loss, *a)
+  moments, sums1 = zip(*_map_grouped(first, keys, list(zip(
+      *(flat(tree) for tree in (*state.momenta, state.second_moment, state.factored,
+                                state.tam_momentum)), g, x))))
+  sums1 = stack(sums1)
 
-  # MoMo-Adam's global scalars (Schaipp et al, arXiv:2305.07583, Alg. 2).
-  bc_fast = 1 - jnp.asarray(b_fast, scalar_dt)**t
+  # Cross-tensor scalars: TAM's damping per tensor, MoMo-Adam's global step.
+  torque = F.update_torque_ema(stack(flat(state.torque_ema)),
+                               F.torque_cosine_from_sums(*sums1[:, :_TORQUE_SUMS].T),
+                               config.tam_gamma)
+  damping = F.tam_damping(torque)
   momo_cap = config.momo_alpha / bc_fast
-  if value is None:
-    loss_ema, gp_ema = state.loss_ema, state.grad_param_ema
-    momo_tau = momo_cap
-    has_loss = jnp.zeros([], scalar_dt)
-  else:
-    loss_ema = b_fast * state.loss_ema + (1 - b_fast) * jnp.asarray(value, scalar_dt)
-    gp_ema = b_fast * state.grad_param_ema + (1 - b_fast) * F.tree_vdot(g, x)
-    precond = _leafwise(lambda vv: config.adam_eps + jnp.sqrt(vv / bc_v), v)
-    d_norm = F.tree_vdot(m_fast, _leafwise(jnp.divide, m_fast, precond))
-    d_dot_x = F.tree_vdot(m_fast, x)
+  if with_loss:  # Schaipp et al, arXiv:2305.07583, Alg. 2.
+    b_fast = config.momentum_decays[0]
+    gp_sum, d_norm, d_dot_x = jnp.sum(sums1[:, _TORQUE_SUMS:], axis=0)
+    loss_ema = F.update_ema(state.loss_ema, jnp.asarray(value, scalar_dt), b_fast)
+    gp_ema = F.update_ema(state.grad_param_ema, gp_sum, b_fast)
     momo_tau = F.momo_polyak_step(config.momo_alpha, loss_ema, gp_ema, d_dot_x, d_norm,
                                   lower_bound=bc_fast * config.momo_lower_bound,
                                   denom_eps=jnp.finfo(float).eps, max_step=momo_cap)
-    has_loss = jnp.ones([], scalar_dt)
-  frac = (jnp.zeros([], jnp.float32) if num_steps is None else
-          jnp.clip(count.astype(jnp.float32) / num_steps, 0.0, 1.0))
-  time = jnp.concatenate([
-      jnp.tanh(count.astype(jnp.float32) / jnp.asarray(TIME_TAUS, jnp.float32)),
-      jnp.stack([frac, jnp.float32(num_steps is not None)])])
-  ctx = StepContext(t=t, bc_fast=bc_fast, bc_v=bc_v,
-                    bc_laprop=1 - jnp.asarray(config.laprop_b1, scalar_dt)**t,
-                    momo_tau=momo_tau, polyak_ratio=momo_tau / momo_cap,
-                    has_loss=has_loss, time=time)
-
+  else:
+    loss_ema, gp_ema, momo_tau = state.loss_ema, state.grad_param_ema, momo_cap
   if config.horizon_decay == "linear" and num_steps is not None:
     learning_rate = learning_rate * jnp.clip(
         1 - (count.astype(jnp.float32) - 1) / num_steps, 0.0, 1.0)
-  leaf_update = lambda *a: _leaf_update(config, theta, ctx, learning_rate, *a)
-  updates = jax.tree.map(leaf_update, g, x, m_fast, state.momenta[1], m_slow, v, factored,
-                         tam_m,
-                         damping, laprop_m, state.mup_scale, params,
-                         is_leaf=lambda a: isinstance(a, F.FactoredMoment))
-  new_state = LOState(count=count, momenta=(m_fast, m_mid, m_slow), second_moment=v,
-                      factored=factored, tam_momentum=tam_m, torque_ema=s_hat,
-                      laprop_momentum=laprop_m, loss_ema=loss_ema,
-                      grad_param_ema=gp_ema, mup_scale=state.mup_scale)
-  return updates, new_state
+  ctx = StepContext(bc_fast=bc_fast, bc_v=bc_v, bc_laprop=bc(config.laprop_b1),
+                    momo_tau=momo_tau, learning_rate=jnp.asarray(learning_rate))
+
+  # TAM and LaProp momenta, Adafactor's preconditioner (tensor by tensor).
+  tam_laprop = lambda *a: _tam_laprop_pass(config, bc_v, *a)
+  tam, laprop, rsqrt_fact = zip(*_map_grouped(tam_laprop, keys, list(zip(
+      damping.astype(scalar_dt), flat(state.tam_momentum), flat(state.laprop_momentum),
+      [m.factored for m in moments], g, [m.v for m in moments]))))
+  inputs = [LeafInputs(g=gr, x=xx, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow, v=m.v,
+                       tam_m=tm, laprop_m=lp, rsqrt_fact=rf, mup_scale=s)
+            for gr, xx, m, mid, tm, lp, rf, s in zip(
+                g, x, moments, flat(state.momenta[1]), tam, laprop, rsqrt_fact,
+                flat(state.mup_scale))]
+
+  # Pass 2: the feature statistics of every tensor, then per-tensor scalars at once.
+  statistics = lambda inp: _statistics_pass(config, ctx, inp)
+  sums2 = stack(_map_grouped(statistics, keys, [(inp,) for inp in inputs]))
+  time = jnp.concatenate([F.time_features(count, num_steps, TIME_TAUS),
+                          jnp.float32([num_steps is not None])]).astype(scalar_dt)
+  per_tensor = jnp.stack([damping, jnp.broadcast_to(momo_tau / momo_cap, damping.shape),
+                          jnp.full(damping.shape, with_loss, scalar_dt)], axis=1)
+  sizes = jnp.asarray([a.size for a in g], scalar_dt)
+  scalars = _tensor_scalars(theta, sums2, sizes, per_tensor, time)
+
+  # Pass 3: the updates.
+  rows = [TensorScalars(*(a[i] for a in scalars)) for i in range(len(g))]
+  third = lambda inp, row: _tensor_update(config, theta, ctx, inp, row)
+  updates = [u.astype(jnp.result_type(p)) for u, p in
+             zip(_map_grouped(third, keys, list(zip(inputs, rows))), flat(params))]
+
+  unflat = lambda leaves: jax.tree.unflatten(treedef, list(leaves))
+  new_state = LOState(
+      count=count,
+      momenta=tuple(unflat(getattr(m, f) for m in moments)
+                    for f in ("m_fast", "m_mid", "m_slow")),
+      second_moment=unflat(m.v for m in moments),
+      factored=unflat(m.factored for m in moments),
+      tam_momentum=unflat(tam),
+      torque_ema=unflat(torque[i].astype(d) for i, d in enumerate(sdt)),
+      laprop_momentum=unflat(laprop),
+      loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale)
+  return unflat(updates), new_state
 
 
-# Tensors larger than this are processed in chunks of this many elements, so the
-# per-parameter feature matrix never exceeds _CHUNK x F floats.
-_CHUNK = 1 << 18
+# Tensors up to this many elements are stacked with the others of their shape and dtype
+# and processed by one vmapped program; larger ones run alone. Stacking copies the
+# inputs, which costs step time on large tensors, while compile time is per distinct
+# program: measured on a 102-tensor Flax transformer (benchmarks/step_cost.py), 2^16
+# keeps the step within 1.1x AdamW's and compiles about as fast as stacking everything.
+_MAX_STACKED = 1 << 16
 
 
-def candidate_directions(config: LOConfig, ctx: StepContext, inp: dict, cautious_norm):
-  """The classical directions (before the learning rate; optax sign: to be subtracted).
+def _map_grouped(fn, keys: list, args: list) -> list:
+  """``[fn(*a) for a in args]``, batching entries of one key (shape, dtype) by vmap.
 
-  ``inp["m_mid_prev"]`` is the mid momentum *before* this step's update: Lion
-  interpolates the previous momentum with the new gradient. ``cautious_norm`` is the
-  per-tensor renormalization 1 / max(mean(mask), 1e-3) of the cautious mask.
+  Each group compiles once however many tensors it holds, so compile time grows with
+  the number of distinct shapes, not of tensors.
   """
-  g, m_fast = inp["g"], inp["m_fast"]
-  m_hat = m_fast / ctx.bc_fast
-  sqrt_v_hat = jnp.sqrt(inp["v"] / ctx.bc_v)
-  adam = m_hat / (sqrt_v_hat + config.adam_eps)
-  by_name = dict(
-      sgdm=m_fast / (1 - config.momentum_decays[0]),
-      adam=adam,
-      lion=jnp.sign(config.lion_b1 * inp["m_mid_prev"] + (1 - config.lion_b1) * g),
-      cautious_adam=adam * ((adam * g > 0).astype(g.dtype) * cautious_norm),
-      tam=inp["tam_m"],
-      adatam=inp["tam_m"] / (sqrt_v_hat + config.adatam_eps),
-      ademamix=(m_hat + config.ademamix_alpha * inp["m_slow"]) / (sqrt_v_hat +
-                                                                 config.adam_eps),
-      momo_adam=ctx.momo_tau * m_fast / (config.adam_eps + sqrt_v_hat),
-      grams=jnp.sign(g) * jnp.abs(m_hat / (sqrt_v_hat + config.grams_eps)),
-      laprop=inp["laprop_m"] / ctx.bc_laprop,
-      weight_decay=inp["x"],
-  )
-  return by_name, sqrt_v_hat
-
-
-def _raw_features(config, ctx, inp, cautious_norm):
-  """(candidates by name, per-element features by name) from the raw inputs."""
-  cands, sqrt_v_hat = candidate_directions(config, ctx, inp, cautious_norm)
-  g = inp["g"]
-  feats = dict(grad=g, param=inp["x"], momentum_fast=inp["m_fast"],
-               momentum_mid=inp["m_mid_prev"], momentum_slow=inp["m_slow"],
-               rsqrt_second_moment=1 / (sqrt_v_hat + 1e-8), adam=cands["adam"],
-               adafactor_grad=g * inp["rsqrt_fact"],
-               adafactor_momentum=inp["m_fast"] * inp["rsqrt_fact"],
-               tam_momentum=inp["tam_m"], laprop=inp["laprop_m"], lion_sign=cands["lion"],
-               cautious_adam=cands["cautious_adam"], grams=cands["grams"],
-               ademamix=cands["ademamix"],
-               cautious_agreement=(cands["adam"] * g > 0).astype(g.dtype))
-  return cands, feats
-
-
-def _log_rms(a):
-  return jnp.log10(F.tensor_rms(a) + 1e-8) / 4.0
-
-
-def _leaf_update(config, theta, ctx, learning_rate, g, x, m_fast, m_mid_prev, m_slow, v,
-                 fact, tam_m, damping, laprop_m, mup_scale, param):
-  dtype = g.dtype
-  size = jnp.size(g)
-  rsqrt_fact = jax.lax.rsqrt(F.factored_second_moment(fact, g) + 1e-30)
-  inp = {k: jnp.ravel(a) for k, a in dict(
-      g=g, x=x, m_fast=m_fast, m_mid_prev=m_mid_prev, m_slow=m_slow, v=v, tam_m=tam_m,
-      laprop_m=laprop_m, rsqrt_fact=rsqrt_fact).items()}
-  # Per-tensor statistics (the cautious renormalization, then the feature RMS).
-  adam_full = candidate_directions(config, ctx, inp, 1.0)[0]["adam"]
-  cautious_norm = 1 / jnp.maximum(jnp.mean((adam_full * inp["g"] > 0).astype(dtype)), 1e-3)
-  num_norm = len(NORMALIZED_FEATURES)
-
-  def stacked_features(chunk):
-    cands, feats = _raw_features(config, ctx, chunk, cautious_norm)
-    names = NORMALIZED_FEATURES + BOUNDED_FEATURES
-    return cands, jnp.stack([feats[n] for n in names], axis=-1)
-
-  def sum_squares(chunk):
-    stacked = stacked_features(chunk)[1][:, :num_norm]
-    return jnp.sum(jnp.where(chunk["valid"][:, None], jnp.square(stacked), 0), axis=0)
-
-  tensor = [damping, ctx.polyak_ratio, ctx.has_loss, _log_rms(x), _log_rms(g)]
-  assert len(tensor) == len(TENSOR_FEATURES)
-  scalars = [f.astype(jnp.float32) for f in tensor] + list(ctx.time)
-  bias = _network.hidden_bias(theta, scalars, offset=num_norm + len(BOUNDED_FEATURES))
-  mix = theta["mix"].astype(dtype)
-  scale = learning_rate * mup_scale * jnp.exp(theta["log_lr"].astype(dtype))
-
-  def per_element(chunk, inv_rms):
-    cands, stacked = stacked_features(chunk)
-    classical = sum(mix[k] * cands[n] for k, n in enumerate(CANDIDATE_NAMES))
-    clip = config.feature_clip
-    normalized = jnp.clip(stacked[:, :num_norm] * inv_rms, -clip, clip)
-    feats = jnp.concatenate([normalized, stacked[:, num_norm:]], axis=-1)
-    direction, log_mag = _network.mlp_outputs(theta, feats, bias, dtype)
-    step = classical + config.step_mult * direction
-    log_mag = jnp.clip(config.log_step_mult * log_mag, -config.max_log_step,
-                       config.max_log_step)
-    return -scale * step * jnp.exp(log_mag)
-
-  if size <= _CHUNK:
-    stacked = stacked_features(inp)[1][:, :num_norm]
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(stacked), axis=0) + 1e-8)
-    update = per_element(inp, inv_rms)
-  else:  # Two passes over chunks: statistics, then the MLP.
-    chunks = _split_chunks(inp, size)
-    sums = jnp.sum(jax.lax.map(sum_squares, chunks), axis=0)
-    inv_rms = jax.lax.rsqrt(sums / size + 1e-8)
-    update = jax.lax.map(lambda c: per_element(c, inv_rms), chunks).reshape(-1)[:size]
-  return update.reshape(jnp.shape(param)).astype(jnp.result_type(param))
-
-
-def _split_chunks(inputs: dict, size: int) -> dict:
-  """Flat inputs padded and reshaped to [num_chunks, _CHUNK], with a validity mask."""
-  num_chunks = -(-size // _CHUNK)
-  pad = num_chunks * _CHUNK - size
-  out = {k: jnp.pad(a, (0, pad)).reshape(num_chunks, _CHUNK) for k, a in inputs.items()}
-  out["valid"] = (jnp.arange(num_chunks * _CHUNK) < size).reshape(num_chunks, _CHUNK)
+  groups: dict[Any, list[int]] = {}
+  for i, key in enumerate(keys):
+    groups.setdefault(key, []).append(i)
+  out = [None] * len(args)
+  for (shape, _), idx in groups.items():
+    if len(idx) == 1 or math.prod(shape) > _MAX_STACKED:
+      for i in idx:
+        out[i] = fn(*args[i])
+      continue
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[args[i] for i in idx])
+    batched = jax.vmap(fn)(*stacked)
+    for k, i in enumerate(idx):
+      out[i] = jax.tree.map(lambda a, k=k: a[k], batched)
   return out

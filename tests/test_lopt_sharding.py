@@ -1,0 +1,97 @@
+"""The learned optimizer on sharded parameters (2 and 4 fake CPU devices).
+
+As optax's sharding tests check its contrib optimizers: ``init`` works on a
+``jax.ShapeDtypeStruct`` tree under ``jax.eval_shape`` and on sharded params, every
+parameter-shaped state buffer takes its parameter's sharding, jitted updates come back
+with the parameters' shardings, and the compiled update gathers no parameter. Each
+device count runs in a fresh process (the device count is fixed at backend start).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_WORKER = textwrap.dedent("""
+  import re, sys, warnings
+  import jax, jax.numpy as jnp, numpy as np, optax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  import metaopt
+
+  n = len(jax.devices())
+  assert n == int(sys.argv[1]), jax.devices()
+  mesh = Mesh(np.array(jax.devices()), ("d",))
+  k = jax.random.split(jax.random.key(0), 6)
+  d = 64 * n
+  host = {"embed": jax.random.normal(k[0], (16, d)),
+          "dense": jax.random.normal(k[1], (d, 2 * d)),
+          "conv": jax.random.normal(k[2], (3, 3, 4, d)),
+          "bias": jax.random.normal(k[3], (d,)),
+          "scale": jnp.asarray(0.7)}
+  specs = {"embed": P(None, "d"), "dense": P(None, "d"), "conv": P(None, None, None, "d"),
+           "bias": P("d"), "scale": P()}
+  shardings = {name: NamedSharding(mesh, spec) for name, spec in specs.items()}
+  params = jax.device_put(host, shardings)
+  labels = {"embed": "input", "dense": "hidden", "conv": "hidden", "bias": "vector",
+            "scale": "vector"}
+  opt = metaopt.pretrained().as_optax(num_steps=100, labels=labels)
+
+  # init on abstract params.
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host)
+  shapes = jax.eval_shape(opt.init, abstract)
+  assert jax.tree.structure(shapes) == jax.tree.structure(opt.init(host))
+
+  # init on sharded params: parameter-shaped buffers take the parameter's sharding.
+  state = opt.init(params)
+  buffers = [*state.momenta, state.second_moment, state.tam_momentum,
+             state.laprop_momentum]
+  for tree in buffers:
+    for name, buf in tree.items():
+      assert buf.sharding.is_equivalent_to(shardings[name], buf.ndim), (
+          name, buf.sharding, shardings[name])
+
+  grads = jax.tree.map(lambda a: jnp.cos(a) * 0.1, params)
+  step = jax.jit(lambda g, s, p: opt.update(g, s, p, value=jnp.float32(1.5)))
+  hlo = step.lower(grads, state, params).compile().as_text()
+  # No parameter is gathered: an all-gather may only collect per-shard partial sums
+  # (XLA may all-gather a reduction's partials instead of all-reducing them), far
+  # smaller than any sharded matrix.
+  smallest = min(a.size for a in host.values() if a.ndim >= 2)
+  for dims in re.findall(r"= f32\[([\d,]*)\][^ ]* all-gather\(", hlo):
+    gathered = int(np.prod([int(x) for x in dims.split(",") if x]))
+    assert gathered * 2 < smallest, (dims, re.findall(r".*all-gather.*", hlo)[:3])
+  updates, new_state = step(grads, state, params)
+  for name, u in updates.items():
+    assert u.sharding.is_equivalent_to(shardings[name], u.ndim), (name, u.sharding)
+  for tree in (new_state.momenta[0], new_state.second_moment):
+    for name, buf in tree.items():
+      assert buf.sharding.is_equivalent_to(shardings[name], buf.ndim), (name, buf.sharding)
+
+  # Same numbers as on one device. Only the reduction order differs (per-shard partial
+  # sums): float32 rounding of the per-tensor statistics, ~1e-6 relative, which the
+  # update carries through smooth functions (the MLP, exp of a clipped magnitude).
+  ref, _ = jax.jit(lambda g, s, p: opt.update(g, s, p, value=jnp.float32(1.5)))(
+      jax.device_get(grads), opt.init(host), host)
+  for name in host:
+    np.testing.assert_allclose(np.asarray(updates[name]), np.asarray(ref[name]),
+                               rtol=1e-4, atol=1e-9 * float(jnp.max(jnp.abs(ref[name]))))
+  print("OK", n)
+""")
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_sharded_init_and_update_keep_the_parameters_shardings(num_devices):
+  env = {**os.environ, "PYTHONPATH": str(REPO),
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}",
+         "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", _WORKER, str(num_devices)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"OK {num_devices}" in out.stdout
