@@ -106,9 +106,9 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   t = count.astype(scalar_dt)
 
   # 1. Raw state.
-  m_fast = F.update_ema(state.momenta[0], g, b_fast)
-  m_mid = F.update_ema(state.momenta[1], g, b_mid)
-  m_slow = F.update_ema(state.momenta[2], g, b_slow)
+  m_fast = F.update_ema(updates=g, moments=state.momenta[0], decay=b_fast)
+  m_mid = F.update_ema(updates=g, moments=state.momenta[1], decay=b_mid)
+  m_slow = F.update_ema(updates=g, moments=state.momenta[2], decay=b_slow)
   v = F.update_second_moment(state.second_moment, g, b2)
   factored = jax.tree.map(lambda acc, gr: F.update_factored(acc, gr, config.factored_decay),
                           state.factored, g,
@@ -122,7 +122,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
       state.tam_momentum, g, damping)
   bc_v = 1 - jnp.asarray(b2, scalar_dt)**t
   laprop_in = _leafwise(lambda gr, vv: gr / (jnp.sqrt(vv / bc_v) + config.laprop_eps), g, v)
-  laprop_m = F.update_ema(state.laprop_momentum, laprop_in, config.laprop_b1)
+  laprop_m = F.update_ema(updates=laprop_in, moments=state.laprop_momentum,
+                          decay=config.laprop_b1)
 
   # MoMo-Adam's global scalars (Schaipp et al, arXiv:2305.07583, Alg. 2).
   bc_fast = 1 - jnp.asarray(b_fast, scalar_dt)**t

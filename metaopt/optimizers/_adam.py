@@ -70,7 +70,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
   def update_fn(updates, state, params=None):
     del params
-    mu = features.update_ema(state.mu, updates, b1)
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
     nu = features.update_second_moment(state.nu, updates, b2)
     count = optax.safe_increment(state.count)
     direction = features.adam_direction(features.bias_correction(mu, b1, count),
@@ -231,8 +231,9 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransforma
 
   def update_fn(updates, state, params=None):
     del params
-    direction = jax.tree.map(jnp.sign, features.update_ema(state.mu, updates, b1))
-    mu = features.update_ema(state.mu, updates, b2)
+    direction = jax.tree.map(
+        jnp.sign, features.update_ema(updates=updates, moments=state.mu, decay=b1))
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b2)
     return direction, ScaleByLionState(optax.safe_increment(state.count), mu)
 
   return optax.GradientTransformation(init_fn, update_fn)

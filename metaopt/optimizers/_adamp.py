@@ -140,7 +140,7 @@ def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_r
 
   def update_fn(updates, state, params=None):
     params = _validation.require_params(params, "adamp")
-    mu = features.update_ema(state.mu, updates, b1)
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
     nu = features.update_second_moment(state.nu, updates, b2)
     count = optax.safe_increment(state.count)
     if nesterov:

@@ -84,8 +84,8 @@ def scale_by_adan(b1=0.98, b2=0.92, b3=0.99, eps=1e-8) -> optax.GradientTransfor
     first = state.count == 0
     diff = jax.tree.map(lambda g, p: jnp.where(first, jnp.zeros_like(g), g - p), updates,
                         state.prev_grad)
-    mu = features.update_ema(state.mu, updates, b1)
-    delta = features.update_ema(state.delta, diff, b2)
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
+    delta = features.update_ema(updates=diff, moments=state.delta, decay=b2)
     nesterov_grad = jax.tree.map(lambda g, d: g + b2 * d, updates, diff)
     nu = features.update_second_moment(state.nu, nesterov_grad, b3)
     count = optax.safe_increment(state.count)

@@ -102,8 +102,8 @@ def scale_by_ademamix(b1: float = 0.9, b2: float = 0.999, b3=0.9999, alpha=5.0,
 
   def update_fn(updates, state, params=None):
     del params
-    m1 = features.update_ema(state.m1, updates, b1)
-    m2 = features.update_ema(state.m2, updates, b3_at(state.count))
+    m1 = features.update_ema(updates=updates, moments=state.m1, decay=b1)
+    m2 = features.update_ema(updates=updates, moments=state.m2, decay=b3_at(state.count))
     nu = features.update_second_moment(state.nu, updates, b2)
     count = optax.safe_increment(state.count)
     direction = features.ademamix_direction(

@@ -70,7 +70,7 @@ def scale_by_laprop(b1=0.9, b2=0.999, eps=1e-15) -> optax.GradientTransformation
     nu = features.update_second_moment(state.nu, updates, b2)
     normalized = features.adam_direction(updates, features.bias_correction(nu, b2, count),
                                          eps)
-    mu = features.update_ema(state.mu, normalized, b1)
+    mu = features.update_ema(updates=normalized, moments=state.mu, decay=b1)
     direction = features.bias_correction(mu, b1, count)
     mu = optax.tree.cast_like(mu, state.mu)
     nu = optax.tree.cast_like(nu, state.nu)

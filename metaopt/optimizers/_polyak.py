@@ -102,11 +102,11 @@ def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
     _validation.require_params(params, "momo")
     _validation.require_value(value, "momo")
     decay = jnp.where(state.count == 0, 0.0, beta)
-    momentum = features.update_ema(state.momentum, updates, decay)
+    momentum = features.update_ema(updates=updates, moments=state.momentum, decay=decay)
     loss = jnp.asarray(value, state.loss_avg.dtype)
-    loss_avg = features.update_ema(state.loss_avg, loss, decay)
-    gamma = features.update_ema(state.grad_dot_param_avg,
-                                features.tree_vdot(updates, params), decay)
+    loss_avg = features.update_ema(updates=loss, moments=state.loss_avg, decay=decay)
+    gamma = features.update_ema(updates=features.tree_vdot(updates, params),
+                                moments=state.grad_dot_param_avg, decay=decay)
     d_norm_sq = features.global_norm_sq(momentum)
     d_dot_x = features.tree_vdot(momentum, params)
     lr = _at(learning_rate, state.count)
@@ -202,13 +202,14 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
     _validation.require_value(value, "momo_adam")
     count = optax.safe_increment(state.count)
     dtype = state.loss_avg.dtype
-    loss_avg = features.update_ema(state.loss_avg, jnp.asarray(value, dtype), b1)
-    mu = features.update_ema(state.mu, updates, b1)
+    loss_avg = features.update_ema(updates=jnp.asarray(value, dtype), moments=state.loss_avg,
+                                   decay=b1)
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
     nu = features.update_second_moment(state.nu, updates, b2)
     direction = features.adam_direction(mu, features.bias_correction(nu, b2, count), eps)
     d_norm_sq = features.tree_vdot(mu, direction)
-    gamma = features.update_ema(state.grad_dot_param_avg,
-                                features.tree_vdot(updates, params), b1)
+    gamma = features.update_ema(updates=features.tree_vdot(updates, params),
+                                moments=state.grad_dot_param_avg, decay=b1)
     d_dot_x = features.tree_vdot(mu, params)
     lr = _at(learning_rate, state.count)
     rho = jnp.asarray(1 - b1**count, dtype)
