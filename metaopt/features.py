@@ -25,9 +25,13 @@ Tree = Any
 # Exponential moving averages (optax.tree does the tree math; thin names for ours).
 
 
-def update_ema(moment: Tree, x: Tree, decay) -> Tree:
-  """EMA of ``x``: ``m <- decay * m + (1 - decay) * x`` (leafwise)."""
-  return optax.tree.update_moment(x, moment, decay, order=1)
+def update_ema(*, updates: Tree, moments: Tree, decay) -> Tree:
+  """EMA of ``updates``: ``moments <- decay * moments + (1 - decay) * updates`` (leafwise).
+
+  ``optax.tree.update_moment(updates, moments, decay, order=1)``, by keyword only: the two
+  trees have the same type, so a positional swap would silently compute another EMA.
+  """
+  return optax.tree.update_moment(updates, moments, decay, order=1)
 
 
 def update_second_moment(nu: Tree, g: Tree, decay) -> Tree:
@@ -53,24 +57,6 @@ def adam_direction(m_hat, v_hat, eps, eps_root=0.0):
 def inverse_adam_denominator(v_hat, eps):
   """1 / (sqrt(v_hat) + eps): Adam's preconditioner, for directions built as products."""
   return 1 / (jnp.sqrt(v_hat) + eps)
-
-
-class MultiEmaState(NamedTuple):
-  """Momentum EMAs at several decays (one tree per decay)."""
-
-  count: jax.Array
-  moments: tuple
-
-
-def multi_ema_init(params: Tree, num_decays: int) -> MultiEmaState:
-  zeros = optax.tree.zeros_like(params)
-  return MultiEmaState(jnp.zeros([], jnp.int32), tuple(zeros for _ in range(num_decays)))
-
-
-def multi_ema_update(state: MultiEmaState, g: Tree, decays) -> MultiEmaState:
-  """Advances each EMA with its own decay (bias correction left to the reader)."""
-  moments = tuple(update_ema(m, g, d) for m, d in zip(state.moments, decays))
-  return MultiEmaState(optax.safe_increment(state.count), moments)
 
 
 # ----------------------------------------------------------------------------------
@@ -239,10 +225,6 @@ def global_norm_sq(tree: Tree) -> jax.Array:
   return optax.tree.norm(tree, squared=True)
 
 
-def global_norm(tree: Tree) -> jax.Array:
-  return optax.tree.norm(tree)
-
-
 def tensor_norm(leaf: jax.Array) -> jax.Array:
   """Frobenius norm of one tensor."""
   return jnp.sqrt(jnp.sum(jnp.square(leaf)))
@@ -251,11 +233,6 @@ def tensor_norm(leaf: jax.Array) -> jax.Array:
 def tensor_rms(leaf: jax.Array, eps: float = 0.0) -> jax.Array:
   """sqrt(mean(leaf^2) + eps) of one tensor."""
   return jnp.sqrt(jnp.mean(jnp.square(leaf)) + eps)
-
-
-def rms_normalize(leaf: jax.Array, eps: float = 1e-8) -> jax.Array:
-  """x * rsqrt(mean(x^2) + eps): per-tensor RMS normalization of a feature."""
-  return leaf * jax.lax.rsqrt(jnp.mean(jnp.square(leaf)) + eps)
 
 
 def momo_polyak_step(lr, fbar, gamma, d_dot_x, d_norm_sq, lower_bound=0.0,

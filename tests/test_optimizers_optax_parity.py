@@ -176,6 +176,12 @@ def _flat_traj(traj):
 
 
 def _momo_numpy(alpha, beta, lam, f_star):
+  """MoMo's proximal step; ``lam`` a scalar or a per-coordinate vector (a masked decay):
+  x <- P (x - tau d), tau = min(alpha, [fbar - f* - gamma + <d, P x>]_+ / <d, P d>) with
+  P = diag(1 / (1 + alpha lam)); for a scalar lam that is the paper's
+  tau = min(alpha, [(1 + alpha lam)(fbar - f* - gamma) + <d, x>]_+ / ||d||^2)."""
+  shrink = 1 + alpha * lam
+
   def step(x, g, f, k, s):
     d, fbar, gamma = s
     if k == 0:
@@ -184,13 +190,16 @@ def _momo_numpy(alpha, beta, lam, f_star):
       d = beta * d + (1 - beta) * g
       fbar = beta * fbar + (1 - beta) * f
       gamma = beta * gamma + (1 - beta) * (g @ x)
-    h = (1 + alpha * lam) * (fbar - f_star - gamma) + d @ x
-    tau = min(alpha, max(h, 0.0) / (d @ d))
-    return (x - tau * d) / (1 + alpha * lam), (d, fbar, gamma)
+    h = fbar - f_star - gamma + d @ (x / shrink)
+    tau = min(alpha, max(h, 0.0) / (d @ (d / shrink)))
+    return (x - tau * d) / shrink, (d, fbar, gamma)
   return _np_run(step, (None, None, None))
 
 
 def _momo_adam_numpy(alpha, b1, b2, eps, lam, f_star):
+  """MoMo-Adam's proximal step, ``lam`` as in :func:`_momo_numpy` (d / D for d)."""
+  shrink = 1 + alpha * lam
+
   def step(x, g, f, k, s):
     d, v, fbar, gamma = s
     t = k + 1
@@ -200,9 +209,9 @@ def _momo_adam_numpy(alpha, b1, b2, eps, lam, f_star):
     gamma = b1 * gamma + (1 - b1) * (g @ x)
     rho = 1 - b1**t
     big_d = np.sqrt(v / (1 - b2**t)) + eps
-    h = (1 + alpha * lam) * (fbar - rho * f_star - gamma) + d @ x
-    tau = min(alpha / rho, max(h, 0.0) / (d @ (d / big_d)))
-    return (x - tau * d / big_d) / (1 + alpha * lam), (d, v, fbar, gamma)
+    h = fbar - rho * f_star - gamma + d @ (x / shrink)
+    tau = min(alpha / rho, max(h, 0.0) / (d @ (d / big_d / shrink)))
+    return (x - tau * d / big_d) / shrink, (d, v, fbar, gamma)
   return _np_run(step, (0.0, 0.0, 0.0, 0.0))
 
 
@@ -227,6 +236,16 @@ PAPER_CASES = {
     "alr_smag(weight_decay=0.1, c=1) vs paper": lambda: (
         optimizers.alr_smag(0.1, 0.9, 0.0, c=1.0, weight_decay=0.1),
         _alr_smag_numpy(0.1, 0.9, 0.0, 1.0, 0.1)),
+    # Weight-decay masks: the same steps with a per-coordinate decay (0 off the mask).
+    "momo(mask) vs diagonal decay": lambda: (
+        optimizers.momo(1.0, 0.9, 0.0, weight_decay=0.5, mask=DECAYED),
+        _momo_numpy(1.0, 0.9, _lam_vector(0.5), 0.0)),
+    "momo_adam(mask) vs diagonal decay": lambda: (
+        optimizers.momo_adam(0.1, weight_decay=0.5, mask=_ndim_mask),
+        _momo_adam_numpy(0.1, 0.9, 0.999, 1e-8, _lam_vector(0.5), 0.0)),
+    "alr_smag(mask) vs diagonal decay": lambda: (
+        optimizers.alr_smag(0.1, 0.9, 0.5, c=2.0, weight_decay=0.5, mask=DECAYED),
+        _alr_smag_numpy(0.1, 0.9, 0.5, 2.0, _lam_vector(0.5))),
 }
 
 
@@ -323,3 +342,159 @@ def test_schedule_free_warmup_starts_at_lr_over_warmup():
     _, state = opt.update(grads, state, params)
     # g / sqrt(v_hat) = sign(g) for a constant gradient (float32 bias correction).
     np.testing.assert_allclose(state.z - z_prev, -(k / 5) * jnp.sign(grads), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------
+# Weight-decay masks (optax's ``mask=``: a tree of bools, a prefix of it, or a callable).
+
+DECAYED = {"scalar": False, "vector": False, "matrix": True, "conv": True}
+
+
+def _ndim_mask(params):
+  return jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
+
+
+def _sgdw_ref(momentum, nesterov, mask):
+  return optax.chain(optax.trace(decay=momentum, nesterov=nesterov),
+                     optax.add_decayed_weights(0.1, mask),
+                     optax.scale_by_learning_rate(0.05))
+
+
+def _schedule_free_adamw_ref(mask):
+  """optax.contrib.schedule_free_adamw as optax 0.2.8 builds it, with the mask added."""
+  base = optax.chain(
+      optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True),
+      optax.add_decayed_weights(0.1, mask), optax.scale_by_learning_rate(0.05))
+  return optax.contrib.schedule_free(base, learning_rate=0.05, b1=0.9)
+
+
+MASK_CASES = {
+    "adamw": lambda m: (optimizers.adamw(0.05, weight_decay=0.1, mask=m),
+                        optax.adamw(0.05, weight_decay=0.1, mask=m)),
+    "mu_adamw(all vector roles)": lambda m: (
+        optimizers.mu_adamw(0.05, _vector_roles, weight_decay=0.1, mask=m),
+        optax.adamw(0.05, weight_decay=0.1, mask=m)),
+    "lion": lambda m: (optimizers.lion(0.01, weight_decay=0.5, mask=m),
+                       optax.lion(0.01, weight_decay=0.5, mask=m)),
+    "ademamix": lambda m: (optimizers.ademamix(0.05, b3=0.99, weight_decay=0.1, mask=m),
+                           optax.contrib.ademamix(0.05, b3=0.99, weight_decay=0.1, mask=m)),
+    "sgdm": lambda m: (optimizers.sgdm(0.05, 0.9, weight_decay=0.1, mask=m),
+                       _sgdw_ref(0.9, False, m)),
+    "nesterov": lambda m: (optimizers.nesterov(0.05, 0.9, weight_decay=0.1, mask=m),
+                           _sgdw_ref(0.9, True, m)),
+    "schedule_free_adamw": lambda m: (
+        optimizers.schedule_free_adamw(0.05, weight_decay=0.1, mask=m),
+        _schedule_free_adamw_ref(m)),
+}
+
+
+@pytest.mark.parametrize("mask", [DECAYED, _ndim_mask], ids=["tree", "callable"])
+@pytest.mark.parametrize("name", list(MASK_CASES))
+def test_mask_parity_with_optax(x64, name, mask):
+  ours, ref = MASK_CASES[name](mask)
+  _check(f"{name}(mask)", ours, ref)
+
+
+# Optimizers whose update is computed leaf by leaf: a masked-off leaf's whole trajectory
+# is the weight_decay=0 one, a decayed leaf's the unmasked one.
+PER_LEAF_MASKED = {
+    "adamw": lambda wd, m: optimizers.adamw(0.05, weight_decay=wd, mask=m),
+    "lion": lambda wd, m: optimizers.lion(0.01, weight_decay=wd, mask=m),
+    "sgdm": lambda wd, m: optimizers.sgdm(0.05, weight_decay=wd, mask=m),
+    "cautious": lambda wd, m: optimizers.cautious(optax.scale_by_adam(), 0.05, wd, mask=m),
+    "cautious_adamw": lambda wd, m: optimizers.cautious_adamw(0.05, weight_decay=wd, mask=m),
+    "cautious_lion": lambda wd, m: optimizers.cautious_lion(0.01, weight_decay=wd, mask=m),
+    "tam": lambda wd, m: optimizers.tam(0.05, weight_decay=wd, mask=m),
+    "adatam": lambda wd, m: optimizers.adatam(0.05, weight_decay=wd, mask=m),
+    "grams": lambda wd, m: optimizers.grams(0.05, weight_decay=wd, mask=m),
+    "laprop": lambda wd, m: optimizers.laprop(0.05, weight_decay=wd, mask=m),
+    "mars_adamw": lambda wd, m: optimizers.mars_adamw(0.05, weight_decay=wd, mask=m),
+    "adan": lambda wd, m: optimizers.adan(0.05, weight_decay=wd, mask=m),
+    "adamp": lambda wd, m: optimizers.adamp(0.05, weight_decay=wd, mask=m),
+    "sgdp": lambda wd, m: optimizers.sgdp(0.05, weight_decay=wd, mask=m),
+}
+
+
+@pytest.mark.parametrize("name", list(PER_LEAF_MASKED))
+def test_masked_leaves_follow_the_undecayed_run(x64, name):
+  make = PER_LEAF_MASKED[name]
+  params, noise = _problem()
+  masked, _ = _run(make(0.5, DECAYED), params, noise)
+  undecayed, _ = _run(make(0.0, None), params, noise)
+  decayed, _ = _run(make(0.5, None), params, noise)
+  for leaf, on in DECAYED.items():
+    np.testing.assert_array_equal(masked[leaf], (decayed if on else undecayed)[leaf],
+                                  err_msg=f"{name}: leaf {leaf} (decayed={on})")
+    if on:  # the decay is visible, so the comparison proves something
+      assert _max_abs_diff(decayed[leaf], undecayed[leaf]) > 1e-4
+
+
+def test_alr_smag_masked_step_is_the_undecayed_step_off_the_mask(x64):
+  """ALR-SMAG's tau does not depend on the decay: masks act leaf by leaf on each step."""
+  params, noise = _problem()
+  params = jax.tree.map(jnp.asarray, params)
+  grads = jax.tree.map(lambda p, n: p + n[0], params, noise)
+  value = _loss(params)
+
+  def step(wd, mask):
+    opt = optimizers.alr_smag(0.1, 0.9, 0.5, weight_decay=wd, mask=mask)
+    return opt.update(grads, opt.init(params), params, value=value)[0]
+
+  masked, undecayed, decayed = step(0.5, DECAYED), step(0.0, None), step(0.5, None)
+  for leaf, on in DECAYED.items():
+    np.testing.assert_array_equal(masked[leaf], (decayed if on else undecayed)[leaf])
+
+
+def _lam_vector(lam):
+  """Per-coordinate weight decay of the flat problem: lam where DECAYED, else 0."""
+  return np.concatenate([np.full(int(np.prod(SHAPES[k])), lam if DECAYED[k] else 0.0)
+                         for k in sorted(SHAPES)])
+
+
+@pytest.mark.parametrize("make", [optimizers.momo, optimizers.momo_adam])
+@pytest.mark.parametrize("adapt", [False, True])
+def test_polyak_all_false_mask_equals_no_decay_and_all_true_equals_no_mask(x64, make,
+                                                                          adapt):
+  params, noise = _problem()
+  kw = dict(lower_bound=0.5, adapt_lower_bound=adapt)
+  none_decayed = jax.tree.map(lambda _: False, DECAYED)
+  all_decayed = jax.tree.map(lambda _: True, DECAYED)
+  off, _ = _run(make(weight_decay=0.5, mask=none_decayed, **kw), params, noise)
+  no_decay, _ = _run(make(weight_decay=0.0, **kw), params, noise)
+  on, _ = _run(make(weight_decay=0.5, mask=all_decayed, **kw), params, noise)
+  unmasked, _ = _run(make(weight_decay=0.5, **kw), params, noise)
+  assert _max_abs_diff(off, no_decay) < TOL
+  assert _max_abs_diff(on, unmasked) < TOL
+  assert _max_abs_diff(unmasked, no_decay) > 1e-4
+
+
+def test_prefix_and_callable_masks_select_leaves_as_optax_masked_does():
+  from metaopt.optimizers import _factory  # pylint: disable=g-import-not-at-top
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+            "norm": {"scale": jnp.ones(2)}, "head": jnp.ones((2, 4))}
+  prefix = {"dense": True, "norm": False, "head": True}
+  callable_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  for mask in (prefix, callable_mask, None):
+    probe = optax.masked(optax.add_decayed_weights(1.0), mask) if mask is not None else \
+        optax.add_decayed_weights(1.0)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    selected, _ = probe.update(zeros, probe.init(params), params)
+    expected = jax.tree.map(lambda u: bool(jnp.all(u == 1.0)), selected)
+    assert _factory.decayed_leaves(mask, params) == expected
+    ours, ref = optimizers.adamw(0.1, weight_decay=0.5, mask=mask), optax.adamw(
+        0.1, weight_decay=0.5, mask=mask)
+    u, _ = ours.update(params, ours.init(params), params)
+    v, _ = ref.update(params, ref.init(params), params)
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_mask_is_a_static_argument_of_inject_hyperparams():
+  params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+  ours, ref = (optax.inject_hyperparams(make, static_args=("mask",))(
+      learning_rate=0.1, weight_decay=0.5, mask=_ndim_mask)
+                for make in (optimizers.adamw, optax.adamw))
+  u, _ = jax.jit(ours.update)(params, ours.init(params), params)
+  v, _ = jax.jit(ref.update)(params, ref.init(params), params)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)

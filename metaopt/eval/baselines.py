@@ -26,10 +26,10 @@ from metaopt import optimizers as metaopt_optimizers
 from metaopt.eval import sweep
 
 # metaopt.optimizers that take (learning_rate, ...); `cautious` needs a base transform.
-METAOPT_NAMES = ("sgdm", "nesterov", "adamw", "mu_adamw", "lion", "cautious_adamw",
-                 "cautious_lion", "tam", "adatam", "ademamix", "momo", "momo_adam",
-                 "alr_smag", "grams", "laprop", "adan", "schedule_free_adamw",
-                 "mars_adamw", "adamp", "sgdp")
+METAOPT_NAMES = tuple(
+    name for name in metaopt_optimizers.OPTIMIZER_NAMES
+    if next(iter(inspect.signature(getattr(metaopt_optimizers, name)).parameters))
+    == "learning_rate")
 # optax optimizers that need inputs a training loop over (params, batch) cannot give.
 UNSUPPORTED_OPTAX = ("lbfgs", "dpsgd", "sophia")
 # Optimizers whose parameters are evaluated at an averaged point.

@@ -270,10 +270,10 @@ def _first_pass(config: LOConfig, bc_v, with_loss: bool, m_fast, m_mid, m_slow, 
   momentum) and, with a loss, <g, x>, <m, m / (sqrt(v_hat) + eps)>, <m, x> (MoMo-Adam).
   """
   b_fast, b_mid, b_slow = config.momentum_decays
-  m_fast = F.update_ema(m_fast, g, b_fast)
+  m_fast = F.update_ema(updates=g, moments=m_fast, decay=b_fast)
   v = F.update_second_moment(v, g, config.second_moment_decay)
-  moments = Moments(m_fast=m_fast, m_mid=F.update_ema(m_mid, g, b_mid),
-                    m_slow=F.update_ema(m_slow, g, b_slow), v=v,
+  moments = Moments(m_fast=m_fast, m_mid=F.update_ema(updates=g, moments=m_mid, decay=b_mid),
+                    m_slow=F.update_ema(updates=g, moments=m_slow, decay=b_slow), v=v,
                     factored=F.update_factored(factored, g, config.factored_decay))
   terms = [tam_m * g, jnp.square(tam_m), jnp.square(g)]
   if with_loss:
@@ -286,7 +286,8 @@ def _tam_laprop_pass(config: LOConfig, bc_v, damping, tam_m, laprop_m, factored,
   """TAM's and LaProp's momenta, and Adafactor's 1 / sqrt(V_hat), of one tensor."""
   tam_m = F.update_tam_momentum(tam_m, g, config.tam_beta, damping, config.tam_eps)
   laprop_in = F.adam_direction(g, v * (1 / bc_v), config.laprop_eps)
-  laprop_m = F.update_ema(laprop_m, laprop_in, config.laprop_b1)
+  laprop_m = F.update_ema(updates=laprop_in, moments=laprop_m,
+                          decay=config.laprop_b1)
   rsqrt_fact = jax.lax.rsqrt(F.factored_second_moment(factored, g) + 1e-30)
   return tam_m, laprop_m, rsqrt_fact
 
@@ -373,8 +374,9 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   if with_loss:  # Schaipp et al, arXiv:2305.07583, Alg. 2.
     b_fast = config.momentum_decays[0]
     gp_sum, d_norm, d_dot_x = jnp.sum(sums1[:, _TORQUE_SUMS:], axis=0)
-    loss_ema = F.update_ema(state.loss_ema, jnp.asarray(value, scalar_dt), b_fast)
-    gp_ema = F.update_ema(state.grad_param_ema, gp_sum, b_fast)
+    loss_ema = F.update_ema(updates=jnp.asarray(value, scalar_dt),
+                            moments=state.loss_ema, decay=b_fast)
+    gp_ema = F.update_ema(updates=gp_sum, moments=state.grad_param_ema, decay=b_fast)
     momo_tau = F.momo_polyak_step(config.momo_alpha, loss_ema, gp_ema, d_dot_x, d_norm,
                                   lower_bound=bc_fast * config.momo_lower_bound,
                                   denom_eps=jnp.finfo(float).eps, max_step=momo_cap)

@@ -5,7 +5,6 @@ from metaopt.meta.config import PRESETS
 from metaopt.meta.config import load_config
 from metaopt.meta.estimators import ESTIMATORS
 from metaopt.meta.estimators import Estimate
-from metaopt.meta.estimators import UnrollSpec
 from metaopt.meta.estimators import pes
 from metaopt.meta.estimators import tbptt
 from metaopt.meta.estimators import truncated_es
@@ -16,6 +15,7 @@ from metaopt.meta.outer import MetaTrainer
 from metaopt.meta.population import Population
 from metaopt.meta.population import TruncationSchedule
 from metaopt.meta.population import init_population
+from metaopt.meta.unroll import UnrollSpec
 
 __all__ = [
     "ESTIMATORS",

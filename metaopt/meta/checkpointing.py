@@ -65,10 +65,6 @@ def save(manager, step: int, state, metadata: dict[str, Any]) -> None:
                force=True)
 
 
-def latest_step(manager) -> int | None:
-  return manager.latest_step()
-
-
 def read_metadata(manager, step: int) -> dict[str, Any]:
   ocp = _ocp()
   try:

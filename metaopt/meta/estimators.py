@@ -29,18 +29,16 @@ replaced by zero and counted in ``metrics["nonfinite_grad"]``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from metaopt.meta import population as pop_lib
 from metaopt.meta import unroll as unroll_lib
-from metaopt.meta.inner import InnerProblem
-from metaopt.meta.population import Population, TruncationSchedule
+from metaopt.meta.population import Population
+from metaopt.meta.unroll import UnrollSpec
 
 
 class Estimate(NamedTuple):
@@ -50,28 +48,6 @@ class Estimate(NamedTuple):
   gradient: jax.Array
   population: Population
   metrics: dict
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class UnrollSpec:
-  """What one population unrolls (static).
-
-  Attributes:
-    problem: the inner problem of every member.
-    schedule: truncation length K and episode horizons.
-    loss_bound: B, the cap on the normalized loss (see :mod:`metaopt.meta.unroll`).
-    unravel: flat theta -> the theta pytree the problem reads.
-    mesh: 1-D device mesh over which the population axis is sharded (None: no
-      ``shard_map``).
-    log_loss: the log meta-objective (see :mod:`metaopt.meta.unroll`).
-  """
-
-  problem: InnerProblem
-  schedule: TruncationSchedule
-  loss_bound: float
-  unravel: Callable
-  mesh: Mesh | None = None
-  log_loss: bool = False
 
 
 def antithetic_noise(key: jax.Array, num_pairs: int, dim: int, sigma: float) -> jax.Array:
@@ -96,9 +72,7 @@ def _antithetic(spec: UnrollSpec, theta: jax.Array, pop: Population, key: jax.Ar
   noise_key, reset_key = jax.random.split(key)
   eps = antithetic_noise(noise_key, size // 2, dim, sigma)
   acc = pop.perturbation + eps if persistent else eps
-  pop, losses, finite = unroll_lib.unroll_population(
-      spec.problem, spec.schedule.length, spec.loss_bound, spec.unravel,
-      theta[None] + eps, pop, spec.mesh, log_loss=spec.log_loss)
+  pop, losses, finite = unroll_lib.unroll_population(spec, theta[None] + eps, pop)
   n = size // 2
   diff = losses[:n] - losses[n:]
   gradient = diff @ acc[:n] / (n * 2 * sigma**2)
@@ -123,9 +97,7 @@ def tbptt(spec: UnrollSpec, theta: jax.Array, pop: Population, key: jax.Array, *
           sigma: float = 0.0) -> Estimate:
   """Truncated backprop through time, averaged over independent members."""
   del sigma
-  pop, losses, grads, finite = unroll_lib.unroll_population_with_grad(
-      spec.problem, spec.schedule.length, spec.loss_bound, spec.unravel, theta, pop,
-      spec.mesh, log_loss=spec.log_loss)
+  pop, losses, grads, finite = unroll_lib.unroll_population_with_grad(spec, theta, pop)
   ok = finite & jnp.all(jnp.isfinite(grads), axis=1)
   gradient = jnp.mean(jnp.where(ok[:, None], grads, 0.0), axis=0)
   return _finish(spec, pop, losses, finite, gradient, key, antithetic=False)

@@ -200,9 +200,9 @@ class MetaTrainer:
     c = self.config
     groups = {}
     for i, task in enumerate(self.tasks):
-      specs = [GroupSpec(f"t{i:02d}_informed", i, True, 2 * c.num_pairs)]
+      specs = [GroupSpec(f"t{i:02d}_informed", i, True, c.num_members)]
       if c.num_blind_pairs:
-        specs.append(GroupSpec(f"t{i:02d}_blind", i, False, 2 * c.num_blind_pairs))
+        specs.append(GroupSpec(f"t{i:02d}_blind", i, False, c.num_blind_members))
       for s in specs:
         shard_lib.check_population_size(s.size, self.mesh, s.name)
       groups[i] = tuple(specs)

@@ -23,6 +23,7 @@ no communication inside the scan.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -31,11 +32,33 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from metaopt.meta.inner import InnerProblem
-from metaopt.meta.population import DATA_STREAM, Population
+from metaopt.meta.population import DATA_STREAM, Population, TruncationSchedule
 
 POP_AXIS = "pop"
 _MIN_NORMALIZER = 1e-12
 _MIN_LOG_RATIO = 1e-8
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class UnrollSpec:
+  """What one population unrolls (static).
+
+  Attributes:
+    problem: the inner problem of every member.
+    schedule: truncation length K and episode horizons.
+    loss_bound: B, the cap on the normalized loss (see above).
+    unravel: flat theta -> the theta pytree the problem reads.
+    mesh: 1-D device mesh over which the population axis is sharded (None: no
+      ``shard_map``).
+    log_loss: the log meta-objective (see above).
+  """
+
+  problem: InnerProblem
+  schedule: TruncationSchedule
+  loss_bound: float
+  unravel: Callable
+  mesh: Mesh | None = None
+  log_loss: bool = False
 
 
 def all_finite(tree) -> jax.Array:
@@ -74,11 +97,10 @@ def truncate(problem: InnerProblem, length: int, loss_bound: float,
   return member, jnp.mean(losses), finite
 
 
-def _theta_fn(unravel: Callable, problem: InnerProblem, length: int, loss_bound: float,
-              log_loss: bool):
+def _theta_fn(spec: UnrollSpec):
   def fn(theta_flat, member):
-    return truncate(problem, length, loss_bound, unravel(theta_flat), member,
-                    log_loss=log_loss)
+    return truncate(spec.problem, spec.schedule.length, spec.loss_bound,
+                    spec.unravel(theta_flat), member, log_loss=spec.log_loss)
   return fn
 
 
@@ -88,27 +110,24 @@ def _shard(fn, mesh: Mesh | None, in_specs, out_specs):
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-def unroll_population(problem: InnerProblem, length: int, loss_bound: float,
-                      unravel: Callable, thetas: jax.Array, pop: Population,
-                      mesh: Mesh | None = None, *, log_loss: bool = False
+def unroll_population(spec: UnrollSpec, thetas: jax.Array, pop: Population
                       ) -> tuple[Population, jax.Array, jax.Array]:
-  """Every member with its own flat theta (``thetas`` ``[P, d]``).
+  """Every member one truncation of ``spec``, each with its own flat theta (``[P, d]``).
 
   Returns ``(population, meta_losses [P], finite [P])``.
   """
-  fn = jax.vmap(_theta_fn(unravel, problem, length, loss_bound, log_loss))
-  return _shard(fn, mesh, (P(POP_AXIS), P(POP_AXIS)), P(POP_AXIS))(thetas, pop)
+  fn = jax.vmap(_theta_fn(spec))
+  return _shard(fn, spec.mesh, (P(POP_AXIS), P(POP_AXIS)), P(POP_AXIS))(thetas, pop)
 
 
-def unroll_population_with_grad(problem: InnerProblem, length: int, loss_bound: float,
-                                unravel: Callable, theta: jax.Array, pop: Population,
-                                mesh: Mesh | None = None, *, log_loss: bool = False):
-  """Every member with the shared flat ``theta``, plus d(meta-loss)/d(theta) per member.
+def unroll_population_with_grad(spec: UnrollSpec, theta: jax.Array, pop: Population):
+  """Every member one truncation of ``spec`` with the shared flat ``theta``, plus
+  d(meta-loss)/d(theta) per member.
 
   The incoming inner state is a constant (truncated backprop through K steps).
   Returns ``(population, meta_losses [P], grads [P, d], finite [P])``.
   """
-  fn = _theta_fn(unravel, problem, length, loss_bound, log_loss)
+  fn = _theta_fn(spec)
 
   def member_fn(th, member):
     def loss_fn(t):
@@ -118,4 +137,4 @@ def unroll_population_with_grad(problem: InnerProblem, length: int, loss_bound: 
     return member, loss, grad, finite
 
   vfn = jax.vmap(member_fn, in_axes=(None, 0))
-  return _shard(vfn, mesh, (P(), P(POP_AXIS)), P(POP_AXIS))(theta, pop)
+  return _shard(vfn, spec.mesh, (P(), P(POP_AXIS)), P(POP_AXIS))(theta, pop)

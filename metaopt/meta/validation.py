@@ -51,20 +51,6 @@ def make_evaluator(lo_config: lopt.LOConfig, task, *, num_steps: int, seeds: int
   return jax.jit(evaluate)
 
 
-def evaluate_theta(lo_config: lopt.LOConfig, theta: dict, task_list, *, num_steps: int,
-                   seeds: int = 4, loss_bound: float = 3.0) -> dict[str, dict]:
-  """``{task name: {"informed": scores, "blind": scores}}`` over ``task_list``."""
-  out = {}
-  for task in task_list:
-    out[task.name] = {}
-    for informed in (True, False):
-      fn = make_evaluator(lo_config, task, num_steps=num_steps, seeds=seeds,
-                          informed=informed, loss_bound=loss_bound)
-      out[task.name]["informed" if informed else "blind"] = {
-          k: float(v) for k, v in fn(theta).items()}
-  return out
-
-
 def score_thetas(lo_config: lopt.LOConfig, thetas: dict[str, dict], entries, *,
                  seeds: int = 2, log_loss: bool = True) -> dict[str, dict[str, float]]:
   """``{task name: {label: meta-objective}}`` of each theta on suite ``entries``.

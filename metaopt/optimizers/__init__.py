@@ -60,10 +60,39 @@ from metaopt.optimizers._tam import ScaleByAdatamState
 from metaopt.optimizers._tam import ScaleByTamState
 from metaopt.optimizers._tam import tam
 
+# The optimizers of the contract (docs: DESIGN.md), in its order: the one list of their
+# names. metaopt.eval.baselines derives its names from it; tests check it against the
+# exports here and against metaopt.lopt's CLASSICAL table and CANDIDATE_NAMES. Adding an
+# optimizer: its module, the imports above, this tuple (and the property-test table).
+OPTIMIZER_NAMES = (
+    "sgdm",
+    "nesterov",
+    "adamw",
+    "mu_adamw",
+    "lion",
+    "cautious",
+    "cautious_adamw",
+    "cautious_lion",
+    "tam",
+    "adatam",
+    "ademamix",
+    "momo",
+    "momo_adam",
+    "alr_smag",
+    "grams",
+    "laprop",
+    "adan",
+    "schedule_free_adamw",
+    "mars_adamw",
+    "adamp",
+    "sgdp",
+)
+
 __all__ = [
     "AlrSmagState",
     "MomoAdamState",
     "MomoState",
+    "OPTIMIZER_NAMES",
     "ProximalDecayState",
     "ScaleByAdamState",
     "ScaleByAdampState",

@@ -15,6 +15,7 @@ import optax
 
 from metaopt import features
 from metaopt import mup
+from metaopt.optimizers import _factory
 from metaopt.optimizers import _validation
 
 Tree = Any
@@ -59,10 +60,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   References:
     Kingma et al, "Adam: A Method for Stochastic Optimization", arXiv:1412.6980, 2014
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  _validation.check_positive("eps", eps)
-  _validation.check_nonnegative("eps_root", eps_root)
+  _factory.check_betas(b1=b1, b2=b2)
+  _factory.check_positive(eps=eps)
+  _factory.check_nonnegative(eps_root=eps_root)
 
   def init_fn(params):
     zeros = optax.tree.zeros_like(params)
@@ -70,7 +70,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
   def update_fn(updates, state, params=None):
     del params
-    mu = features.update_ema(state.mu, updates, b1)
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
     nu = features.update_second_moment(state.nu, updates, b2)
     count = optax.safe_increment(state.count)
     direction = features.adam_direction(features.bias_correction(mu, b1, count),
@@ -83,7 +83,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 def adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
           b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
-          weight_decay: optax.ScalarOrSchedule = 1e-4
+          weight_decay: optax.ScalarOrSchedule = 1e-4, *, mask: _factory.Mask = None
           ) -> optax.GradientTransformationExtraArgs:
   """Adam with decoupled weight decay; equals ``optax.adamw``.
 
@@ -94,7 +94,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
 
   with :math:`\\hat m, \\hat v` from :func:`scale_by_adam`, :math:`\\eta` =
   ``learning_rate`` and :math:`\\lambda` = ``weight_decay`` (multiplied by the
-  learning rate, as in optax and PyTorch).
+  learning rate, as in optax and PyTorch), applied to the leaves ``mask`` selects.
 
   Args:
     learning_rate: step size, a float or an optax schedule.
@@ -103,6 +103,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
     eps: added to the denominator outside the square root.
     eps_root: added inside the square root.
     weight_decay: decoupled weight decay.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -117,13 +118,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
   References:
     Loshchilov et al, "Decoupled Weight Decay Regularization", arXiv:1711.05101, 2017
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_adam(b1, b2, eps, eps_root),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_adam(b1, b2, eps, eps_root), learning_rate,
+                                  weight_decay, mask)
 
 
 def _checked_roles(roles: mup.RolesOrFn) -> optax.GradientTransformation:
@@ -142,8 +138,8 @@ def _checked_roles(roles: mup.RolesOrFn) -> optax.GradientTransformation:
 
 def mu_adamw(learning_rate: optax.ScalarOrSchedule, roles: mup.RolesOrFn,
              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-             eps_root: float = 0.0, weight_decay: optax.ScalarOrSchedule = 1e-4
-             ) -> optax.GradientTransformationExtraArgs:
+             eps_root: float = 0.0, weight_decay: optax.ScalarOrSchedule = 1e-4, *,
+             mask: _factory.Mask = None) -> optax.GradientTransformationExtraArgs:
   """AdamW under muP: hidden-layer updates scaled by ``base_fan_in / fan_in``.
 
   .. math::
@@ -166,6 +162,7 @@ def mu_adamw(learning_rate: optax.ScalarOrSchedule, roles: mup.RolesOrFn,
     eps: added to the denominator outside the square root.
     eps_root: added inside the square root.
     weight_decay: decoupled weight decay.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -187,7 +184,7 @@ def mu_adamw(learning_rate: optax.ScalarOrSchedule, roles: mup.RolesOrFn,
   return optax.chain(
       _checked_roles(roles),
       scale_by_adam(b1, b2, eps, eps_root),
-      optax.add_decayed_weights(weight_decay),
+      optax.add_decayed_weights(weight_decay, mask),
       mup.scale_by_mup(roles),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -223,24 +220,24 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransforma
   References:
     Chen et al, "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675, 2023
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
+  _factory.check_betas(b1=b1, b2=b2)
 
   def init_fn(params):
     return ScaleByLionState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))
 
   def update_fn(updates, state, params=None):
     del params
-    direction = jax.tree.map(jnp.sign, features.update_ema(state.mu, updates, b1))
-    mu = features.update_ema(state.mu, updates, b2)
+    direction = jax.tree.map(
+        jnp.sign, features.update_ema(updates=updates, moments=state.mu, decay=b1))
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b2)
     return direction, ScaleByLionState(optax.safe_increment(state.count), mu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def lion(learning_rate: optax.ScalarOrSchedule = 1e-4, b1: float = 0.9,
-         b2: float = 0.99, weight_decay: optax.ScalarOrSchedule = 1e-3
-         ) -> optax.GradientTransformationExtraArgs:
+         b2: float = 0.99, weight_decay: optax.ScalarOrSchedule = 1e-3, *,
+         mask: _factory.Mask = None) -> optax.GradientTransformationExtraArgs:
   """Lion with decoupled weight decay; equals ``optax.lion``.
 
   .. math::
@@ -258,6 +255,7 @@ def lion(learning_rate: optax.ScalarOrSchedule = 1e-4, b1: float = 0.9,
     b1: interpolation between momentum and gradient inside the sign.
     b2: decay of the momentum EMA.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -271,10 +269,4 @@ def lion(learning_rate: optax.ScalarOrSchedule = 1e-4, b1: float = 0.9,
   References:
     Chen et al, "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675, 2023
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_lion(b1, b2),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_lion(b1, b2), learning_rate, weight_decay, mask)

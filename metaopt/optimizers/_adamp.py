@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features
+from metaopt.optimizers import _factory
 from metaopt.optimizers import _validation
 
 
@@ -82,18 +83,20 @@ def adamp_projection(update, grad, param, delta=0.1, wd_ratio=0.1, eps=1e-8):
   return projected, ratio
 
 
-def _project_and_decay(direction, grads, params, delta, wd_ratio, eps, decay_scale):
-  """Per leaf: projected direction + decay_scale * ratio * theta."""
+def _project_and_decay(direction, grads, params, delta, wd_ratio, eps, decay_scale, mask):
+  """Per leaf: projected direction + decay_scale * ratio * theta (0 * ... off the mask)."""
 
-  def leaf(u, g, p):
+  def leaf(u, g, p, scale):
     u, ratio = adamp_projection(u, g, p, delta, wd_ratio, eps)
-    return (u + decay_scale * ratio * p).astype(u.dtype)
+    return (u + scale * ratio * p).astype(u.dtype)
 
-  return jax.tree.map(leaf, direction, grads, params)
+  return jax.tree.map(leaf, direction, grads, params,
+                      _factory.masked_weight_decay(decay_scale, mask, params))
 
 
 def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
-                   *, nesterov: bool = False) -> optax.GradientTransformation:
+                   *, nesterov: bool = False, mask: _factory.Mask = None
+                   ) -> optax.GradientTransformation:
   r"""Rescales updates by AdamP: Adam, projected on scale-invariant weights, plus decay.
 
   .. math::
@@ -113,6 +116,7 @@ def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_r
     delta: cosine threshold :math:`\delta` (scaled by ``1 / sqrt(row size)``).
     wd_ratio: decay multiplier on projected tensors.
     nesterov: use the Nesterov momentum of the official code.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByAdampState`; needs
@@ -127,12 +131,9 @@ def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_r
     Heo et al, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", arXiv:2006.08217, 2020
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  _validation.check_positive("eps", eps)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  _validation.check_nonnegative("delta", delta)
-  _validation.check_nonnegative("wd_ratio", wd_ratio)
+  _factory.check_betas(b1=b1, b2=b2)
+  _factory.check_positive(eps=eps)
+  _factory.check_nonnegative(weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio)
 
   def init_fn(params):
     return ScaleByAdampState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
@@ -140,7 +141,7 @@ def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_r
 
   def update_fn(updates, state, params=None):
     params = _validation.require_params(params, "adamp")
-    mu = features.update_ema(state.mu, updates, b1)
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
     nu = features.update_second_moment(state.nu, updates, b2)
     count = optax.safe_increment(state.count)
     if nesterov:
@@ -150,7 +151,8 @@ def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_r
     numerator = features.bias_correction(numerator, b1, count)
     direction = features.adam_direction(numerator, features.bias_correction(nu, b2, count),
                                         eps)
-    out = _project_and_decay(direction, updates, params, delta, wd_ratio, eps, weight_decay)
+    out = _project_and_decay(direction, updates, params, delta, wd_ratio, eps, weight_decay,
+                             mask)
     new_state = ScaleByAdampState(count=count, mu=optax.tree.cast_like(mu, state.mu),
                                   nu=optax.tree.cast_like(nu, state.nu))
     return out, new_state
@@ -159,7 +161,8 @@ def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_r
 
 
 def adamp(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1,
-          wd_ratio=0.1, nesterov=False) -> optax.GradientTransformation:
+          wd_ratio=0.1, nesterov=False, *, mask: _factory.Mask = None
+          ) -> optax.GradientTransformation:
   r"""AdamP: AdamW that stops growing the norm of scale-invariant weights.
 
   .. math::
@@ -178,6 +181,7 @@ def adamp(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delt
     delta: cosine threshold.
     wd_ratio: decay multiplier on projected tensors.
     nesterov: Nesterov momentum as in the official code (a structural switch).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -196,13 +200,14 @@ def adamp(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delt
   _validation.check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_adamp(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, delta=delta,
-                     wd_ratio=wd_ratio, nesterov=bool(nesterov)),
+                     wd_ratio=wd_ratio, nesterov=bool(nesterov), mask=mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def scale_by_sgdp(momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1, wd_ratio=0.1,
-                  eps=1e-8, *, nesterov: bool = False) -> optax.GradientTransformation:
+                  eps=1e-8, *, nesterov: bool = False, mask: _factory.Mask = None
+                  ) -> optax.GradientTransformation:
   r"""Rescales updates by SGDP: heavy-ball momentum, projected, plus decay.
 
   .. math::
@@ -222,6 +227,7 @@ def scale_by_sgdp(momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1, wd_r
     wd_ratio: decay multiplier on projected tensors.
     eps: :math:`\epsilon` in the projection and the cosines.
     nesterov: Nesterov momentum as in the official code.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleBySgdpState`; needs ``params``.
@@ -235,12 +241,10 @@ def scale_by_sgdp(momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1, wd_r
     Heo et al, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", arXiv:2006.08217, 2020
   """
-  _validation.check_beta("momentum", momentum)
+  _factory.check_betas(momentum=momentum)
   _validation.check_range("dampening", dampening, 0.0, 1.0, high_inclusive=True)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  _validation.check_nonnegative("delta", delta)
-  _validation.check_nonnegative("wd_ratio", wd_ratio)
-  _validation.check_positive("eps", eps)
+  _factory.check_nonnegative(weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio)
+  _factory.check_positive(eps=eps)
 
   def init_fn(params):
     return ScaleBySgdpState(momentum=optax.tree.zeros_like(params))
@@ -254,14 +258,15 @@ def scale_by_sgdp(momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1, wd_r
     else:
       direction = buf
     out = _project_and_decay(direction, updates, params, delta, wd_ratio, eps,
-                             weight_decay / (1 - momentum))
+                             weight_decay / (1 - momentum), mask)
     return out, ScaleBySgdpState(momentum=optax.tree.cast_like(buf, state.momentum))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def sgdp(learning_rate, momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1,
-         wd_ratio=0.1, nesterov=False, eps=1e-8) -> optax.GradientTransformation:
+         wd_ratio=0.1, nesterov=False, eps=1e-8, *, mask: _factory.Mask = None
+         ) -> optax.GradientTransformation:
   r"""SGDP: SGD with momentum that stops growing the norm of scale-invariant weights.
 
   .. math::
@@ -280,6 +285,7 @@ def sgdp(learning_rate, momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1
     wd_ratio: decay multiplier on projected tensors.
     nesterov: Nesterov momentum as in the official code (a structural switch).
     eps: :math:`\epsilon` in the projection and the cosines.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -298,6 +304,7 @@ def sgdp(learning_rate, momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1
   _validation.check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_sgdp(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                    delta=delta, wd_ratio=wd_ratio, eps=eps, nesterov=bool(nesterov)),
+                    delta=delta, wd_ratio=wd_ratio, eps=eps, nesterov=bool(nesterov),
+                    mask=mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features
+from metaopt.optimizers import _factory
 from metaopt.optimizers import _validation
 
 
@@ -69,10 +70,8 @@ def scale_by_adan(b1=0.98, b2=0.92, b3=0.99, eps=1e-8) -> optax.GradientTransfor
     Xie et al, "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep
     Models", arXiv:2208.06677, 2022
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  _validation.check_beta("b3", b3)
-  _validation.check_positive("eps", eps)
+  _factory.check_betas(b1=b1, b2=b2, b3=b3)
+  _factory.check_positive(eps=eps)
 
   def init_fn(params):
     zeros = optax.tree.zeros_like(params)
@@ -84,8 +83,8 @@ def scale_by_adan(b1=0.98, b2=0.92, b3=0.99, eps=1e-8) -> optax.GradientTransfor
     first = state.count == 0
     diff = jax.tree.map(lambda g, p: jnp.where(first, jnp.zeros_like(g), g - p), updates,
                         state.prev_grad)
-    mu = features.update_ema(state.mu, updates, b1)
-    delta = features.update_ema(state.delta, diff, b2)
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
+    delta = features.update_ema(updates=diff, moments=state.delta, decay=b2)
     nesterov_grad = jax.tree.map(lambda g, d: g + b2 * d, updates, diff)
     nu = features.update_second_moment(state.nu, nesterov_grad, b3)
     count = optax.safe_increment(state.count)
@@ -102,7 +101,8 @@ def scale_by_adan(b1=0.98, b2=0.92, b3=0.99, eps=1e-8) -> optax.GradientTransfor
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def proximal_decay_step(learning_rate, weight_decay=0.0) -> optax.GradientTransformation:
+def proximal_decay_step(learning_rate, weight_decay=0.0, *, mask: _factory.Mask = None
+                        ) -> optax.GradientTransformation:
   r"""Final descent step with proximal (not AdamW-style) weight decay.
 
   .. math::
@@ -112,12 +112,14 @@ def proximal_decay_step(learning_rate, weight_decay=0.0) -> optax.GradientTransf
 
   where :math:`u_t` is the incoming direction, :math:`\eta_t` the learning rate
   (schedules are evaluated at the 0-based step, as ``optax.scale_by_learning_rate``
-  does) and :math:`\lambda` = ``weight_decay``. With :math:`\lambda = 0` it equals
+  does) and :math:`\lambda` = ``weight_decay`` on the leaves ``mask`` selects (0 on
+  the others). With :math:`\lambda = 0` it equals
   ``optax.scale_by_learning_rate(learning_rate)``.
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.
     weight_decay: :math:`\lambda`.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ProximalDecayState`; it
@@ -138,15 +140,20 @@ def proximal_decay_step(learning_rate, weight_decay=0.0) -> optax.GradientTransf
       return jax.tree.map(lambda u: (-eta * u).astype(u.dtype), updates), new_state
     params = _validation.require_params(params, "adan (proximal weight decay)")
     shrink = 1 + eta * weight_decay
-    out = jax.tree.map(
-        lambda u, p: (-eta * (u + weight_decay * p) / shrink).astype(u.dtype), updates, params)
+
+    def leaf(u, p, decayed):
+      if not decayed:
+        return (-eta * u).astype(u.dtype)
+      return (-eta * (u + weight_decay * p) / shrink).astype(u.dtype)
+
+    out = jax.tree.map(leaf, updates, params, _factory.decayed_leaves(mask, params))
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adan(learning_rate=1e-3, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0
-         ) -> optax.GradientTransformation:
+def adan(learning_rate=1e-3, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *,
+         mask: _factory.Mask = None) -> optax.GradientTransformation:
   r"""Adan (paper form): Nesterov-style gradient-difference momentum, proximal decay.
 
   .. math::
@@ -164,6 +171,7 @@ def adan(learning_rate=1e-3, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0
     b3: second-moment decay.
     eps: :math:`\epsilon` in the denominator.
     weight_decay: proximal weight decay :math:`\lambda` (needs ``params``).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -183,5 +191,5 @@ def adan(learning_rate=1e-3, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0
   _validation.check_nonnegative("weight_decay", weight_decay)
   return optax.chain(
       scale_by_adan(b1=b1, b2=b2, b3=b3, eps=eps),
-      proximal_decay_step(learning_rate, weight_decay),
+      proximal_decay_step(learning_rate, weight_decay, mask=mask),
   )

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features
+from metaopt.optimizers import _factory
 from metaopt.optimizers import _validation
 
 Tree = Any
@@ -83,11 +84,9 @@ def scale_by_ademamix(b1: float = 0.9, b2: float = 0.999, b3=0.9999, alpha=5.0,
     Pagliardini et al, "The AdEMAMix Optimizer: Better, Faster, Older",
     arXiv:2409.03137, 2024
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  _validation.check_beta("b3", b3)
-  _validation.check_nonnegative("alpha", alpha)
-  _validation.check_positive("eps", eps)
+  _factory.check_betas(b1=b1, b2=b2, b3=b3)
+  _factory.check_nonnegative(alpha=alpha)
+  _factory.check_positive(eps=eps)
   for name, horizon in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
     if horizon is not None:
       _validation.check_positive(name, horizon)
@@ -102,8 +101,8 @@ def scale_by_ademamix(b1: float = 0.9, b2: float = 0.999, b3=0.9999, alpha=5.0,
 
   def update_fn(updates, state, params=None):
     del params
-    m1 = features.update_ema(state.m1, updates, b1)
-    m2 = features.update_ema(state.m2, updates, b3_at(state.count))
+    m1 = features.update_ema(updates=updates, moments=state.m1, decay=b1)
+    m2 = features.update_ema(updates=updates, moments=state.m2, decay=b3_at(state.count))
     nu = features.update_second_moment(state.nu, updates, b2)
     count = optax.safe_increment(state.count)
     direction = features.ademamix_direction(
@@ -117,7 +116,8 @@ def scale_by_ademamix(b1: float = 0.9, b2: float = 0.999, b3=0.9999, alpha=5.0,
 def ademamix(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
              b3=0.9999, alpha=5.0, eps: float = 1e-8,
              weight_decay: optax.ScalarOrSchedule = 0.0, t_alpha: int | None = None,
-             t_beta3: int | None = None) -> optax.GradientTransformationExtraArgs:
+             t_beta3: int | None = None, *, mask: _factory.Mask = None
+             ) -> optax.GradientTransformationExtraArgs:
   """AdEMAMix with decoupled weight decay; equals ``optax.contrib.ademamix``.
 
   .. math::
@@ -143,6 +143,7 @@ def ademamix(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float =
     weight_decay: decoupled weight decay.
     t_alpha: warmup horizon of alpha, in steps (None: constant).
     t_beta3: warmup horizon of beta3, in steps (None: constant).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -157,10 +158,5 @@ def ademamix(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float =
     Pagliardini et al, "The AdEMAMix Optimizer: Better, Faster, Older",
     arXiv:2409.03137, 2024
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_ademamix(b1, b2, b3, alpha, eps, t_alpha, t_beta3),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_ademamix(b1, b2, b3, alpha, eps, t_alpha, t_beta3),
+                                  learning_rate, weight_decay, mask)

@@ -27,7 +27,7 @@ import optax
 
 from metaopt import features
 from metaopt.optimizers import _adam
-from metaopt.optimizers import _validation
+from metaopt.optimizers import _factory
 
 
 class ScaleByCautiousState(NamedTuple):
@@ -79,8 +79,8 @@ def scale_by_cautious(base: optax.GradientTransformation
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def cautious(base: optax.GradientTransformation, learning_rate, weight_decay=0.0
-             ) -> optax.GradientTransformationExtraArgs:
+def cautious(base: optax.GradientTransformation, learning_rate, weight_decay=0.0, *,
+             mask: _factory.Mask = None) -> optax.GradientTransformationExtraArgs:
   r"""Makes any momentum optimizer cautious: mask its direction, then decay and step.
 
   .. math::
@@ -88,12 +88,13 @@ def cautious(base: optax.GradientTransformation, learning_rate, weight_decay=0.0
 
   with :math:`u_t \odot \phi_t` from :func:`scale_by_cautious`, :math:`\eta` =
   ``learning_rate`` and :math:`\lambda` = ``weight_decay``. The decay term is added
-  after the mask, so it is never masked.
+  after the cautious mask, which never applies to it (``mask`` selects the decayed leaves).
 
   Args:
     base: a direction-only transform (``scale_by_*``: no learning rate, no decay).
     learning_rate: :math:`\eta`, a float or an optax schedule.
     weight_decay: decoupled weight decay :math:`\lambda`.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra ``update`` keyword arguments
@@ -111,17 +112,11 @@ def cautious(base: optax.GradientTransformation, learning_rate, weight_decay=0.0
     Liang et al, "Cautious Optimizers: Improving Training with One Line of Code",
     arXiv:2411.16085, 2024
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_cautious(base),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_cautious(base), learning_rate, weight_decay, mask)
 
 
-def cautious_adamw(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4
-                   ) -> optax.GradientTransformationExtraArgs:
+def cautious_adamw(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, *,
+                   mask: _factory.Mask = None) -> optax.GradientTransformationExtraArgs:
   r"""C-AdamW: AdamW whose direction is masked by its agreement with the gradient.
 
   .. math::
@@ -138,7 +133,8 @@ def cautious_adamw(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=
     b1: first-moment decay.
     b2: second-moment decay.
     eps: :math:`\epsilon` in the denominator.
-    weight_decay: decoupled weight decay :math:`\lambda` (not masked).
+    weight_decay: decoupled weight decay :math:`\lambda` (not cautious-masked).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -154,11 +150,12 @@ def cautious_adamw(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=
     Liang et al, "Cautious Optimizers: Improving Training with One Line of Code",
     arXiv:2411.16085, 2024
   """
-  return cautious(_adam.scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, weight_decay)
+  return cautious(_adam.scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, weight_decay,
+                  mask=mask)
 
 
-def cautious_lion(learning_rate=1e-4, b1=0.9, b2=0.99, weight_decay=1e-3
-                  ) -> optax.GradientTransformationExtraArgs:
+def cautious_lion(learning_rate=1e-4, b1=0.9, b2=0.99, weight_decay=1e-3, *,
+                  mask: _factory.Mask = None) -> optax.GradientTransformationExtraArgs:
   r"""C-Lion: Lion whose sign update is masked by its agreement with the gradient.
 
   .. math::
@@ -172,7 +169,8 @@ def cautious_lion(learning_rate=1e-4, b1=0.9, b2=0.99, weight_decay=1e-3
     learning_rate: :math:`\eta`, a float or an optax schedule.
     b1: interpolation between momentum and gradient inside the sign.
     b2: momentum decay.
-    weight_decay: decoupled weight decay :math:`\lambda` (not masked).
+    weight_decay: decoupled weight decay :math:`\lambda` (not cautious-masked).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -188,4 +186,4 @@ def cautious_lion(learning_rate=1e-4, b1=0.9, b2=0.99, weight_decay=1e-3
     Liang et al, "Cautious Optimizers: Improving Training with One Line of Code",
     arXiv:2411.16085, 2024
   """
-  return cautious(_adam.scale_by_lion(b1=b1, b2=b2), learning_rate, weight_decay)
+  return cautious(_adam.scale_by_lion(b1=b1, b2=b2), learning_rate, weight_decay, mask=mask)

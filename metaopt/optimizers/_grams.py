@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt.optimizers import _adam
-from metaopt.optimizers import _validation
+from metaopt.optimizers import _factory
 
 
 def scale_by_grams(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformation:
@@ -51,8 +51,8 @@ def scale_by_grams(b1=0.9, b2=0.999, eps=1e-6) -> optax.GradientTransformation:
   return optax.GradientTransformation(adam.init, update_fn)
 
 
-def grams(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0
-          ) -> optax.GradientTransformation:
+def grams(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, *,
+          mask: _factory.Mask = None) -> optax.GradientTransformation:
   r"""Grams: Adam whose update takes its sign from the current gradient, decoupled decay.
 
   .. math::
@@ -67,6 +67,7 @@ def grams(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0
     b2: second-moment decay.
     eps: :math:`\epsilon` in the denominator.
     weight_decay: decoupled weight decay :math:`\lambda`.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -82,10 +83,5 @@ def grams(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0
     Cao et al, "Grams: Gradient Descent with Adaptive Momentum Scaling",
     arXiv:2412.17107, 2024
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_grams(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_grams(b1=b1, b2=b2, eps=eps), learning_rate,
+                                  weight_decay, mask)

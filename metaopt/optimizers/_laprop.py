@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features
-from metaopt.optimizers import _validation
+from metaopt.optimizers import _factory
 
 
 class ScaleByLapropState(NamedTuple):
@@ -56,9 +56,8 @@ def scale_by_laprop(b1=0.9, b2=0.999, eps=1e-15) -> optax.GradientTransformation
     Ziyin et al, "LaProp: Separating Momentum and Adaptivity in Adam",
     arXiv:2002.04839, 2020
   """
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  _validation.check_positive("eps", eps)
+  _factory.check_betas(b1=b1, b2=b2)
+  _factory.check_positive(eps=eps)
 
   def init_fn(params):
     return ScaleByLapropState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
@@ -70,7 +69,7 @@ def scale_by_laprop(b1=0.9, b2=0.999, eps=1e-15) -> optax.GradientTransformation
     nu = features.update_second_moment(state.nu, updates, b2)
     normalized = features.adam_direction(updates, features.bias_correction(nu, b2, count),
                                          eps)
-    mu = features.update_ema(state.mu, normalized, b1)
+    mu = features.update_ema(updates=normalized, moments=state.mu, decay=b1)
     direction = features.bias_correction(mu, b1, count)
     mu = optax.tree.cast_like(mu, state.mu)
     nu = optax.tree.cast_like(nu, state.nu)
@@ -79,8 +78,8 @@ def scale_by_laprop(b1=0.9, b2=0.999, eps=1e-15) -> optax.GradientTransformation
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def laprop(learning_rate=4e-4, b1=0.9, b2=0.999, eps=1e-15, weight_decay=0.0
-           ) -> optax.GradientTransformation:
+def laprop(learning_rate=4e-4, b1=0.9, b2=0.999, eps=1e-15, weight_decay=0.0, *,
+           mask: _factory.Mask = None) -> optax.GradientTransformation:
   r"""LaProp: momentum over Adam-normalized gradients, decoupled weight decay.
 
   .. math::
@@ -96,6 +95,7 @@ def laprop(learning_rate=4e-4, b1=0.9, b2=0.999, eps=1e-15, weight_decay=0.0
     b2: second-moment decay.
     eps: :math:`\epsilon` in the normalization.
     weight_decay: decoupled weight decay :math:`\lambda`.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -111,10 +111,5 @@ def laprop(learning_rate=4e-4, b1=0.9, b2=0.999, eps=1e-15, weight_decay=0.0
     Ziyin et al, "LaProp: Separating Momentum and Adaptivity in Adam",
     arXiv:2002.04839, 2020
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_laprop(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_laprop(b1=b1, b2=b2, eps=eps), learning_rate,
+                                  weight_decay, mask)

@@ -27,7 +27,7 @@ import optax
 
 from metaopt import features
 from metaopt.optimizers import _adam
-from metaopt.optimizers import _validation
+from metaopt.optimizers import _factory
 
 
 class ScaleByMarsAdamwState(NamedTuple):
@@ -77,7 +77,7 @@ def scale_by_mars_adamw(b1=0.95, b2=0.99, gamma=0.025, eps=1e-8
     Yuan et al, "MARS: Unleashing the Power of Variance Reduction for Training Large
     Models", arXiv:2411.10438, 2024
   """
-  _validation.check_nonnegative("gamma", gamma)
+  _factory.check_nonnegative(gamma=gamma)
   adam = _adam.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):
@@ -96,7 +96,8 @@ def scale_by_mars_adamw(b1=0.95, b2=0.99, gamma=0.025, eps=1e-8
 
 
 def mars_adamw(learning_rate=3e-3, b1=0.95, b2=0.99, gamma=0.025, eps=1e-8,
-               weight_decay=0.0) -> optax.GradientTransformation:
+               weight_decay=0.0, *, mask: _factory.Mask = None
+               ) -> optax.GradientTransformation:
   r"""MARS-AdamW: AdamW on clipped, variance-reduced gradients.
 
   .. math::
@@ -114,6 +115,7 @@ def mars_adamw(learning_rate=3e-3, b1=0.95, b2=0.99, gamma=0.025, eps=1e-8,
     gamma: strength of the variance-reduction correction.
     eps: :math:`\epsilon` in the denominator.
     weight_decay: decoupled weight decay :math:`\lambda`.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -129,10 +131,5 @@ def mars_adamw(learning_rate=3e-3, b1=0.95, b2=0.99, gamma=0.025, eps=1e-8,
     Yuan et al, "MARS: Unleashing the Power of Variance Reduction for Training Large
     Models", arXiv:2411.10438, 2024
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_mars_adamw(b1=b1, b2=b2, gamma=gamma, eps=eps),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_mars_adamw(b1=b1, b2=b2, gamma=gamma, eps=eps),
+                                  learning_rate, weight_decay, mask)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features
-from metaopt.optimizers import _validation
+from metaopt.optimizers import _factory
 
 Tree = Any
 
@@ -52,7 +52,7 @@ def scale_by_momentum(momentum: float = 0.9, *,
     Sutskever et al, "On the importance of initialization and momentum in deep
     learning", ICML, 2013
   """
-  _validation.check_beta("momentum", momentum)
+  _factory.check_betas(momentum=momentum)
 
   def init_fn(params):
     return ScaleByMomentumState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))
@@ -67,8 +67,8 @@ def scale_by_momentum(momentum: float = 0.9, *,
 
 
 def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
-         weight_decay: optax.ScalarOrSchedule = 0.0, *,
-         nesterov: bool = False) -> optax.GradientTransformationExtraArgs:
+         weight_decay: optax.ScalarOrSchedule = 0.0, *, nesterov: bool = False,
+         mask: _factory.Mask = None) -> optax.GradientTransformationExtraArgs:
   """SGD with heavy-ball momentum and decoupled weight decay.
 
   .. math::
@@ -86,6 +86,7 @@ def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
     momentum: decay of the momentum sum, in [0, 1).
     weight_decay: decoupled weight decay (multiplied by the learning rate).
     nesterov: use Nesterov momentum (see :func:`nesterov`).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -101,17 +102,12 @@ def sgdm(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
     Sutskever et al, "On the importance of initialization and momentum in deep
     learning", ICML, 2013
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_momentum(momentum, nesterov=nesterov),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_momentum(momentum, nesterov=nesterov),
+                                  learning_rate, weight_decay, mask)
 
 
 def nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
-             weight_decay: optax.ScalarOrSchedule = 0.0
+             weight_decay: optax.ScalarOrSchedule = 0.0, *, mask: _factory.Mask = None
              ) -> optax.GradientTransformationExtraArgs:
   """SGD with Nesterov momentum and decoupled weight decay.
 
@@ -127,6 +123,7 @@ def nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
     momentum: decay :math:`\\mu` of the momentum sum, in [0, 1).
     weight_decay: decoupled weight decay :math:`\\lambda` (multiplied by the
       learning rate).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -141,4 +138,4 @@ def nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
     Sutskever et al, "On the importance of initialization and momentum in deep
     learning", ICML, 2013
   """
-  return sgdm(learning_rate, momentum, weight_decay, nesterov=True)
+  return sgdm(learning_rate, momentum, weight_decay, nesterov=True, mask=mask)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features
+from metaopt.optimizers import _factory
 from metaopt.optimizers import _validation
 
 Tree = Any
@@ -25,11 +26,29 @@ def _at(schedule, count):
   return schedule(count) if callable(schedule) else schedule
 
 
-def _decayed_step(params, direction, tau, lr, weight_decay):
-  """Update of the proximal step x <- (x - tau * direction) / (1 + lr * lam)."""
-  shrink = 1 + lr * weight_decay
-  return jax.tree.map(
-      lambda p, d: -(lr * weight_decay) / shrink * p - tau * d / shrink, params, direction)
+def _decayed_step(params, direction, tau, lr, weight_decays):
+  """Update of the proximal step x <- (x - tau * direction) / (1 + lr * lam), per leaf
+  with that leaf's lam (a tree: ``weight_decays``)."""
+
+  def leaf(p, d, weight_decay):
+    shrink = 1 + lr * weight_decay
+    return -(lr * weight_decay) / shrink * p - tau * d / shrink
+
+  return jax.tree.map(leaf, params, direction, weight_decays)
+
+
+def _masked_model_sums(mask, params, lr, weight_decay, d, d_scaled):
+  """``<d, x>`` and ``<d, d_scaled>`` of MoMo's step when ``mask`` leaves leaves undecayed.
+
+  With the proximal step ``x_i <- (x_i - tau d_i) / (1 + lr lam_i)`` and ``lam_i`` = 0 off
+  the mask, tau's closed form is MoMo's with each leaf's terms weighted by
+  ``(1 + lr lam) / (1 + lr lam_i)``: 1 on decayed leaves, ``1 + lr lam`` on the others.
+  """
+  off_weight = 1 + lr * weight_decay
+  weights = jax.tree.map(lambda on: 1.0 if on else off_weight,
+                         _factory.decayed_leaves(mask, params))
+  weighted = jax.tree.map(lambda w, v: (w * v).astype(v.dtype), weights, d)
+  return features.tree_vdot(weighted, params), features.tree_vdot(weighted, d_scaled)
 
 
 class MomoState(NamedTuple):
@@ -44,7 +63,8 @@ class MomoState(NamedTuple):
 
 def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
          lower_bound: float = 0.0, weight_decay: float = 0.0,
-         adapt_lower_bound: bool = False) -> optax.GradientTransformationExtraArgs:
+         adapt_lower_bound: bool = False, *, mask: _factory.Mask = None
+         ) -> optax.GradientTransformationExtraArgs:
   """MoMo: SGD with momentum and a model-based Polyak step size.
 
   .. math::
@@ -71,6 +91,10 @@ def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
     weight_decay: weight decay :math:`\\lambda` of the proximal step.
     adapt_lower_bound: estimate the lower bound online (paper, Sec. 5), starting from
       ``lower_bound`` and never going below it.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf). The
+      step is then the proximal step of the partly decayed model: masked-off leaves
+      are not shrunk and weigh ``1 + alpha * lam`` in :math:`\\langle d, x\\rangle`
+      and :math:`\\|d\\|^2` (an all-False mask equals ``weight_decay=0``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``value=loss``.
@@ -88,8 +112,8 @@ def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
     arXiv:2305.07583, 2023
   """
   _validation.check_learning_rate(learning_rate)
-  _validation.check_beta("beta", beta)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _factory.check_betas(beta=beta)
+  _factory.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
     dtype = optax.tree.dtype(params, "lowest")
@@ -102,24 +126,29 @@ def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
     _validation.require_params(params, "momo")
     _validation.require_value(value, "momo")
     decay = jnp.where(state.count == 0, 0.0, beta)
-    momentum = features.update_ema(state.momentum, updates, decay)
+    momentum = features.update_ema(updates=updates, moments=state.momentum, decay=decay)
     loss = jnp.asarray(value, state.loss_avg.dtype)
-    loss_avg = features.update_ema(state.loss_avg, loss, decay)
-    gamma = features.update_ema(state.grad_dot_param_avg,
-                                features.tree_vdot(updates, params), decay)
+    loss_avg = features.update_ema(updates=loss, moments=state.loss_avg, decay=decay)
+    gamma = features.update_ema(updates=features.tree_vdot(updates, params),
+                                moments=state.grad_dot_param_avg, decay=decay)
     d_norm_sq = features.global_norm_sq(momentum)
     d_dot_x = features.tree_vdot(momentum, params)
     lr = _at(learning_rate, state.count)
+    step_d_dot_x, step_d_norm_sq = d_dot_x, d_norm_sq
+    if mask is not None:
+      step_d_dot_x, step_d_norm_sq = _masked_model_sums(mask, params, lr, weight_decay,
+                                                        momentum, momentum)
     lb = state.lower_bound
     if adapt_lower_bound:
-      lb = features.momo_lower_bound_reset(lb, lr, loss_avg, gamma, d_dot_x, weight_decay,
-                                           lower_bound)
-    tau = features.momo_polyak_step(lr, loss_avg, gamma, d_dot_x, d_norm_sq, lb,
+      lb = features.momo_lower_bound_reset(lb, lr, loss_avg, gamma, step_d_dot_x,
+                                           weight_decay, lower_bound)
+    tau = features.momo_polyak_step(lr, loss_avg, gamma, step_d_dot_x, step_d_norm_sq, lb,
                                     weight_decay)
     if adapt_lower_bound:
       lb = features.momo_lower_bound_update(tau, loss_avg, gamma, d_dot_x, d_norm_sq,
                                             lower_bound)
-    new_updates = _decayed_step(params, momentum, tau, lr, weight_decay)
+    new_updates = _decayed_step(params, momentum, tau, lr,
+                                _factory.masked_weight_decay(weight_decay, mask, params))
     return new_updates, MomoState(optax.safe_increment(state.count), momentum, loss_avg,
                                   gamma, lb.astype(state.lower_bound.dtype))
 
@@ -139,8 +168,8 @@ class MomoAdamState(NamedTuple):
 
 def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
               b2: float = 0.999, eps: float = 1e-8, lower_bound: float = 0.0,
-              weight_decay: float = 0.0, adapt_lower_bound: bool = False
-              ) -> optax.GradientTransformationExtraArgs:
+              weight_decay: float = 0.0, adapt_lower_bound: bool = False, *,
+              mask: _factory.Mask = None) -> optax.GradientTransformationExtraArgs:
   """MoMo-Adam: Adam's preconditioned momentum with a model-based Polyak step size.
 
   .. math::
@@ -168,6 +197,10 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
     weight_decay: weight decay :math:`\\lambda` of the proximal step.
     adapt_lower_bound: estimate the lower bound online (paper, Sec. 5), starting from
       ``lower_bound`` and never going below it.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf). The
+      step is then the proximal step of the partly decayed model: masked-off leaves
+      are not shrunk and weigh ``1 + alpha * lam`` in :math:`\\langle d, x\\rangle`
+      and :math:`\\langle d, d/D\\rangle` (an all-False mask equals ``weight_decay=0``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``value=loss``.
@@ -184,10 +217,9 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
     arXiv:2305.07583, 2023
   """
   _validation.check_learning_rate(learning_rate)
-  _validation.check_beta("b1", b1)
-  _validation.check_beta("b2", b2)
-  _validation.check_positive("eps", eps)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _factory.check_betas(b1=b1, b2=b2)
+  _factory.check_positive(eps=eps)
+  _factory.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
     dtype = optax.tree.dtype(params, "lowest")
@@ -202,26 +234,32 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
     _validation.require_value(value, "momo_adam")
     count = optax.safe_increment(state.count)
     dtype = state.loss_avg.dtype
-    loss_avg = features.update_ema(state.loss_avg, jnp.asarray(value, dtype), b1)
-    mu = features.update_ema(state.mu, updates, b1)
+    loss_avg = features.update_ema(updates=jnp.asarray(value, dtype), moments=state.loss_avg,
+                                   decay=b1)
+    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
     nu = features.update_second_moment(state.nu, updates, b2)
     direction = features.adam_direction(mu, features.bias_correction(nu, b2, count), eps)
     d_norm_sq = features.tree_vdot(mu, direction)
-    gamma = features.update_ema(state.grad_dot_param_avg,
-                                features.tree_vdot(updates, params), b1)
+    gamma = features.update_ema(updates=features.tree_vdot(updates, params),
+                                moments=state.grad_dot_param_avg, decay=b1)
     d_dot_x = features.tree_vdot(mu, params)
     lr = _at(learning_rate, state.count)
     rho = jnp.asarray(1 - b1**count, dtype)
+    step_d_dot_x, step_d_norm_sq = d_dot_x, d_norm_sq
+    if mask is not None:
+      step_d_dot_x, step_d_norm_sq = _masked_model_sums(mask, params, lr, weight_decay, mu,
+                                                        direction)
     lb = state.lower_bound
     if adapt_lower_bound:
-      lb = features.momo_lower_bound_reset(lb, lr, loss_avg, gamma, d_dot_x, weight_decay,
-                                           lower_bound, rho=rho)
-    tau = features.momo_polyak_step(lr, loss_avg, gamma, d_dot_x, d_norm_sq, rho * lb,
-                                    weight_decay, max_step=lr / rho)
+      lb = features.momo_lower_bound_reset(lb, lr, loss_avg, gamma, step_d_dot_x,
+                                           weight_decay, lower_bound, rho=rho)
+    tau = features.momo_polyak_step(lr, loss_avg, gamma, step_d_dot_x, step_d_norm_sq,
+                                    rho * lb, weight_decay, max_step=lr / rho)
     if adapt_lower_bound:
       lb = features.momo_lower_bound_update(tau, loss_avg, gamma, d_dot_x, d_norm_sq,
                                             lower_bound, rho=rho)
-    new_updates = _decayed_step(params, direction, tau, lr, weight_decay)
+    new_updates = _decayed_step(params, direction, tau, lr,
+                                _factory.masked_weight_decay(weight_decay, mask, params))
     return new_updates, MomoAdamState(count, mu, nu, loss_avg, gamma,
                                       lb.astype(state.lower_bound.dtype))
 
@@ -236,8 +274,8 @@ class AlrSmagState(NamedTuple):
 
 
 def alr_smag(learning_rate: optax.ScalarOrSchedule = 0.1, beta: float = 0.9,
-             lower_bound: float = 0.0, c: float = 1.0, weight_decay: float = 0.0
-             ) -> optax.GradientTransformationExtraArgs:
+             lower_bound: float = 0.0, c: float = 1.0, weight_decay: float = 0.0, *,
+             mask: _factory.Mask = None) -> optax.GradientTransformationExtraArgs:
   """ALR-SMAG: heavy-ball momentum with a generalized Polyak step size.
 
   .. math::
@@ -258,6 +296,7 @@ def alr_smag(learning_rate: optax.ScalarOrSchedule = 0.1, beta: float = 0.9,
     lower_bound: lower bound :math:`f_*` of the loss (0 for most losses).
     c: the constant :math:`c > 0` dividing the Polyak step.
     weight_decay: weight decay :math:`\\lambda`, scaled by the step :math:`\\tau_k`.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``value=loss``.
@@ -274,9 +313,9 @@ def alr_smag(learning_rate: optax.ScalarOrSchedule = 0.1, beta: float = 0.9,
     Momentum", arXiv:2305.12939, 2023
   """
   _validation.check_learning_rate(learning_rate)
-  _validation.check_beta("beta", beta)
-  _validation.check_positive("c", c)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _factory.check_betas(beta=beta)
+  _factory.check_positive(c=c)
+  _factory.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
     return AlrSmagState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))
@@ -292,8 +331,8 @@ def alr_smag(learning_rate: optax.ScalarOrSchedule = 0.1, beta: float = 0.9,
                                   jnp.where(nonzero, d_norm_sq, 1.0), lower_bound, c,
                                   _at(learning_rate, state.count))
     tau = jnp.where(nonzero, step, 0.0)
-    new_updates = jax.tree.map(lambda p, d: -(weight_decay * tau) * p - tau * d, params,
-                               momentum)
+    new_updates = jax.tree.map(lambda p, d, wd: -(wd * tau) * p - tau * d, params, momentum,
+                               _factory.masked_weight_decay(weight_decay, mask, params))
     return new_updates, AlrSmagState(optax.safe_increment(state.count), momentum)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,6 +11,7 @@ import optax
 from optax.contrib import schedule_free
 from optax.contrib import schedule_free_eval_params
 
+from metaopt.optimizers import _factory
 from metaopt.optimizers import _validation
 
 __all__ = ["schedule_free_adamw", "schedule_free_eval_params"]
@@ -28,7 +29,8 @@ def _linear_warmup(learning_rate, warmup_steps: int):
 
 def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
                         warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.999,
-                        eps: float = 1e-8, weight_decay: float = 0.0
+                        eps: float = 1e-8, weight_decay: float = 0.0, *,
+                        mask: _factory.Mask = None
                         ) -> optax.GradientTransformationExtraArgs:
   """Schedule-Free AdamW: averaging replaces the learning-rate schedule.
 
@@ -59,6 +61,7 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
     b2: decay of the second moment.
     eps: added to the denominator outside the square root.
     weight_decay: decoupled weight decay (multiplied by the learning rate).
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -76,11 +79,11 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
     Defazio et al, "The Road Less Scheduled", arXiv:2405.15682, 2024
   """
   _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("warmup_steps", warmup_steps)
+  _factory.check_nonnegative(warmup_steps=warmup_steps)
   _validation.check_range("b1", b1, 0.0, 1.0, low_inclusive=False)
-  _validation.check_beta("b2", b2)
-  _validation.check_positive("eps", eps)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _factory.check_betas(b2=b2)
+  _factory.check_positive(eps=eps)
+  _factory.check_nonnegative(weight_decay=weight_decay)
   if warmup_steps:
     learning_rate = _linear_warmup(learning_rate, warmup_steps)
   # schedule_free weighs step k with learning_rate(k), k 1-based, while a chained
@@ -89,9 +92,7 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
   z_learning_rate = ((lambda count: learning_rate(count + 1)) if callable(learning_rate)
                      else learning_rate)
   # Adam without momentum (the averaging plays its role): g / (sqrt(v_hat) + eps).
-  base = optax.chain(
+  base = _factory.decayed_descent(
       optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(z_learning_rate),
-  )
+      z_learning_rate, weight_decay, mask)
   return schedule_free(base, learning_rate=learning_rate, b1=b1)

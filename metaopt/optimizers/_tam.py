@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features
-from metaopt.optimizers import _validation
+from metaopt.optimizers import _factory
 
 
 class ScaleByTamState(NamedTuple):
@@ -83,9 +83,8 @@ def scale_by_tam(beta=0.9, gamma=0.9, eps=1e-8) -> optax.GradientTransformation:
     Malviya et al, "Torque-Aware Momentum", arXiv:2412.18790, 2024
     (no official code was found; the per-tensor scalar cosine follows the paper).
   """
-  _validation.check_beta("beta", beta)
-  _validation.check_beta("gamma", gamma)
-  _validation.check_positive("eps", eps)
+  _factory.check_betas(beta=beta, gamma=gamma)
+  _factory.check_positive(eps=eps)
 
   def init_fn(params):
     return ScaleByTamState(count=jnp.zeros([], jnp.int32),
@@ -100,8 +99,8 @@ def scale_by_tam(beta=0.9, gamma=0.9, eps=1e-8) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def tam(learning_rate, beta=0.9, gamma=0.9, eps=1e-8, weight_decay=0.0
-        ) -> optax.GradientTransformation:
+def tam(learning_rate, beta=0.9, gamma=0.9, eps=1e-8, weight_decay=0.0, *,
+        mask: _factory.Mask = None) -> optax.GradientTransformation:
   r"""Torque-Aware Momentum: SGD with momentum damped by gradient/momentum misalignment.
 
   .. math::
@@ -118,6 +117,7 @@ def tam(learning_rate, beta=0.9, gamma=0.9, eps=1e-8, weight_decay=0.0
     gamma: decay of the smoothed cosine.
     eps: :math:`\epsilon` added to the damping factor.
     weight_decay: decoupled weight decay :math:`\lambda`.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -132,13 +132,8 @@ def tam(learning_rate, beta=0.9, gamma=0.9, eps=1e-8, weight_decay=0.0
   References:
     Malviya et al, "Torque-Aware Momentum", arXiv:2412.18790, 2024
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_tam(beta=beta, gamma=gamma, eps=eps),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_tam(beta=beta, gamma=gamma, eps=eps),
+                                  learning_rate, weight_decay, mask)
 
 
 def scale_by_adatam(beta=0.9, gamma=0.9, b2=0.999, eps=1e-8
@@ -174,10 +169,8 @@ def scale_by_adatam(beta=0.9, gamma=0.9, b2=0.999, eps=1e-8
     Malviya et al, "Torque-Aware Momentum", arXiv:2412.18790, 2024
     (no official code was found; the per-tensor scalar cosine follows the paper).
   """
-  _validation.check_beta("beta", beta)
-  _validation.check_beta("gamma", gamma)
-  _validation.check_beta("b2", b2)
-  _validation.check_positive("eps", eps)
+  _factory.check_betas(beta=beta, gamma=gamma, b2=b2)
+  _factory.check_positive(eps=eps)
 
   def init_fn(params):
     return ScaleByAdatamState(count=jnp.zeros([], jnp.int32),
@@ -197,8 +190,8 @@ def scale_by_adatam(beta=0.9, gamma=0.9, b2=0.999, eps=1e-8
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adatam(learning_rate, beta=0.9, gamma=0.9, b2=0.999, eps=1e-8, weight_decay=0.0
-           ) -> optax.GradientTransformation:
+def adatam(learning_rate, beta=0.9, gamma=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, *,
+           mask: _factory.Mask = None) -> optax.GradientTransformation:
   r"""AdaTAM: Adam-style normalization of Torque-Aware Momentum, decoupled decay.
 
   .. math::
@@ -216,6 +209,7 @@ def adatam(learning_rate, beta=0.9, gamma=0.9, b2=0.999, eps=1e-8, weight_decay=
     b2: second-moment decay.
     eps: :math:`\epsilon` (damping floor and denominator).
     weight_decay: decoupled weight decay :math:`\lambda`.
+    mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -230,10 +224,5 @@ def adatam(learning_rate, beta=0.9, gamma=0.9, b2=0.999, eps=1e-8, weight_decay=
   References:
     Malviya et al, "Torque-Aware Momentum", arXiv:2412.18790, 2024
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_adatam(beta=beta, gamma=gamma, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _factory.decayed_descent(scale_by_adatam(beta=beta, gamma=gamma, b2=b2, eps=eps),
+                                  learning_rate, weight_decay, mask)
