@@ -48,6 +48,7 @@ class LOState(NamedTuple):
   loss_ema: jax.Array  # MoMo's fbar (b1-EMA of the loss from zero).
   grad_param_ema: jax.Array  # MoMo's gamma (b1-EMA of <g, x> from zero).
   mup_scale: Tree  # base_fan_in / fan_in per hidden leaf, 1 elsewhere (scalars).
+  num_nonfinite: jax.Array  # int32 scalar: steps skipped for non-finite grads or loss.
 
 
 def state_dtype(leaf) -> jnp.dtype:
@@ -73,6 +74,7 @@ def init_state(params: Tree, mup_scale: Tree) -> LOState:
       grad_param_ema=jnp.zeros([], scalar_dtype),
       mup_scale=jax.tree.map(lambda x, s: jnp.asarray(s, state_dtype(x)), params,
                              mup_scale),
+      num_nonfinite=jnp.zeros([], jnp.int32),
   )
 
 
@@ -153,7 +155,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
 
   if config.horizon_decay == "linear" and num_steps is not None:
     learning_rate = learning_rate * jnp.clip(
-        1 - (count.astype(jnp.float32) - 1) / num_steps, 0.0, 1.0)
+        1 - (count.astype(jnp.float32) - 1) / num_steps, 1 / num_steps, 1.0)
   leaf_update = lambda *a: _leaf_update(config, theta, ctx, learning_rate, *a)
   updates = jax.tree.map(leaf_update, g, x, m_fast, state.momenta[1], m_slow, v, factored,
                          tam_m,
@@ -162,7 +164,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   new_state = LOState(count=count, momenta=(m_fast, m_mid, m_slow), second_moment=v,
                       factored=factored, tam_momentum=tam_m, torque_ema=s_hat,
                       laprop_momentum=laprop_m, loss_ema=loss_ema,
-                      grad_param_ema=gp_ema, mup_scale=state.mup_scale)
+                      grad_param_ema=gp_ema, mup_scale=state.mup_scale,
+                      num_nonfinite=state.num_nonfinite)
   return updates, new_state
 
 
