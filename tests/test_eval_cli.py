@@ -82,6 +82,27 @@ def test_rerun_recomputes_only_deleted_runs(smoke_out, artifact):
     (["--suite", "smoke", "--checkpoint", "no_such_release"],
      r"(?s)no released learned optimizer named 'no_such_release'.*--checkpoint runs/"),
 ])
-def test_bad_input_says_what_is_valid(flags, message, tmp_path):
-  with pytest.raises(SystemExit, match=message):
-    evaluate.main([*flags, "--out", str(tmp_path)])
+def test_bad_input_says_what_is_valid(flags, message, tmp_path, capsys):
+  assert evaluate.main([*flags, "--out", str(tmp_path)]) == 2
+  assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "mlp_digitz"], r"--tasks: 'mlp_digitz' matches no task of the smoke "
+                                r"suite; its tasks are .*mlp_digits_w16"),
+    (["--tasks", "mlp,nope"], r"--tasks: 'nope' matches no task"),
+    (["--warmup-fraction", "2"], r"--warmup-fraction: warmup_fraction=2.0; expected a "
+                                 r"value in \[0, 1\)"),
+    (["--lr-grid-size", "0"], r"--lr-grid-size: lr_grid_size=0; expected an int >= 1"),
+    (["--suite", "widths", "--widths", "64,abc"], r"--widths '64,abc': expected "
+                                                   r"comma-separated positive ints"),
+    (["--suite", "widths", "--widths", "64,-1"], r"--widths: widths=\(64, -1\)"),
+    (["--seeds", "0"], r"seeds=0"),
+])
+def test_bad_values_are_one_line_exit_2_and_write_nothing(flags, message, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert evaluate.main(["--suite", "smoke", *flags, "--out", str(out), "--estimate"]) == 2
+  err = capsys.readouterr().err
+  assert re.search(message, err), err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+  assert not out.exists()
