@@ -97,7 +97,9 @@ class LOConfig:
       concentrated on a few entries (dead units, unused embeddings) otherwise feeds the
       MLP values up to sqrt(size), far outside anything seen in meta-training.
     horizon_decay: ``"linear"`` multiplies every update by ``1 - (t - 1) / num_steps``
-      when ``num_steps`` is given (``"none"``: never). An LO meta-trained on short
+      when ``num_steps`` is given (``"none"``: never), and by ``1 / num_steps`` (the
+      last step's factor) after ``num_steps``: training past the horizon continues
+      slowly instead of freezing. An LO meta-trained on short
       truncations with a linear meta-objective descends fast and then stalls at its
       noise floor; decaying to zero over the known horizon, as tuned schedules do,
       removes the stall (validation tasks: final loss 0.18 -> 0.003 on a 256-wide MLP).
