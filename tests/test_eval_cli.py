@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -18,6 +19,13 @@ def _module(name):
 
 
 evaluate = _module("evaluate")
+
+# A recomputed run is the same computation in a vmap batch of another size, so its float32
+# rounding differs and training amplifies it: 5e-7 relative on loss curves after 50 AdamW
+# steps on one x86 CPU, up to ~1e-4 on others (see tests/test_tasks_training.py).
+# RERUN_RTOL keeps the three significant digits the former 6-character prefix compared,
+# without its failure on a carry (0.09999 and 0.10000 differ in every character).
+RERUN_RTOL = 1e-3
 
 SMOKE_FLAGS = ["--suite", "smoke", "--seeds", "2", "--lr-grid-size", "3",
                "--untuned", "prodigy", "--no-progress"]
@@ -72,7 +80,12 @@ def test_rerun_recomputes_only_deleted_runs(smoke_out, artifact):
   assert all(f.exists() for f in deleted)
   assert all(f.stat().st_mtime_ns == t for f, t in kept.items())
   after = _rows(smoke_out)
-  assert [r["final_loss"][:6] for r in after] == [r["final_loss"][:6] for r in before]
+  key = lambda r: (r["task"], r["optimizer"], r["schedule"], r["lr"], r["seed"], r["stage"])
+  assert sorted(map(key, after)) == sorted(map(key, before))
+  old = {key(r): float(r["final_loss"]) for r in before}
+  for r in after:
+    np.testing.assert_allclose(float(r["final_loss"]), old[key(r)], rtol=RERUN_RTOL,
+                               err_msg=str(key(r)))
 
 
 @pytest.mark.parametrize("flags, message", [
