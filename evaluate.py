@@ -107,6 +107,13 @@ def config_from_args(args: argparse.Namespace):
     values["tune_seeds"] = args.tune_seeds
   if args.max_memory_gb is not None:
     values["max_memory_gb"] = args.max_memory_gb
+  widths = None
+  if args.widths:
+    try:
+      widths = tuple(int(w) for w in _names(args.widths))
+    except ValueError:
+      raise SystemExit(f"--widths {args.widths!r}: expected comma-separated positive ints, "
+                       "e.g. 64,256,1024") from None
   try:
     config = harness.EvalConfig.for_suite(
         args.suite, seeds=args.seeds, lr_grid_size=args.lr_grid_size,
@@ -114,10 +121,14 @@ def config_from_args(args: argparse.Namespace):
         warmup_fraction=args.warmup_fraction, finalists=args.finalists,
         tune_lo=args.tune_lo, lo_grid_size=args.lo_grid_size,
         lo_span_decades=args.lo_span,
-        widths=tuple(int(w) for w in _names(args.widths)) if args.widths else None,
+        widths=widths,
         task_filter=_names(args.tasks), overlap_compile=not args.no_overlap, **values)
   except ValueError as e:
-    raise SystemExit(str(e)) from None
+    flags = {"warmup_fraction": "--warmup-fraction", "lr_grid_size": "--lr-grid-size",
+             "lo_grid_size": "--lo-grid-size", "lr_span_decades": "--lr-span",
+             "lo_span_decades": "--lo-span", "widths": "--widths"}
+    flag = next((f for n, f in flags.items() if str(e).startswith(f"{n}=")), None)
+    raise SystemExit(f"{flag}: {e}" if flag else str(e)) from None
   for name in (*config.tuned, *config.untuned):
     try:
       baselines.resolve(name)
@@ -126,9 +137,35 @@ def config_from_args(args: argparse.Namespace):
   return config
 
 
+def _check_task_filter(config, specs) -> None:
+  """Every ``--tasks`` string must match a task of the suite (a typo is not 0 tasks)."""
+  from metaopt.eval import harness  # pylint: disable=g-import-not-at-top
+  if not config.task_filter:
+    return
+  names = sorted({j.entry.name for j in harness.jobs(
+      dataclasses.replace(config, task_filter=()), specs)})
+  unmatched = [f for f in config.task_filter if not any(f in n for n in names)]
+  if unmatched:
+    raise SystemExit(f"--tasks: {', '.join(map(repr, unmatched))} matches no task of the "
+                     f"{config.suite} suite; its tasks are {', '.join(names)}")
+
+
 def main(argv: list[str] | None = None, *, persistent_cache: bool = False) -> int:
   """Runs the evaluation; ``persistent_cache`` keeps compilations in OUT/xla_cache (set
-  it only in a fresh process: JAX reads the setting at its first compilation)."""
+  it only in a fresh process: JAX reads the setting at its first compilation).
+
+  Bad input ends in one line on stderr naming the value and what was expected, and
+  the return value 2 (argparse's own errors exit 2 as well)."""
+  try:
+    return _main(argv, persistent_cache)
+  except SystemExit as e:
+    if not isinstance(e.code, str):
+      raise
+    print(f"evaluate.py: {e.code}", file=sys.stderr)
+    return 2
+
+
+def _main(argv: list[str] | None, persistent_cache: bool) -> int:
   args = parser().parse_args(argv)
   config = config_from_args(args)
   from metaopt.eval import harness, report  # pylint: disable=g-import-not-at-top
@@ -138,6 +175,7 @@ def main(argv: list[str] | None = None, *, persistent_cache: bool = False) -> in
     specs = harness.specs(config, lo, sp_lo)
   except ValueError as e:
     raise SystemExit(f"--baselines/--untuned: {e}") from None
+  _check_task_filter(config, specs)
   estimate = harness.estimate_seconds(config, specs)
   plan = harness.jobs(config, specs)
   print(f"suite {config.suite}: {len({j.task for j in plan})} tasks, {len(specs)} optimizers, "

@@ -24,7 +24,9 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     dest = args.export_to or pathlib.Path(args.out) / f"step_{args.export}"
     try:
       run.export_checkpoint(args.out, args.export, dest)
-    except (ValueError, checkpointing.CheckpointError) as e:
+    except (ValueError, FileExistsError, checkpointing.CheckpointError) as e:
       print(f"--export: {e}", file=sys.stderr)
       return 2
     print(f"wrote {dest}")
@@ -100,32 +102,61 @@ def main(argv: list[str] | None = None) -> int:
   from metaopt.meta import checkpointing, config as config_lib, run  # pylint: disable=g-import-not-at-top
 
   out = None
-  if args.resume:
-    out = run.newest_run(args.out or "runs")
-    if out is None:
-      print(f"--resume: no checkpointed run under {args.out or 'runs'}", file=sys.stderr)
-      return 2
-    config = checkpointing.config_from_checkpoint(out / run.CHECKPOINT_DIR)
-    if args.config is not None:
-      asked = config_lib.load_config(args.config)
-      differ = checkpointing.fields_differ(asked, config)
-      if differ:
-        print(f"--resume: --config {args.config} differs from the run in {out} in "
-              f"{differ}", file=sys.stderr)
+  try:
+    if args.resume:
+      out = run.newest_run(args.out or "runs")
+      if out is None:
+        where = args.out or "runs"
+        hint = (" (it was stopped before its first checkpoint: start it again without "
+                "--resume)" if run.is_run(where) else "")
+        print(f"--resume: no checkpointed run under {where}{hint}", file=sys.stderr)
         return 2
-  else:
-    config = config_lib.load_config(args.config or "default")
+      config = checkpointing.config_from_checkpoint(out / run.CHECKPOINT_DIR)
+      if args.config is not None:
+        asked = config_lib.load_config(args.config)
+        differ = checkpointing.fields_differ(asked, config)
+        if differ:
+          print(f"--resume: --config {args.config} differs from the run in {out} in "
+                f"{differ}", file=sys.stderr)
+          return 2
+    else:
+      config = config_lib.load_config(args.config or "default")
+  except (ValueError, TypeError, checkpointing.CheckpointError) as e:
+    print(f"{'--resume' if args.resume else '--config'}: {_one_line(e)}", file=sys.stderr)
+    return 2
   try:
     config = config.replace(**_parse_set(args.set)) if args.set else config
   except (TypeError, ValueError) as e:
-    print(f"--set: {e}", file=sys.stderr)
+    print(f"--set: {_one_line(e)}", file=sys.stderr)
     return 2
   if out is None:
     out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / _timestamp()
+    problem = _out_problem(out, run)
+    if problem:
+      print(f"--out: {problem}", file=sys.stderr)
+      return 2
 
   _compile_cache(args.compile_cache, out)
-  result = run.meta_train(config, out, resume=args.resume, progress=not args.no_progress,
-                          plot=args.plot)
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+  try:
+    result = run.meta_train(config, out, resume=args.resume,
+                            progress=not args.no_progress, plot=args.plot)
+  except run.Interrupted as e:
+    if sharding.is_primary():
+      print(f"interrupted by {e}", file=sys.stderr)
+    return e.exit_code
+  except KeyboardInterrupt as e:  # before the first outer step: nothing new to save
+    if sharding.is_primary():
+      print(f"interrupted by {'SIGTERM' if isinstance(e, run.Terminated) else 'SIGINT'} "
+            "before the first outer step; nothing new was saved", file=sys.stderr)
+    return 143 if isinstance(e, run.Terminated) else 130
+  except FileExistsError as e:
+    print(f"--out: {_one_line(e)}", file=sys.stderr)
+    return 2
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
   s = result.summary
   if sharding.is_primary() and "final" not in s:
     print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s "
@@ -172,6 +203,28 @@ def _score(out: str | None, steps_arg: str) -> int:
     diffs = [row[k] - row[first] for row in scores.values()]
     print(f"step {k}: mean {np.mean(diffs):+.4f}, worst {np.max(diffs):+.4f} vs step {first}")
   return 0
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())
+
+
+def _raise_terminated(signum, frame) -> None:
+  """SIGTERM (how schedulers preempt a job) unwinds like Ctrl-C: checkpoint, then exit."""
+  del signum, frame
+  from metaopt.meta import run  # pylint: disable=g-import-not-at-top
+  raise run.Terminated()
+
+
+def _out_problem(out: pathlib.Path, run) -> str | None:
+  """Why a new run cannot be written to ``out`` (None: it can)."""
+  if out.exists() and not out.is_dir():
+    return f"{out} is a file; expected a run directory (new, empty or a run's)."
+  if out.is_dir() and any(out.iterdir()) and not run.is_run(out):
+    return (f"{out} exists and is not a meta-training run (no {run.CONFIG_FILE} or "
+            f"{run.CHECKPOINT_DIR}/); refusing to write into it: choose a new or empty "
+            "directory.")
+  return None
 
 
 def _compile_cache(directory: str | None, out: pathlib.Path) -> None:

@@ -1,6 +1,11 @@
 """Learned-optimizer artifacts: bit-exact round trips and clear errors."""
 
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +45,100 @@ def test_save_refuses_to_overwrite_and_leaves_no_partial_dirs(tmp_path):
   with pytest.raises(FileExistsError):
     checkpoint.save(_lo(), path)
   (path / "MODEL_CARD.md").write_text("# card")
-  (path / "stale.txt").write_text("old")
-  checkpoint.save(_lo(), path, overwrite=True)
+  new = _lo().with_theta(jax.tree.map(lambda a: a + 1, _lo().theta))
+  checkpoint.save(new, path, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["lo"]
-  # Overwriting keeps the model card and nothing else from before.
+  # Overwriting keeps the model card and replaces the rest.
   assert (path / "MODEL_CARD.md").read_text() == "# card"
-  assert not (path / "stale.txt").exists()
+  np.testing.assert_array_equal(metaopt.load(path).theta["w1"], new.theta["w1"])
+
+
+@pytest.mark.parametrize("kind", ["file", "directory", "artifact_with_other_files",
+                                  "json_list_metadata", "symlink"])
+def test_overwrite_refuses_anything_but_an_artifact_and_deletes_nothing(tmp_path, kind):
+  target = tmp_path / "target"
+  if kind == "file":
+    target.write_text("my thesis")
+  elif kind == "directory":
+    target.mkdir()
+    (target / "thesis.tex").write_text("my thesis")
+  elif kind == "artifact_with_other_files":
+    checkpoint.save(_lo(), target)
+    (target / "thesis.tex").write_text("my thesis")
+  elif kind == "json_list_metadata":  # looks like one, but metadata.json is not ours
+    (target / "theta").mkdir(parents=True)
+    (target / "metadata.json").write_text("[1, 2]")
+  else:
+    checkpoint.save(_lo(), tmp_path / "real")
+    target.symlink_to(tmp_path / "real")
+  before = sorted(str(p) for p in tmp_path.rglob("*"))
+  with pytest.raises(FileExistsError, match=r"target.*refusing to overwrite") as err:
+    checkpoint.save(_lo(), target, overwrite=True)
+  assert "\n" not in str(err.value)
+  assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+  if kind in ("file", "directory", "artifact_with_other_files"):
+    thesis = target if kind == "file" else target / "thesis.tex"
+    assert thesis.read_text() == "my thesis"
+
+
+def _theta_w1(path):
+  return np.asarray(metaopt.load(path).theta["w1"])
+
+
+@pytest.mark.parametrize("where", ["writing_theta", "swapping"])
+def test_failed_overwrite_leaves_the_old_artifact_intact(tmp_path, monkeypatch, where):
+  old = _lo()
+  path = checkpoint.save(old, tmp_path / "lo")
+  (path / "MODEL_CARD.md").write_text("# card")
+
+  def fail(*args, **kwargs):
+    raise RuntimeError(f"simulated failure while {where}")
+
+  if where == "writing_theta":
+    monkeypatch.setattr(checkpoint, "_checkpointer",
+                        lambda: type("Broken", (), {"save": staticmethod(fail)})())
+  else:
+    monkeypatch.setattr(checkpoint, "_swap", fail)
+  new = old.with_theta(jax.tree.map(lambda a: a + 1, old.theta))
+  with pytest.raises(RuntimeError, match="simulated"):
+    checkpoint.save(new, path, overwrite=True)
+  monkeypatch.undo()
+  np.testing.assert_array_equal(_theta_w1(path), np.asarray(old.theta["w1"]))
+  assert (path / "MODEL_CARD.md").read_text() == "# card"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["lo"]  # temp dir removed
+
+
+_KILLED_SAVE = '''
+import os, signal, sys
+import jax
+import metaopt
+from metaopt import checkpoint
+real_swap = checkpoint._swap
+def swap_then_die(new, old):
+  if sys.argv[2] == "before":
+    os.kill(os.getpid(), signal.SIGKILL)
+  real_swap(new, old)
+  os.kill(os.getpid(), signal.SIGKILL)  # after the swap, before the old one is removed
+checkpoint._swap = swap_then_die
+lo = metaopt.load(sys.argv[1])
+checkpoint.save(lo.with_theta(jax.tree.map(lambda a: a + 1, lo.theta)), sys.argv[1],
+                overwrite=True)
+'''
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_save_killed_midway_leaves_one_complete_artifact(tmp_path, when):
+  """SIGKILL right before or right after the swap: the path holds a complete artifact,
+  the old one or the new one, and loads."""
+  old = _lo()
+  path = checkpoint.save(old, tmp_path / "lo")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(path), when], cwd=repo,
+                        env={**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  expected = old.theta["w1"] + (0 if when == "before" else 1)
+  np.testing.assert_array_equal(_theta_w1(path), np.asarray(expected))
 
 
 def _rewrite_metadata(path, **changes):
@@ -83,3 +176,40 @@ def test_not_an_artifact(tmp_path):
   (tmp_path / "theta").mkdir()
   with pytest.raises(checkpoint.ArtifactError, match="not valid JSON"):
     metaopt.load(tmp_path)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[1, 2, 3]", "holds a JSON list; expected an object"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ('{"format_version": true}', "format_version=True"),
+])
+def test_malformed_metadata_documents_are_clear_errors(tmp_path, text, match):
+  path = checkpoint.save(_lo(), tmp_path / "lo")
+  (path / checkpoint.METADATA_FILE).write_text(text)
+  with pytest.raises(checkpoint.ArtifactError, match=match):
+    metaopt.load(path)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("step_mult", float("nan"), "step_mult=nan; expected a finite number"),
+    ("step_mult", -1.0, r"step_mult=-1.0; expected a value in \[0, inf\)"),
+    ("max_log_step", float("inf"), "max_log_step=inf; expected a finite number"),
+    ("max_log_step", 0.0, r"max_log_step=0.0; expected a value in \(0, inf\)"),
+    ("ademamix_alpha", -5.0, r"ademamix_alpha=-5.0; expected a value in \[0, inf\)"),
+    ("ademamix_alpha", "5", "ademamix_alpha='5'; expected a finite number"),
+    ("mup", "no", "mup='no'; expected True or False"),
+    ("hidden_size", 4.0, "hidden_size=4.0; expected a positive int"),
+    ("momentum_decays", [0.9, 0.99], "momentum_decays=.*expected 3 decays"),
+    ("horizon_decay", ["linear"], "horizon_decay=\\['linear'\\]"),
+])
+def test_out_of_range_or_mistyped_config_is_rejected_on_load_and_construction(
+    tmp_path, field, value, match):
+  path = checkpoint.save(_lo(), tmp_path / "lo")
+  meta = json.loads((path / checkpoint.METADATA_FILE).read_text())
+  meta["config"][field] = value
+  # allow_nan: Python's json writes NaN/Infinity, which json.loads reads back.
+  (path / checkpoint.METADATA_FILE).write_text(json.dumps(meta))
+  with pytest.raises(checkpoint.ArtifactError, match=match):
+    metaopt.load(path)
+  with pytest.raises(ValueError, match=match):  # the same check as construction
+    LOConfig.from_dict(meta["config"])

@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -18,6 +19,13 @@ def _module(name):
 
 
 evaluate = _module("evaluate")
+
+# A recomputed run is the same computation in a vmap batch of another size, so its float32
+# rounding differs and training amplifies it: 5e-7 relative on loss curves after 50 AdamW
+# steps on one x86 CPU, up to ~1e-4 on others (see tests/test_tasks_training.py).
+# RERUN_RTOL keeps the three significant digits the former 6-character prefix compared,
+# without its failure on a carry (0.09999 and 0.10000 differ in every character).
+RERUN_RTOL = 1e-3
 
 SMOKE_FLAGS = ["--suite", "smoke", "--seeds", "2", "--lr-grid-size", "3",
                "--untuned", "prodigy", "--no-progress"]
@@ -72,7 +80,12 @@ def test_rerun_recomputes_only_deleted_runs(smoke_out, artifact):
   assert all(f.exists() for f in deleted)
   assert all(f.stat().st_mtime_ns == t for f, t in kept.items())
   after = _rows(smoke_out)
-  assert [r["final_loss"][:6] for r in after] == [r["final_loss"][:6] for r in before]
+  key = lambda r: (r["task"], r["optimizer"], r["schedule"], r["lr"], r["seed"], r["stage"])
+  assert sorted(map(key, after)) == sorted(map(key, before))
+  old = {key(r): float(r["final_loss"]) for r in before}
+  for r in after:
+    np.testing.assert_allclose(float(r["final_loss"]), old[key(r)], rtol=RERUN_RTOL,
+                               err_msg=str(key(r)))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -82,6 +95,27 @@ def test_rerun_recomputes_only_deleted_runs(smoke_out, artifact):
     (["--suite", "smoke", "--checkpoint", "no_such_release"],
      r"(?s)no released learned optimizer named 'no_such_release'.*--checkpoint runs/"),
 ])
-def test_bad_input_says_what_is_valid(flags, message, tmp_path):
-  with pytest.raises(SystemExit, match=message):
-    evaluate.main([*flags, "--out", str(tmp_path)])
+def test_bad_input_says_what_is_valid(flags, message, tmp_path, capsys):
+  assert evaluate.main([*flags, "--out", str(tmp_path)]) == 2
+  assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "mlp_digitz"], r"--tasks: 'mlp_digitz' matches no task of the smoke "
+                                r"suite; its tasks are .*mlp_digits_w16"),
+    (["--tasks", "mlp,nope"], r"--tasks: 'nope' matches no task"),
+    (["--warmup-fraction", "2"], r"--warmup-fraction: warmup_fraction=2.0; expected a "
+                                 r"value in \[0, 1\)"),
+    (["--lr-grid-size", "0"], r"--lr-grid-size: lr_grid_size=0; expected an int >= 1"),
+    (["--suite", "widths", "--widths", "64,abc"], r"--widths '64,abc': expected "
+                                                   r"comma-separated positive ints"),
+    (["--suite", "widths", "--widths", "64,-1"], r"--widths: widths=\(64, -1\)"),
+    (["--seeds", "0"], r"seeds=0"),
+])
+def test_bad_values_are_one_line_exit_2_and_write_nothing(flags, message, tmp_path, capsys):
+  out = tmp_path / "out"
+  assert evaluate.main(["--suite", "smoke", *flags, "--out", str(out), "--estimate"]) == 2
+  err = capsys.readouterr().err
+  assert re.search(message, err), err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+  assert not out.exists()

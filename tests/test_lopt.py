@@ -456,3 +456,117 @@ def test_linear_horizon_decay_scales_updates_only_when_num_steps_is_known():
     plain.with_config(horizon_decay="cosine")
   with pytest.raises(ValueError, match="changes theta's shapes"):
     plain.with_config(hidden_size=4)
+
+
+def test_linear_horizon_decay_holds_the_last_step_size_past_num_steps():
+  """Past num_steps the decayed update stays at 1/num_steps of the undecayed one (the
+  last scheduled step's size) instead of dropping to exactly 0 and freezing training
+  silently (e.g. when num_steps was given in epochs)."""
+  plain = LearnedOptimizer.random(jax.random.key(1), output_scale=0.3)
+  decayed = plain.with_config(horizon_decay="linear")
+  params = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3)}
+  n = 3
+  opts = [plain.as_optax(num_steps=n, sp=True), decayed.as_optax(num_steps=n, sp=True)]
+  states = [o.init(params) for o in opts]
+  for t in range(1, 8):
+    grads = {"w": jnp.sin(t * params["w"] + 0.3)}
+    out = [o.update(grads, s, params) for o, s in zip(opts, states)]
+    states = [s for _, s in out]
+    u = [x["w"] for x, _ in out]
+    factor = max(1 - (t - 1) / n, 1 / n)
+    np.testing.assert_allclose(u[1], factor * u[0], rtol=1e-5, atol=1e-12)
+    assert float(jnp.max(jnp.abs(u[1]))) > 0, t
+  assert int(states[1].count) == 7 > n  # how a user sees the horizon was passed
+
+
+def _nonfinite_problem():
+  lo = LearnedOptimizer.random(jax.random.key(5), output_scale=0.3)
+  params = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3), "b": jnp.full((3,), 0.5)}
+  return lo, params
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("with_value", [False, True])
+def test_nonfinite_gradient_step_is_skipped_and_counted(bad, with_value):
+  """One NaN/inf entry in one leaf: zero updates, state bitwise unchanged apart from
+  num_nonfinite, and training continues with finite gradients as if the step never
+  happened (before the fix one NaN poisoned every later update)."""
+  lo, params = _nonfinite_problem()
+  opt = lo.as_optax(num_steps=20, sp=True)
+  value = jnp.asarray(0.7) if with_value else None
+
+  @jax.jit
+  def step(grads, state, params):
+    return opt.update(grads, state, params, value=value)
+
+  grads = lambda t: jax.tree.map(lambda p: jnp.cos(t * p + 0.1), params)
+  state = opt.init(params)
+  for t in range(3):
+    _, state = step(grads(t), state, params)
+  bad_grads = {"w": grads(3)["w"].at[2, 1].set(bad), "b": grads(3)["b"]}
+  updates, after = step(bad_grads, state, params)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(np.asarray(u), 0.0)
+  assert int(after.num_nonfinite) == 1 and int(state.num_nonfinite) == 0
+  for a, b in zip(jax.tree.leaves(after._replace(num_nonfinite=state.num_nonfinite)),
+                  jax.tree.leaves(state)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Training goes on: the next finite step is the one a run without the bad step takes.
+  u_next, s_next = step(grads(4), after, params)
+  u_ref, s_ref = step(grads(4), state, params)
+  for a, b in zip(jax.tree.leaves(u_next), jax.tree.leaves(u_ref)):
+    assert bool(jnp.all(jnp.isfinite(a))) and float(jnp.max(jnp.abs(a))) > 0
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(s_next.num_nonfinite) == 1 and int(s_next.count) == int(s_ref.count) == 4
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_loss_step_is_skipped_and_counted(bad):
+  lo, params = _nonfinite_problem()
+  opt = lo.as_optax(sp=True)
+  step = jax.jit(lambda g, s, p, v: opt.update(g, s, p, value=v))
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = step(grads, opt.init(params), params, 1.0)
+  updates, after = step(grads, state, params, jnp.float32(bad))
+  assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(updates))
+  assert int(after.num_nonfinite) == 1
+  for a, b in zip(jax.tree.leaves(after._replace(num_nonfinite=state.num_nonfinite)),
+                  jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  updates, _ = step(grads, after, params, 0.9)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_learning_rate_and_num_steps_under_inject_hyperparams_and_jit():
+  """optax.inject_hyperparams(lo.as_optax) traces learning_rate and num_steps under jit;
+  the LO equals the plain one and reads the learning rate from the state."""
+  lo = LearnedOptimizer.random(jax.random.key(2), output_scale=0.3).with_config(
+      horizon_decay="linear")
+  params = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3)}
+  grads = {"w": jnp.cos(params["w"])}
+  opt = optax.inject_hyperparams(lo.as_optax, static_args=("sp",))(
+      learning_rate=0.5, num_steps=4, sp=True)
+  plain = lo.as_optax(num_steps=4, learning_rate=0.5, sp=True)
+  update = jax.jit(opt.update)
+  state, plain_state = opt.init(params), plain.init(params)
+  for _ in range(3):
+    updates, state = update(grads, state, params)
+    expected, plain_state = plain.update(grads, plain_state, params)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+  state.hyperparams["learning_rate"] = jnp.zeros_like(state.hyperparams["learning_rate"])
+  updates, _ = update(grads, state, params)
+  np.testing.assert_array_equal(updates["w"], 0.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"learning_rate": np.inf}, r"learning_rate=inf.*\[0, inf\)"),
+    ({"learning_rate": "0.1"}, r"learning_rate='0.1'.*not a number"),
+    ({"learning_rate": -1.0}, r"learning_rate=-1.0"),
+    ({"num_steps": 2.5}, r"num_steps=2.5"),
+])
+def test_as_optax_rejects_bad_hyperparameters_in_one_line(kwargs, match):
+  lo = LearnedOptimizer.from_classical("adamw")
+  with pytest.raises((TypeError, ValueError), match=match) as err:
+    lo.as_optax(**kwargs)
+  assert "\n" not in str(err.value)

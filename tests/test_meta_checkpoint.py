@@ -119,3 +119,26 @@ def test_export_checkpoint_writes_a_loadable_artifact(saved, tmp_path):
     np.testing.assert_array_equal(loaded.theta[k], np.asarray(v))
   with pytest.raises(ValueError, match=r"no checkpoint at outer step 7; it has \[0\]"):
     run.export_checkpoint(out, 7, tmp_path / "other")
+
+
+def test_export_to_a_directory_that_is_not_an_artifact_deletes_nothing(saved, tmp_path,
+                                                                       capsys):
+  import meta_train  # pylint: disable=g-import-not-at-top
+  directory, _, _ = saved
+  out = tmp_path / "run"
+  out.mkdir()
+  _copy(directory, out / run.CHECKPOINT_DIR)
+  dest = tmp_path / "d"
+  dest.mkdir()
+  (dest / "thesis.tex").write_text("my thesis")
+  assert meta_train.main(["--out", str(out), "--export", "0", "--export-to", str(dest)]) == 2
+  err = capsys.readouterr().err
+  assert "not a metaopt learned-optimizer artifact" in err and len(err.splitlines()) == 1
+  assert sorted(p.name for p in dest.iterdir()) == ["thesis.tex"]
+  assert (dest / "thesis.tex").read_text() == "my thesis"
+  # An artifact is replaced.
+  assert meta_train.main(["--out", str(out), "--export", "0", "--export-to",
+                          str(tmp_path / "a")]) == 0
+  assert meta_train.main(["--out", str(out), "--export", "0", "--export-to",
+                          str(tmp_path / "a")]) == 0
+  metaopt.load(tmp_path / "a")

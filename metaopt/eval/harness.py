@@ -97,7 +97,22 @@ class EvalConfig:
 
   def __post_init__(self):
     if self.seeds < 1 or self.tune_seeds < 1 or self.finalists < 1:
-      raise ValueError(f"seeds, tune_seeds and finalists must be >= 1: {self}")
+      raise ValueError(f"seeds={self.seeds}, tune_seeds={self.tune_seeds} and "
+                       f"finalists={self.finalists} must be >= 1.")
+    for name in ("lr_grid_size", "lo_grid_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}; expected an int >= 1.")
+    if not 0.0 <= self.warmup_fraction < 1.0:
+      raise ValueError(f"warmup_fraction={self.warmup_fraction!r}; expected a value in "
+                       "[0, 1).")
+    for name in ("lr_span_decades", "lo_span_decades"):
+      value = getattr(self, name)
+      if not 0.0 <= value < float("inf"):
+        raise ValueError(f"{name}={value!r}; expected a value in [0, inf).")
+    if self.widths is not None and not all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.widths):
+      raise ValueError(f"widths={self.widths!r}; expected positive ints.")
     for s in self.schedules:
       sweep.schedule_shape(s, 2)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any
 
 # Per-parameter features, RMS-normalized per tensor before entering the MLP.
@@ -95,7 +97,9 @@ class LOConfig:
       concentrated on a few entries (dead units, unused embeddings) otherwise feeds the
       MLP values up to sqrt(size), far outside anything seen in meta-training.
     horizon_decay: ``"linear"`` multiplies every update by ``1 - (t - 1) / num_steps``
-      when ``num_steps`` is given (``"none"``: never). An LO meta-trained on short
+      when ``num_steps`` is given (``"none"``: never), and by ``1 / num_steps`` (the
+      last step's factor) after ``num_steps``: training past the horizon continues
+      slowly instead of freezing. An LO meta-trained on short
       truncations with a linear meta-objective descends fast and then stalls at its
       noise floor; decaying to zero over the known horizon, as tuned schedules do,
       removes the stall (validation tasks: final loss 0.18 -> 0.003 on a 256-wide MLP).
@@ -129,24 +133,38 @@ class LOConfig:
   base_fan_in: int = 64
 
   def __post_init__(self):
-    if not isinstance(self.hidden_size, int) or self.hidden_size < 1:
-      raise ValueError(f"hidden_size={self.hidden_size!r}; expected a positive int.")
-    decays = tuple(float(d) for d in self.momentum_decays)
-    if len(decays) != 3:
+    # Types first (a config read from JSON may hold anything), then ranges: the same
+    # checks for construction and for metaopt.load, which builds the config from JSON.
+    for name in ("hidden_size", "base_fan_in"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}; expected a positive int.")
+    if not isinstance(self.mup, bool):
+      raise ValueError(f"mup={self.mup!r}; expected True or False.")
+    if not isinstance(self.horizon_decay, str) or self.horizon_decay not in HORIZON_DECAYS:
+      raise ValueError(f"horizon_decay={self.horizon_decay!r}; expected one of "
+                       f"{HORIZON_DECAYS}.")
+    if not isinstance(self.momentum_decays, (tuple, list)) or len(self.momentum_decays) != 3:
       raise ValueError(f"momentum_decays={self.momentum_decays!r}; expected 3 decays.")
+    for i, d in enumerate(self.momentum_decays):
+      _check_real(f"momentum_decays[{i}]", d)
+    decays = tuple(float(d) for d in self.momentum_decays)
     object.__setattr__(self, "momentum_decays", decays)
+    for f in dataclasses.fields(self):
+      if f.type in ("float", float):
+        _check_real(f.name, getattr(self, f.name))
     for name in ("second_moment_decay", "factored_decay", "lion_b1", "tam_beta",
                  "tam_gamma", "laprop_b1"):
       _check_unit(name, getattr(self, name))
     for i, d in enumerate(decays):
       _check_unit(f"momentum_decays[{i}]", d)
-    if self.horizon_decay not in HORIZON_DECAYS:
-      raise ValueError(f"horizon_decay={self.horizon_decay!r}; expected one of "
-                       f"{HORIZON_DECAYS}.")
-    for name in ("adam_eps", "adatam_eps", "grams_eps", "laprop_eps", "momo_alpha",
-                 "max_log_step", "feature_clip"):
+    for name in ("adam_eps", "tam_eps", "adatam_eps", "grams_eps", "laprop_eps",
+                 "momo_alpha", "max_log_step", "feature_clip"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in (0, inf).")
+    for name in ("ademamix_alpha", "step_mult", "log_step_mult"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in [0, inf).")
 
   @property
   def num_features(self) -> int:
@@ -159,18 +177,30 @@ class LOConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "LOConfig":
+    if not isinstance(d, dict):
+      raise ValueError(f"LOConfig expects a JSON object of fields; got "
+                       f"{type(d).__name__} {_short(d)}.")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"unknown LOConfig fields {unknown}; expected a subset of "
                        f"{sorted(known)}.")
-    d = dict(d)
-    if "momentum_decays" in d:
-      d["momentum_decays"] = tuple(d["momentum_decays"])
     return cls(**d)
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_real(name: str, value: Any) -> None:
+  """A finite real number (int or float; not a bool, a string or a container)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+      not math.isfinite(value):
+    raise ValueError(f"{name}={_short(value)}; expected a finite number.")
 
 
 def _check_unit(name: str, value: float) -> None:

@@ -14,6 +14,7 @@ import optax
 from metaopt import mup as mup_lib
 from metaopt.lopt import _network, _update
 from metaopt.lopt._config import CANDIDATE_NAMES, LOConfig
+from metaopt.optimizers import _validation
 
 Tree = Any
 
@@ -96,8 +97,12 @@ class LearnedOptimizer:
     """This LO as an ``optax.GradientTransformationExtraArgs``.
 
     Args:
-      num_steps: the training horizon, when known (gives the fraction-of-training
-        feature). ``None``: the LO works without it.
+      num_steps: the training horizon in optimizer steps (not epochs), when known: it
+        gives the fraction-of-training feature and, with ``horizon_decay="linear"``,
+        the decay of every update to ``1/num_steps`` of its size at the last step.
+        Past ``num_steps`` the multiplier stays at ``1/num_steps`` (training goes on,
+        slowly; ``state.count > num_steps`` tells you the horizon was passed).
+        ``None``: the LO works without it (and does not decay).
       learning_rate: a multiplier on the learned step (float or optax schedule).
       roles: explicit muP roles (a :class:`metaopt.mup.ParamRole` tree).
       labels: role names per leaf (``"input"/"hidden"/"output"/"vector"``).
@@ -106,15 +111,14 @@ class LearnedOptimizer:
 
     Without roles, labels or base_params, :func:`metaopt.mup.infer_roles` guesses
     (and warns when unsure).
+
+    A step whose gradients or ``value`` hold a NaN or inf is skipped, as by
+    ``optax.apply_if_finite``: the updates are zero, the state (and so the step count)
+    is left bitwise unchanged and ``state.num_nonfinite`` counts the skipped steps.
+    ``learning_rate`` and ``num_steps`` may be traced (``optax.inject_hyperparams``).
     """
-    if num_steps is not None:
-      if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or \
-          num_steps <= 0:
-        raise ValueError(f"num_steps={num_steps!r}; expected a positive int or None.")
-      num_steps = int(num_steps)
-    if not callable(learning_rate):
-      if not np.isfinite(learning_rate) or learning_rate < 0:
-        raise ValueError(f"learning_rate={learning_rate!r}; expected a value in [0, inf).")
+    num_steps = _check_num_steps(num_steps)
+    _validation.check_learning_rate(learning_rate)
     config, theta = self.config, self.theta
     use_mup = config.mup and not sp
 
@@ -143,10 +147,46 @@ class LearnedOptimizer:
                          "`opt.update(grads, state, params, value=loss)`.")
       _check_structure(updates, params, state)
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      return _update.update(config, theta, updates, state, params, value=value,
-                            num_steps=num_steps, learning_rate=lr)
+      new_updates, new_state = _update.update(config, theta, updates, state, params,
+                                              value=value, num_steps=num_steps,
+                                              learning_rate=lr)
+      return skip_nonfinite_step(_is_finite_step(updates, value), new_updates, new_state,
+                                 state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_finite_step(grads: Tree, value) -> jax.Array:
+  """True (a bool scalar) when every gradient entry and the loss, if given, are finite."""
+  leaves = jax.tree.leaves(grads) + ([] if value is None else [jnp.asarray(value)])
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
+
+
+def skip_nonfinite_step(finite: jax.Array, updates: Tree, new_state: _update.LOState,
+                        state: _update.LOState) -> tuple[Tree, _update.LOState]:
+  """The step as computed when ``finite``; else zero updates and ``state`` unchanged.
+
+  What ``optax.apply_if_finite`` does, built in: a skipped step leaves every buffer and
+  the step count bitwise as they were (so one NaN gradient cannot poison the momenta,
+  and schedules do not advance) and adds one to ``num_nonfinite``. Selected with
+  ``jnp.where``, so it works under ``jit`` and ``vmap`` and costs one select per buffer.
+  """
+  updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return updates, kept._replace(
+      num_nonfinite=state.num_nonfinite + (~finite).astype(state.num_nonfinite.dtype))
+
+
+def _check_num_steps(num_steps):
+  """``num_steps`` as an int (or None); traced values (``inject_hyperparams``) pass."""
+  if num_steps is None or isinstance(num_steps, jax.core.Tracer):
+    return num_steps
+  if isinstance(num_steps, bool) or not (
+      isinstance(num_steps, (int, np.integer)) or
+      (isinstance(num_steps, (np.ndarray, jax.Array)) and np.shape(num_steps) == () and
+       jnp.issubdtype(jnp.result_type(num_steps), jnp.integer))) or num_steps <= 0:
+    raise ValueError(f"num_steps={num_steps!r}; expected a positive int or None.")
+  return int(num_steps)
 
 
 def _jsonable(d: dict) -> dict:

@@ -13,7 +13,8 @@ One step, for every tensor (leaf) W with gradient g and parameter x:
 4. update = -lr * s_mup * exp(log_lr) * (sum_k mix_k c_k + lambda1 d) * exp(lambda2 m),
    s_mup = base_fan_in / fan_in for hidden tensors (1 otherwise, or when muP is off).
    With ``horizon_decay="linear"`` and ``num_steps`` given, lr is multiplied by
-   1 - (t - 1) / num_steps at step t (1-based).
+   max(1 - (t - 1) / num_steps, 1 / num_steps) at step t (1-based): past the horizon
+   the last scheduled step size holds.
 
 How it computes (the engine). No per-parameter feature matrix is built and nothing runs
 serially over chunks. Per tensor: one fused pass advances the moments and gives the raw
@@ -62,6 +63,7 @@ class LOState(NamedTuple):
   loss_ema: jax.Array  # MoMo's fbar (b1-EMA of the loss from zero).
   grad_param_ema: jax.Array  # MoMo's gamma (b1-EMA of <g, x> from zero).
   mup_scale: Tree  # base_fan_in / fan_in per hidden leaf, 1 elsewhere (scalars).
+  num_nonfinite: jax.Array  # int32 scalar: steps skipped for non-finite grads or loss.
 
 
 def state_dtype(leaf) -> jnp.dtype:
@@ -100,6 +102,7 @@ def init_state(params: Tree, mup_scale: Tree) -> LOState:
       grad_param_ema=jnp.zeros([], scalar_dtype),
       mup_scale=jax.tree.map(lambda x, s: jnp.asarray(s, state_dtype(x)), params,
                              mup_scale),
+      num_nonfinite=jnp.zeros([], jnp.int32),
   )
 
 
@@ -384,7 +387,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
     loss_ema, gp_ema, momo_tau = state.loss_ema, state.grad_param_ema, momo_cap
   if config.horizon_decay == "linear" and num_steps is not None:
     learning_rate = learning_rate * jnp.clip(
-        1 - (count.astype(jnp.float32) - 1) / num_steps, 0.0, 1.0)
+        1 - (count.astype(jnp.float32) - 1) / num_steps, 1 / num_steps, 1.0)
   ctx = StepContext(bc_fast=bc_fast, bc_v=bc_v, bc_laprop=bc(config.laprop_b1),
                     momo_tau=momo_tau, learning_rate=jnp.asarray(learning_rate))
 
@@ -425,7 +428,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
       tam_momentum=unflat(tam),
       torque_ema=unflat(torque[i].astype(d) for i, d in enumerate(sdt)),
       laprop_momentum=unflat(laprop),
-      loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale)
+      loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale,
+      num_nonfinite=state.num_nonfinite)
   return unflat(updates), new_state
 
 

@@ -96,6 +96,12 @@ class Progress:
       self.stream.write(f"step {text}\n")
     self.stream.flush()
 
+  def close_line(self) -> None:
+    """Ends a half-drawn bar line (before an interruption's message)."""
+    if self.enabled and self.tty:
+      self.stream.write("\n")
+      self.stream.flush()
+
   def message(self, text: str) -> None:
     if not self.enabled:
       return

@@ -37,6 +37,30 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
+class Terminated(KeyboardInterrupt):
+  """Raised by ``meta_train.py``'s SIGTERM handler: a scheduler preempting the job is
+  handled like Ctrl-C (the state is checkpointed, then :class:`Interrupted` is raised)."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Meta-training stopped by SIGINT or SIGTERM after checkpointing its last step.
+
+  Attributes:
+    step: the outer step saved (``--resume`` continues from it).
+    out: the run directory.
+    signal_name: ``"SIGINT"`` or ``"SIGTERM"``.
+  """
+
+  def __init__(self, step: int, out: pathlib.Path, signal_name: str):
+    super().__init__(f"{signal_name}: saved step {step}; continue with --resume --out {out}")
+    self.step, self.out, self.signal_name = step, out, signal_name
+
+  @property
+  def exit_code(self) -> int:
+    """The shell's convention: 128 + the signal number (130 SIGINT, 143 SIGTERM)."""
+    return 143 if self.signal_name == "SIGTERM" else 130
+
+
 @dataclasses.dataclass
 class RunResult:
   """What :func:`meta_train` returns."""
@@ -134,11 +158,12 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = Fa
                     f"{warm['blind']['meta_loss']:.4f})")
       if step % config.checkpoint_every == 0 or step == config.outer_steps:
         ckpt.save(manager, step, state, expected)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through meta_train.py's handler
+    bar.close_line()
     ckpt.save(manager, step, state, expected)
     manager.wait_until_finished()
-    bar.message(f"interrupted: saved step {step}; continue with --resume --out {out}")
-    raise
+    raise Interrupted(step, out, "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+                      ) from None
   manager.wait_until_finished()
 
   if validate and last_val is None:
@@ -224,11 +249,36 @@ def _first_record(log: log_lib.MetricsLog, theta: str) -> dict[str, Any] | None:
   return None
 
 
+def is_run(directory: str | pathlib.Path) -> bool:
+  """Whether ``directory`` was made by :func:`meta_train`: it has checkpoints/ or a
+  config.json that is a MetaConfig (someone else's config.json does not count)."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return False
+  if (directory / CHECKPOINT_DIR).is_dir():
+    return True
+  try:
+    MetaConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+  except (OSError, ValueError, TypeError, RecursionError):
+    return False
+  return True
+
+
+def _newest_checkpoint_time(run: pathlib.Path) -> float | None:
+  """mtime of the run's newest finished checkpoint (orbax names them by step), or None."""
+  ckpts = run / CHECKPOINT_DIR
+  steps = [p for p in ckpts.iterdir() if p.name.isdigit() and p.is_dir()] \
+      if ckpts.is_dir() else []
+  return max((p.stat().st_mtime for p in steps), default=None)
+
+
 def newest_run(parent: str | pathlib.Path) -> pathlib.Path | None:
-  """The run under ``parent`` (itself or a subdirectory) with the newest checkpoint."""
+  """The resumable run (at least one finished checkpoint) under ``parent``, itself or
+  the subdirectory with the newest checkpoint; None when there is none. Runs stopped
+  before their first checkpoint are skipped."""
   parent = pathlib.Path(parent)
-  if (parent / CHECKPOINT_DIR).is_dir():
+  if _newest_checkpoint_time(parent) is not None:
     return parent
-  runs = [p for p in parent.glob("*") if (p / CHECKPOINT_DIR).is_dir()] \
+  runs = [p for p in parent.iterdir() if _newest_checkpoint_time(p) is not None] \
       if parent.is_dir() else []
-  return max(runs, key=lambda p: (p / CHECKPOINT_DIR).stat().st_mtime, default=None)
+  return max(runs, key=_newest_checkpoint_time, default=None)

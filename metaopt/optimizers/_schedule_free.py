@@ -6,6 +6,8 @@ Train at ``y`` (the parameters the optimizer returns); evaluate at ``x``, obtain
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 import optax
 from optax.contrib import schedule_free
@@ -22,7 +24,8 @@ def _linear_warmup(learning_rate, warmup_steps: int):
 
   def schedule(step):
     peak = learning_rate(step) if callable(learning_rate) else learning_rate
-    return peak * jnp.minimum(1.0, step / warmup_steps)
+    # max(warmup_steps, 1): a traced warmup_steps of 0 (inject_hyperparams) is no warmup.
+    return peak * jnp.minimum(1.0, step / jnp.maximum(warmup_steps, 1))
 
   return schedule
 
@@ -84,7 +87,9 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
   _factory.check_betas(b2=b2)
   _factory.check_positive(eps=eps)
   _factory.check_nonnegative(weight_decay=weight_decay)
-  if warmup_steps:
+  # Arrays (optax.inject_hyperparams passes them, concrete in init and traced in update)
+  # always take the 0-safe warmup, so that init and update build the same state.
+  if not isinstance(warmup_steps, numbers.Number) or warmup_steps:
     learning_rate = _linear_warmup(learning_rate, warmup_steps)
   # schedule_free weighs step k with learning_rate(k), k 1-based, while a chained
   # schedule sees the 0-based count: shift it so the z step uses the same rate (optax

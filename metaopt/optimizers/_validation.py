@@ -13,28 +13,43 @@ import jax
 import numpy as np
 
 
-def _concrete(value):
-  """Returns a Python float for concrete scalars, None for schedules and tracers."""
+def concrete_value(value):
+  """Returns a Python float for concrete scalars, None for schedules and tracers.
+
+  Raises ``TypeError`` naming the value for what is neither a number, a numeric array
+  nor a schedule (``"0.1"``, ``None`` where a number belongs), instead of letting it
+  fail deep inside JAX at the first update.
+  """
   if callable(value) or isinstance(value, jax.core.Tracer):
     return None
-  if isinstance(value, numbers.Number):
+  if isinstance(value, numbers.Real):
     return float(value)
   try:
     arr = np.asarray(value)
   except Exception:  # pylint: disable=broad-except
-    return None
-  return float(arr) if arr.shape == () and arr.dtype.kind in "fiu" else None
+    arr = None
+  if arr is None or arr.dtype.kind not in "fiub":
+    raise TypeError(f"{value!r} ({type(value).__name__}) is not a number; expected a "
+                    "float, a numeric array or an optax schedule.")
+  return float(arr) if arr.shape == () else None
 
 
 def check_range(name: str, value, low: float | None = None, high: float | None = None,
                 *, low_inclusive: bool = True, high_inclusive: bool = False) -> None:
-  """Raises ValueError naming ``name`` when a concrete ``value`` leaves the range."""
-  v = _concrete(value)
+  """Raises ValueError naming ``name`` when a concrete ``value`` leaves the range.
+
+  Concrete values must be finite (an unbounded side means any finite value); a value
+  that is not a number raises ``TypeError`` naming ``name``.
+  """
+  try:
+    v = concrete_value(value)
+  except TypeError as e:
+    raise TypeError(f"{name}={e}") from None
   if v is None:
     return
   lo_ok = low is None or (v >= low if low_inclusive else v > low)
   hi_ok = high is None or (v <= high if high_inclusive else v < high)
-  if lo_ok and hi_ok and not np.isnan(v):
+  if lo_ok and hi_ok and np.isfinite(v):
     return
   lb = "-inf" if low is None else f"{low:g}"
   ub = "inf" if high is None else f"{high:g}"
