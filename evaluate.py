@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
                               epilog="\n".join(__doc__.splitlines()[2:]))
   p.add_argument("--checkpoint", default="default",
                  help="LO artifact directory or released name (default: default)")
-  p.add_argument("--suite", default="heldout", help="smoke, heldout, heldout-full, widths")
+  p.add_argument("--suite", default="heldout", help="smoke, heldout, heldout-user, heldout-full, validation, widths")
   p.add_argument("--out", default=None, help="output directory (default eval_out/SUITE)")
   p.add_argument("--baselines", default=None,
                  help="comma-separated tuned baselines (default per suite; heldout: "

@@ -135,25 +135,64 @@ def _looks_like_attention(path: str) -> bool:
                         re.I))
 
 
-def check_roles(params, roles) -> None:
-  """Raises ValueError unless ``roles`` is a ParamRole tree matching ``params``."""
-  p_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+def _is_masked(x: Any) -> bool:
+  """Whether ``x`` is the placeholder ``optax.masked`` puts where a leaf is masked out."""
+  return isinstance(x, optax.MaskedNode)
+
+
+def _leaves_up_to(params, tree, what: str, is_leaf: Callable[[Any], bool] | None = None
+                  ) -> list:
+  """The entries of ``tree`` at the leaves of ``params``, in ``params``' flatten order.
+
+  ``tree`` has the structure of ``params`` (labels, roles, a base model). Under
+  ``optax.masked`` the params the inner transform sees hold an ``optax.MaskedNode`` in
+  place of every masked-out leaf or subtree; ``tree`` may then hold anything there (the
+  unmasked tree's entry, a ``MaskedNode``) or leave the dict entry out. Masked entries
+  are dropped: the result lines up with ``jax.tree.leaves(params)``.
+  """
+  full = jax.tree_util.tree_structure(params, is_leaf=_is_masked)
+  masked = [_is_masked(x) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_masked)]
   try:
-    r_leaves = jax.tree_util.tree_flatten_with_path(roles, is_leaf=is_role)[0]
-  except Exception as e:  # pragma: no cover - defensive
-    raise ValueError(f"roles is not a pytree: {e}") from e
-  r_paths = [_path_str(p) for p, _ in r_leaves]
-  if p_paths != r_paths:
-    missing = sorted(set(p_paths) - set(r_paths))
-    extra = sorted(set(r_paths) - set(p_paths))
+    return [x for x, m in zip(full.flatten_up_to(tree), masked) if not m]
+  except (ValueError, TypeError):
+    pass
+  # Match by path: a dict entry left out where params are masked, or a FrozenDict
+  # where params hold a dict.
+  leaf_fn = lambda x: _is_masked(x) or (is_leaf is not None and is_leaf(x))
+  by_path = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=leaf_fn)[0]}
+  flat_p = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0]
+  p_paths = [_path_str(p) for p, x in flat_p if not _is_masked(x)]
+  masked_paths = [_path_str(p) for p, x in flat_p if _is_masked(x)]
+  missing = [p for p in p_paths if p not in by_path]
+  extra = sorted(p for p in set(by_path) - set(p_paths)
+                 if not any(p.startswith(m) for m in masked_paths))
+  if missing or extra:
     raise ValueError(
-        "muP roles do not match the parameter tree: "
-        f"parameters without a role: {missing[:5]}; roles without a parameter: "
-        f"{extra[:5]}.")
-  for path, role in r_leaves:
+        f"{what} do not match the parameter tree: parameters without an entry: "
+        f"{missing[:5]}; entries without a parameter: {extra[:5]}.")
+  return [by_path[p] for p in p_paths]
+
+
+def check_roles(params, roles):
+  """Checks that ``roles`` is a :class:`ParamRole` tree matching ``params``.
+
+  Under ``optax.masked`` (params holding ``optax.MaskedNode``) roles of masked-out
+  leaves are ignored.
+
+  Returns:
+    ``roles`` with the structure of ``params`` (masked entries as in ``params``).
+
+  Raises:
+    ValueError: naming the leaves without a role, or a role that is not a ParamRole.
+  """
+  flat_p, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat_r = _leaves_up_to(params, roles, "muP roles", is_leaf=is_role)
+  for (path, _), role in zip(flat_p, flat_r):
     if not is_role(role):
       raise ValueError(
           f"roles{_path_str(path)} is {role!r}; expected a metaopt.mup.ParamRole.")
+  return jax.tree_util.tree_unflatten(treedef, flat_r)
 
 
 def roles_from_labels(params, labels, base_width_multiplier: float | None = None,
@@ -176,21 +215,21 @@ def roles_from_labels(params, labels, base_width_multiplier: float | None = None
   if callable(labels):
     labels = labels(params)
   flat_p, treedef = jax.tree_util.tree_flatten_with_path(params)
-  flat_l = treedef.flatten_up_to(labels) if not isinstance(labels, str) else [labels] * len(
-      flat_p)
+  flat_l = _leaves_up_to(params, labels, "labels") if not isinstance(labels, str) else [
+      labels] * len(flat_p)
   if base_fan_in is None or isinstance(base_fan_in, int):
     flat_b = [base_fan_in] * len(flat_p)
   else:
-    flat_b = treedef.flatten_up_to(base_fan_in)
+    flat_b = _leaves_up_to(params, base_fan_in, "base_fan_in")
+  fan_ins = [f for f, _ in _layer_fan_ins(flat_p)]
   roles = []
-  for (path, leaf), label, base in zip(flat_p, flat_l, flat_b):
+  for (path, leaf), label, base, fan_in in zip(flat_p, flat_l, flat_b, fan_ins):
     name = _path_str(path)
     if label not in ROLE_KINDS:
       raise ValueError(f"label at {name} is {label!r}; expected one of {ROLE_KINDS}.")
     if label == "vector":
       roles.append(vector_role())
       continue
-    fan_in = default_fan_in(jnp.shape(leaf), name)
     if label == "input":
       roles.append(input_role(fan_in))
       continue
@@ -211,8 +250,8 @@ def roles_from_base(params, base_params):
   """
   flat_p, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
-    flat_b = treedef.flatten_up_to(base_params)
-  except (ValueError, TypeError) as e:
+    flat_b = _leaves_up_to(params, base_params, "base_params")
+  except ValueError as e:
     raise ValueError(f"base_params does not have the structure of params: {e}") from e
   roles = []
   for (path, leaf), base in zip(flat_p, flat_b):
@@ -277,7 +316,7 @@ def scale_by_mup(roles: RolesOrFn) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     r = roles(params if params is not None else updates) if callable(roles) else roles
-    scales = update_scales(r)
+    scales = update_scales(check_roles(updates, r))
     updates = jax.tree.map(lambda u, s: u if s == 1.0 else u * jnp.asarray(s, u.dtype),
                            updates, scales)
     return updates, state
@@ -325,67 +364,224 @@ def _module_order(params) -> dict[str, tuple]:
   return ranks
 
 
-_EMBED_RE = re.compile(r"embed|wte|wpe|token|position", re.I)
-
-
 class RoleInferenceWarning(UserWarning):
   """The muP role fallback had to guess; pass labels or a base model to be sure."""
+
+
+# Parameter and module names of the layers users write (flax.linen, Haiku).
+_VECTOR_NAMES = frozenset({"bias", "b", "scale", "offset"})  # Dense/Conv/norm vectors
+_TABLE_NAMES = frozenset({"embedding", "embeddings"})  # nn.Embed, hk.Embed
+_TABLE_TOKENS = frozenset({"embed", "embedding", "embeddings", "embedder", "wte", "token",
+                           "tokens", "tok", "cls"})
+_POSITION_TOKENS = frozenset({"pos", "posemb", "position", "positions", "positional", "wpe"})
+_KERNEL_NAMES = frozenset({"kernel", "w", "weight"})
+_QKV = frozenset({"query", "key", "value"})
+_GRU_GATES = frozenset({"ir", "iz", "in", "hr", "hz", "hn"})  # nn.GRUCell
+_LSTM_GATES = frozenset({"ii", "if", "ig", "io", "hi", "hf", "hg", "ho"})  # nn.LSTMCell
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  """Module path of a leaf as names: Haiku's ``"mlp/~/linear_0"`` splits into two."""
+  keys = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      name = str(k.key)
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      name = k.name
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      name = str(k.idx)
+    else:
+      name = str(getattr(k, "key", k))
+    keys.extend(t for t in name.split("/") if t and t != "~")
+  return tuple(keys)
+
+
+def _tokens(name: str) -> set[str]:
+  """``"pos_embed_0"`` -> {"pos", "embed"}: the words of a name."""
+  return {t for t in re.split(r"[^a-z]+", name.lower()) if t}
+
+
+def _layer_fan_ins(flat: Sequence[tuple[Any, Any]]) -> list[tuple[int, bool]]:
+  """``(fan_in, read_from_bias)`` of every leaf of a flattened tree.
+
+  A kernel of shape ``(*in_axes, *out_axes)`` with a sibling bias of shape ``out_axes``
+  (Flax ``Dense``, ``DenseGeneral``, ``Conv``, attention projections; Haiku ``Linear``,
+  ``Conv2D``) has fan_in ``prod(in_axes)``; without one, :func:`default_fan_in`.
+  """
+  shapes = {}
+  for path, leaf in flat:
+    keys = _path_keys(path)
+    shapes[keys] = tuple(jnp.shape(leaf))
+  out = []
+  for path, leaf in flat:
+    keys, shape = _path_keys(path), tuple(jnp.shape(leaf))
+    bias = next((shapes[keys[:-1] + (b,)] for b in ("bias", "b")
+                 if keys[-1:] != (b,) and keys[:-1] + (b,) in shapes), None)
+    if (len(shape) >= 2 and bias and len(bias) < len(shape)
+        and shape[len(shape) - len(bias):] == bias):
+      out.append((int(math.prod(shape[:len(shape) - len(bias)])), True))
+    else:
+      out.append((default_fan_in(shape, _path_str(path)), False))
+  return out
+
+
+@dataclasses.dataclass
+class _Leaf:
+  """What :func:`infer_roles` knows about one leaf."""
+
+  name: str  # keystr of the path
+  keys: tuple[str, ...]
+  shape: tuple[int, ...]
+  fan_in: int
+  from_bias: bool  # fan_in read from a sibling bias's shape
+  kind: str = "weight"  # vector, table, position, recurrent or weight (ordered)
+  group: tuple = ()  # weights read by one layer (q/k/v, a cell's input kernels)
+  mixed: bool = False  # reads the input and the recurrent state (hk.LSTM)
+
+
+def _classify(leaf: _Leaf, children: Mapping[tuple[str, ...], set[str]]) -> None:
+  """Sets ``leaf.kind`` and ``leaf.group`` from its names and shape."""
+  keys, shape = leaf.keys, leaf.shape
+  name = keys[-1] if keys else ""
+  module = keys[-2] if len(keys) >= 2 else ""
+  module_path, parent_path = keys[:-1], keys[:-2]
+  siblings = children.get(parent_path, set())
+  leaf.group = (module_path, name)
+  if len(shape) < 2 or name in _VECTOR_NAMES:
+    leaf.kind = "vector"  # biases (attention biases are (heads, head_dim)), norm scales
+  elif name in _TABLE_NAMES:
+    leaf.kind = "table"  # nn.Embed / hk.Embed tables
+  elif name not in _KERNEL_NAMES and _tokens(name) & _POSITION_TOKENS:
+    leaf.kind = "position"  # self.param("pos", ..., (ctx, d)), "pos_embed", "wpe"
+  elif name not in _KERNEL_NAMES and _tokens(name) & _TABLE_TOKENS:
+    leaf.kind = "table"  # a raw token table, a learned CLS token
+  elif _tokens(module) & {"embed", "embedding", "embeddings", "embedder", "wte"}:
+    leaf.kind = "table"  # a Dense named like an embedding (patch_embed, ...)
+  elif module in _GRU_GATES | _LSTM_GATES and (
+      len(siblings & _GRU_GATES) >= 4 or len(siblings & _LSTM_GATES) >= 4):
+    if module.startswith("h"):
+      leaf.kind = "recurrent"  # nn.GRUCell / nn.LSTMCell hidden-to-hidden
+    else:
+      leaf.group = (parent_path, "cell_input")  # every input gate reads the cell input
+  elif name == "w_h":
+    leaf.kind = "recurrent"  # hk.GRU
+  elif name == "w_i":
+    leaf.group = (module_path, "cell_input")
+  elif module == "linear" and re.fullmatch(r"lstm(_\d+)?", keys[-3] if len(keys) >= 3 else ""):
+    leaf.mixed = True  # hk.LSTM: one (input + hidden, 4 * hidden) matrix
+  elif module in _QKV and len(siblings & _QKV) >= 2:
+    leaf.group = (parent_path, "qkv")  # one attention layer reads its input thrice
 
 
 def infer_roles(params, base_fan_in: int = 64, *, warn: bool = True):
   """Guesses muP roles for an unlabeled Flax/Haiku parameter tree (documented fallback).
 
-  The heuristic, applied to leaves in module order (the dicts' insertion order, which
-  Flax and Haiku make the call order; levels whose keys come lexicographically sorted
-  are natural-sorted instead, so ``Dense_10`` follows ``Dense_9``):
+  Rules, by parameter name, module name and shape (what ``flax.linen`` and Haiku name
+  their parameters):
 
-  * leaves with fewer than 2 dims (biases, norm scales, scalars) are ``vector``;
-  * leaves whose path names an embedding (``embed``, ``wte``, ``wpe``, ``token``,
-    ``position``) are ``input`` (muP treats embeddings like input weights);
-  * the first remaining weight (dense, conv or 3-D attention kernel) is ``input``
-    unless the model has an embedding (then the embedding is its input layer), the
-    last is ``output``, every other one is ``hidden``;
-  * fan-ins follow :func:`default_fan_in` (product of all axes but the last; 3-D
-    attention kernels: ``in`` for query/key/value, ``heads * head_dim`` for ``out``);
-  * hidden and output leaves get ``base_fan_in`` (the width the optimizer was tuned
-    or meta-trained at); muP extrapolates both ways, so a hidden layer narrower than
-    the base gets an update factor above 1.
+  ========================================================  ==========  ===================
+  leaf                                                      role        fan_in
+  ========================================================  ==========  ===================
+  fewer than 2 dims; ``bias``/``b``/``scale``/``offset`` of  vector      1
+  any shape (Dense, LayerNorm, RMSNorm, attention q/k/v
+  biases ``(heads, head_dim)``, DenseGeneral biases)
+  ``embedding`` (nn.Embed), ``embeddings`` (hk.Embed), a    input       rows (vocabulary)
+  raw parameter named like a token table (``cls_token``),
+  a Dense in a module named ``*embed*``/``wte``
+  a raw parameter named like a position table (``pos``,     input       rows (context)
+  ``pos_embed``, ``wpe``, ``position_embeddings``)
+  recurrent kernels: nn.GRUCell/nn.LSTMCell ``h*`` gates,   hidden      hidden size
+  hk.GRU ``w_h``
+  query/key/value kernels (nn.SelfAttention,                ordered     ``d`` (model width)
+  nn.MultiHeadDotProductAttention ``(d, heads, head_dim)``,
+  hk.MultiHeadAttention ``(d, heads * key_size)``)
+  attention output kernel (``out`` ``(heads, head_dim, d)``  ordered     ``heads * head_dim``
+  / hk ``linear``)
+  Dense, DenseGeneral, Conv, hk.Linear, hk.Conv2D kernels;  ordered     in-axes product
+  GRU/LSTM input gates (``i*``, hk ``w_i``); hk.LSTM's
+  ``linear`` (``(in + hidden, 4 hidden)``, always hidden)
+  ========================================================  ==========  ===================
 
-  A :class:`RoleInferenceWarning` is raised when the guess is doubtful: fewer than two
-  weight matrices, a readout wider than its input in a model without an embedding
-  (not a typical classifier head),
-  or a 3-D kernel that does not look like attention.
+  Fan-ins of kernels read the sibling bias: a kernel ``(*in_axes, *out_axes)`` beside a
+  bias ``out_axes`` has fan_in ``prod(in_axes)`` (so DenseGeneral and attention
+  projections come out right); without a bias, :func:`default_fan_in`.
+
+  "Ordered" weights are grouped into layers (an attention layer's q/k/v kernels are one,
+  a recurrent cell's input gates are one, every other kernel is its own) and sorted in
+  module order: the dicts' insertion order, which Flax and Haiku make the call order
+  (levels whose keys come lexicographically sorted, as after ``jax.jit(model.init)``,
+  are natural-sorted instead, so ``Dense_10`` follows ``Dense_9``). The first layer is
+  ``input`` (it reads the raw input) unless the model has a token embedding (then the
+  embedding is its input layer), the last is ``output``, every other one is
+  ``hidden``. Hidden and output leaves get ``base_fan_in`` (the width the optimizer was
+  tuned or meta-trained at); muP extrapolates both ways, so a hidden layer narrower than
+  the base gets an update factor above 1.
+
+  Masked-out leaves (``optax.MaskedNode``, under ``optax.masked``) stay masked.
+
+  One :class:`RoleInferenceWarning`, naming the leaf paths, is raised when the guess is
+  doubtful: fewer than two weight layers; a readout wider than its input in a model
+  without an embedding (not a typical classifier head); a last weight mapping back to
+  the embedding width (a readout tied to the embedding: labelled hidden); a model ending
+  in an attention or recurrent layer; an hk.LSTM reading the raw input (its matrix mixes
+  input and state: labelled hidden); a 3-D kernel that is neither attention, conv nor a
+  kernel with a matching bias.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  names = [_path_str(p) for p, _ in flat]
-  shapes = [tuple(jnp.shape(leaf)) for _, leaf in flat]
-  roles: list[ParamRole | None] = [None] * len(flat)
+  fan_ins = _layer_fan_ins(flat)
+  leaves = [_Leaf(_path_str(p), _path_keys(p), tuple(jnp.shape(x)), f, from_bias)
+            for (p, x), (f, from_bias) in zip(flat, fan_ins)]
+  children: dict[tuple[str, ...], set[str]] = {}
+  for leaf in leaves:
+    for i in range(len(leaf.keys) - 1):
+      children.setdefault(leaf.keys[:i], set()).add(leaf.keys[i])
+  for leaf in leaves:
+    _classify(leaf, children)
+
   doubts = []
-  weights = []
-  for i, (name, shape) in enumerate(zip(names, shapes)):
-    if len(shape) < 2:
+  roles: list[ParamRole | None] = [None] * len(leaves)
+  groups: dict[tuple, list[int]] = {}
+  for i, leaf in enumerate(leaves):
+    if leaf.kind == "vector":
       roles[i] = vector_role()
-    elif _EMBED_RE.search(name):
-      roles[i] = input_role(default_fan_in(shape, name))
+    elif leaf.kind in ("table", "position"):
+      roles[i] = input_role(leaf.fan_in)
+    elif leaf.kind == "recurrent":
+      roles[i] = ParamRole("hidden", leaf.fan_in, base_fan_in)
     else:
-      weights.append(i)
-      if len(shape) == 3 and not _looks_like_attention(name):
-        doubts.append(f"{name} is 3-D but does not look like an attention kernel")
+      groups.setdefault(leaf.group, []).append(i)
+      if (len(leaf.shape) == 3 and not leaf.from_bias and leaf.group[-1] != "qkv" and "conv" not in " ".join(leaf.keys).lower()
+          and not _looks_like_attention(leaf.name)):
+        doubts.append(f"{leaf.name} is 3-D but does not look like an attention kernel")
   order = _module_order(params)
-  weights.sort(key=lambda i: order.get(names[i], (float("inf"),)))
-  has_embedding = any(r is not None and r.kind == "input" for r in roles)
-  for rank, i in enumerate(weights):
-    fan_in = default_fan_in(shapes[i], names[i])
-    if rank == 0 and len(weights) > 1 and not has_embedding:
-      roles[i] = input_role(fan_in)
-    elif rank == len(weights) - 1:
-      roles[i] = ParamRole("output", fan_in, base_fan_in)
-      if shapes[i][-1] > fan_in and not has_embedding:
-        doubts.append(f"the last weight {names[i]} {shapes[i]} widens; is it the readout?")
-    else:
-      roles[i] = ParamRole("hidden", fan_in, base_fan_in)
-  if len(weights) < 2:
-    doubts.append(f"found {len(weights)} weight matrices; cannot tell input from output")
+  rank = lambda i: order.get(leaves[i].name, (float("inf"),))
+  layers = sorted(groups.values(), key=lambda members: min(rank(i) for i in members))
+  tables = [l for l in leaves if l.kind == "table"]
+  for n, members in enumerate(layers):
+    first, last = n == 0 and len(layers) > 1 and not tables, n == len(layers) - 1
+    names = ", ".join(leaves[i].name for i in members)
+    kind = "input" if first else "output" if last else "hidden"
+    if kind == "input" and any(leaves[i].mixed for i in members):
+      kind = "hidden"
+      doubts.append(f"{names} reads the raw input and the recurrent state (hk.LSTM); "
+                    "labelled hidden")
+    if kind == "output" and len(members) > 1:
+      kind = "hidden"
+      doubts.append(f"the model ends in {names} (attention or recurrent, no readout); "
+                    "labelled hidden")
+    elif kind == "output":
+      leaf = leaves[members[0]]
+      if not tables and leaf.shape[-1] > leaf.fan_in:
+        doubts.append(f"the last weight {leaf.name} {leaf.shape} widens; is it the readout?")
+      elif tables and leaf.shape[-1] == tables[0].shape[-1] != tables[0].shape[0]:
+        kind = "hidden"
+        doubts.append(f"the last weight {leaf.name} {leaf.shape} maps to the embedding "
+                      "width (a readout tied to the embedding?); labelled hidden")
+    for i in members:
+      roles[i] = (input_role(leaves[i].fan_in) if kind == "input" else
+                  ParamRole(kind, leaves[i].fan_in, base_fan_in))
+  if len(layers) < 2:
+    doubts.append(f"found {len(layers)} weight matrices; cannot tell input from output")
   if doubts and warn:
     warnings.warn(
         "metaopt.mup.infer_roles guessed muP roles and is unsure: " + "; ".join(doubts) +

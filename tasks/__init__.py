@@ -19,6 +19,7 @@ from tasks.models.logistic import LogisticConfig
 from tasks.models.mlp import MLPConfig
 from tasks.models.quadratic import QuadraticConfig
 from tasks.models.transformer import TransformerLMConfig
+from tasks.models.user import UserModelConfig
 from tasks.registry import build
 from tasks.registry import config_from_json
 from tasks.registry import config_to_json
@@ -43,6 +44,7 @@ __all__ = [
     "TaskFamily",
     "TeacherStudentData",
     "TransformerLMConfig",
+    "UserModelConfig",
     "build",
     "config_from_json",
     "config_to_json",

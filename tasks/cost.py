@@ -20,6 +20,7 @@ from tasks.models import logistic
 from tasks.models import mlp
 from tasks.models import quadratic
 from tasks.models import transformer
+from tasks.models import user
 
 # Fitted on meta_train_default + heldout (jax 0.10.2, 2 shared x86 cores, load ~6).
 OVERHEAD_S = 4.4e-6
@@ -66,12 +67,43 @@ def _quadratic(c: quadratic.QuadraticConfig) -> tuple[int, int, int]:
   return c.batch_size * c.dim * (c.dim if c.rotate else 1), c.dim, c.batch_size * c.dim
 
 
+def _user(c: user.UserModelConfig) -> tuple[int, int, int]:
+  """The user-written models of :mod:`tasks.models.user` (layer by layer)."""
+  w, d, b = c.width, c.depth, c.batch_size
+  if c.model in ("autoencoder", "resmlp", "regression"):
+    if c.model == "autoencoder":
+      sizes = [max(w // 2 ** i, 8) for i in range(d + 1)]
+      dims = [64, *sizes, *sizes[-2::-1], 64]
+    else:
+      d_in, out = (24, 12) if c.model == "resmlp" else (6, 1)
+      dims = [d_in, *[w] * (1 if c.model == "resmlp" else d), out]
+    weights = sum(a * z for a, z in zip(dims, dims[1:]))
+    units = sum(dims[1:])
+    if c.model == "resmlp":  # blocks: LayerNorm, w -> 2w -> w
+      weights += d * 4 * w * w
+      units += d * 4 * w + w
+    batch = min(b, 512) if c.model == "regression" else b
+    return batch * weights, weights + units, batch * units
+  if c.model == "transformer_lm":
+    return _transformer(transformer.TransformerLMConfig(
+        width=w, depth=d, heads=c.heads, context=c.context, batch_size=b, mlp_ratio=4))
+  if c.model == "lstm":  # 8 steps of 8 pixels; 4 gates; per-step work counted as elements
+    t, f = 8, 8
+    gates = 4 * w * (f + w)
+    return b * (t * gates + w * 10), gates + 4 * w + 10 * w + 10, b * t * (12 * w)
+  # cnn: 3x3 conv 1 -> 16 at 8x8, 3x3 conv 16 -> 32 stride 2 (4x4), 2x2 pool, dense.
+  macs = 64 * 9 * 16 + 16 * 9 * 16 * 32 + 128 * w + w * 10
+  params = 9 * 16 + 16 + 9 * 16 * 32 + 32 + 128 * w + w + 10 * w + 10
+  return b * macs, params, b * (64 * 16 + 16 * 10 * 32 + 4 * 32 + w + 10)
+
+
 _COSTS = {
     mlp.MLPConfig: _mlp,
     conv.ConvConfig: _conv,
     transformer.TransformerLMConfig: _transformer,
     logistic.LogisticConfig: _logistic,
     quadratic.QuadraticConfig: _quadratic,
+    user.UserModelConfig: _user,
 }
 
 

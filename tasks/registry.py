@@ -20,6 +20,7 @@ from tasks.models import mlp
 from tasks.models import mlp_haiku
 from tasks.models import quadratic
 from tasks.models import transformer
+from tasks.models import user
 
 
 def _build_mlp(config: mlp.MLPConfig, num_steps: int) -> base.Task:
@@ -33,6 +34,7 @@ BUILDERS = {
     transformer.TransformerLMConfig: transformer.build,
     logistic.LogisticConfig: logistic.build,
     quadratic.QuadraticConfig: quadratic.build,
+    user.UserModelConfig: user.build,
 }
 
 CONFIG_TYPES = {cls.__name__: cls for cls in (*BUILDERS, *data_lib.LOADERS)}

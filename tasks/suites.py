@@ -14,6 +14,14 @@
   (MLPs of width 96-256 on other data, a conv net and an LM of other sizes), 600 steps:
   what meta-training checkpoints are selected on, so ``heldout`` stays a test set.
 * ``heldout-full``: ``heldout`` 8x wider, 2x deeper, with 10x longer horizons.
+* ``heldout-user``: 6 models written the way a user writes them
+  (:mod:`tasks.models.user`: flax.linen and Haiku, the frameworks' default
+  initializations, roles inferred by :func:`metaopt.mup.infer_roles` as a drop-in user's
+  would be), of families unlike the meta-training ones: a deep ELU autoencoder, a pre-LN
+  transformer LM with ``nn.SelfAttention`` and learned positions, an LSTM, a strided
+  conv net with pooling, a Haiku residual MLP with LayerNorm, a full-batch Haiku
+  regression; batches 8-512, 500-1500 steps, about ``heldout``'s evaluation cost. Never
+  used for meta-training or for selecting checkpoints: a test set only.
 * ``widths``: one muP MLP on digits at widths 64..8192 (:func:`widths_suite` builds it
   for any widths; use ``mup=False`` for the SP twin).
 
@@ -40,6 +48,7 @@ from tasks.models.logistic import LogisticConfig
 from tasks.models.mlp import MLPConfig
 from tasks.models.quadratic import QuadraticConfig
 from tasks.models.transformer import TransformerLMConfig
+from tasks.models.user import UserModelConfig
 
 # Runs per task in a heldout evaluation: (1 LO + 4 baselines x 7 lrs x 2 schedules) x 3 seeds.
 EVAL_RUNS = (1 + 4 * 7 * 2) * 3
@@ -109,6 +118,19 @@ def _heldout() -> list[SuiteEntry]:
   ]
 
 
+def _heldout_user() -> list[SuiteEntry]:
+  """User-written SP models (test set only: never meta-trained on, never selected on)."""
+  return [
+      entry(UserModelConfig("autoencoder", width=128, depth=3, batch_size=128), 800),
+      entry(UserModelConfig("transformer_lm", width=64, depth=2, heads=4, context=16,
+                            batch_size=8), 500),
+      entry(UserModelConfig("lstm", width=64, batch_size=32), 600),
+      entry(UserModelConfig("cnn", width=64, batch_size=32), 800),
+      entry(UserModelConfig("resmlp", width=96, depth=2, batch_size=32), 800),
+      entry(UserModelConfig("regression", width=64, depth=3, batch_size=512), 1500),
+  ]
+
+
 def _validation() -> list[SuiteEntry]:
   gmm = GaussianMixtureData(num_classes=10, dim=48, seed=11)
   teacher = TeacherStudentData(input_dim=32, output_dim=4, teacher_width=64, seed=5)
@@ -168,6 +190,7 @@ SUITES: dict[str, Callable[[], list[SuiteEntry]]] = {
     "meta_train_default": _meta_train_default,
     "heldout": _heldout,
     "heldout-full": _heldout_full,
+    "heldout-user": _heldout_user,
     "validation": _validation,
     "widths": widths_suite,
 }

@@ -126,8 +126,7 @@ class LearnedOptimizer:
       if not use_mup:
         return jax.tree.map(lambda _: 1.0, params)
       if roles is not None:
-        mup_lib.check_roles(params, roles)
-        r = roles
+        r = mup_lib.check_roles(params, roles)  # masked leaves (optax.masked) dropped
       elif labels is not None:
         r = mup_lib.roles_from_labels(params, labels, base_fan_in=config.base_fan_in)
       elif base_params is not None:
