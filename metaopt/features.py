@@ -313,7 +313,8 @@ def newton_schulz_orthogonalize(m: jax.Array, steps: int = 5,
 
   Args:
     m: an array of rank >= 2, ``[..., rows, cols]``.
-    steps: number of iterations for constant coefficients (a Python int).
+    steps: number of iterations for constant coefficients (a Python int unrolls them;
+      a traced int, as ``optax.inject_hyperparams`` makes, runs a loop).
     coeffs: ``(a, b, c)``, or an ``(n, 3)`` table of per-iteration coefficients (then
       its ``n`` rows run in order and ``steps`` is not used, as in optax).
     eps: added to the Frobenius norm before dividing.
@@ -326,9 +327,7 @@ def newton_schulz_orthogonalize(m: jax.Array, steps: int = 5,
   dtype = jnp.promote_types(m.dtype, jnp.float32)
   x = m.astype(dtype)
   table = jnp.asarray(coeffs, dtype)
-  if table.shape == (3,):
-    table = jnp.broadcast_to(table, (int(steps), 3))
-  elif table.ndim != 2 or table.shape[-1] != 3:
+  if table.shape != (3,) and (table.ndim != 2 or table.shape[-1] != 3):
     raise ValueError(f"coeffs must have shape (3,) or (n, 3); got {table.shape}.")
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
@@ -338,9 +337,12 @@ def newton_schulz_orthogonalize(m: jax.Array, steps: int = 5,
   def iteration(x, abc):
     gram = x @ jnp.swapaxes(x, -1, -2)
     poly = abc[1] * gram + abc[2] * (gram @ gram)
-    return abc[0] * x + poly @ x, None
+    return abc[0] * x + poly @ x
 
-  x, _ = jax.lax.scan(iteration, x, table, unroll=True)
+  if table.ndim == 2:
+    x, _ = jax.lax.scan(lambda x, abc: (iteration(x, abc), None), x, table, unroll=True)
+  else:  # unrolled for a Python int; a traced count (inject_hyperparams) loops
+    x = jax.lax.fori_loop(0, steps, lambda _, x: iteration(x, table), x, unroll=True)
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   return x.astype(m.dtype)

@@ -50,9 +50,7 @@ def _check_ns(ns_coeffs, ns_steps) -> None:
   table = jnp.asarray(ns_coeffs)
   if table.ndim not in (1, 2) or table.shape[-1] != 3:
     raise ValueError(f"ns_coeffs must have shape (3,) or (n, 3); got {table.shape}.")
-  if table.ndim == 1 and (not isinstance(ns_steps, int) or ns_steps < 1):
-    raise ValueError(f"ns_steps={ns_steps!r}; expected a positive int (pass it to "
-                     "optax.inject_hyperparams as a static arg).")
+  _validation.check_range("ns_steps", ns_steps, 1.0)
 
 
 def _paths_and_leaves(tree):
@@ -256,8 +254,9 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule (Jordan et al use 0.02).
     ns_coeffs: quintic Newton-Schulz coefficients ``(a, b, c)`` or an ``(n, 3)`` table.
-    ns_steps: Newton-Schulz iterations (a Python int; static under
-      ``optax.inject_hyperparams``).
+    ns_steps: Newton-Schulz iterations for constant coefficients (a Python int is
+      unrolled; under ``optax.inject_hyperparams`` it is traced and loops unless given
+      in ``static_args``).
     beta: momentum decay.
     eps: added to the Frobenius norm before Newton-Schulz and to Adam's denominator.
     weight_decay: decoupled weight decay of the Muon leaves.
