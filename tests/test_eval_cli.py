@@ -85,3 +85,8 @@ def test_rerun_recomputes_only_deleted_runs(smoke_out, artifact):
 def test_bad_input_says_what_is_valid(flags, message, tmp_path):
   with pytest.raises(SystemExit, match=message):
     evaluate.main([*flags, "--out", str(tmp_path)])
+
+
+def test_tuned_is_an_alias_of_baselines_and_takes_muon():
+  args = evaluate.parser().parse_args(["--suite", "smoke", "--tuned", "adamw,muon"])
+  assert evaluate.config_from_args(args).tuned == ("adamw", "muon")
