@@ -224,7 +224,7 @@ def _checked_roles(roles, labels) -> optax.GradientTransformation:
 def muon(learning_rate: optax.ScalarOrSchedule,
          ns_coeffs=features.NEWTON_SCHULZ_COEFFS, ns_steps: int = 5,
          beta: float = 0.95, eps: float = 1e-8,
-         weight_decay: optax.ScalarOrSchedule = 0.0, mu_dtype=None, *,
+         weight_decay: optax.ScalarOrSchedule = 0.0, *, mu_dtype=None,
          roles: mup.RolesOrFn | None = None, labels: Any = None,
          nesterov: bool = True, adaptive: bool = False,
          adam_b1: float = 0.9, adam_b2: float = 0.999, adam_eps_root: float = 0.0,
