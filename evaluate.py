@@ -6,6 +6,7 @@ Usage::
   python evaluate.py --checkpoint runs/mine/final --suite smoke --out eval_out/smoke
   python evaluate.py --suite widths --sp-checkpoint runs/sp/final --widths 64,256,1024
   python evaluate.py --baselines adamw,lion --untuned prodigy --tune-lo
+  python evaluate.py --tuned adamw,muon               # tuned AdamW and Muon anchors
   python evaluate.py --estimate                       # print the plan, run nothing
 
 Writes OUT/report.md, OUT/runs.csv (one row per run) and OUT/plots/*.png. Finished runs
@@ -59,9 +60,11 @@ def parser() -> argparse.ArgumentParser:
                  help="LO artifact directory or released name (default: default)")
   p.add_argument("--suite", default="heldout", help="smoke, heldout, heldout-user, heldout-full, validation, widths")
   p.add_argument("--out", default=None, help="output directory (default eval_out/SUITE)")
-  p.add_argument("--baselines", default=None,
+  p.add_argument("--baselines", "--tuned", dest="baselines", default=None,
                  help="comma-separated tuned baselines (default per suite; heldout: "
-                 "adamw,lion,schedule_free_adamw; widths: adamw,mu_adamw)")
+                 "adamw,lion,schedule_free_adamw; widths: adamw,mu_adamw); add muon for "
+                 "the Muon anchor (its Newton-Schulz matmuls make it the slowest on CPU: "
+                 "see --estimate)")
   p.add_argument("--untuned", default=None,
                  help="comma-separated baselines at their defaults, or none (default: "
                  "adamw,prodigy,dadapt_adamw,momo_adam,schedule_free_adamw)")

@@ -13,6 +13,7 @@ array (one tensor), reductions returning a scalar per tensor.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -279,6 +280,127 @@ def momo_lower_bound_update(tau, fbar, gamma, d_dot_x, d_norm_sq, floor, rho=1.0
 def alr_smag_step(loss, d_norm_sq, lower_bound=0.0, c=1.0, max_step=0.1, eps=0.0):
   """ALR-SMAG's Polyak step with momentum: tau = min(gamma_b, (f - f*) / (c ||d||^2 + eps))."""
   return jnp.minimum(max_step, (loss - lower_bound) / (c * d_norm_sq + eps))
+
+
+# ----------------------------------------------------------------------------------
+# Orthogonalized momentum (Muon: Jordan et al, "Muon: An optimizer for hidden layers in
+# neural networks", 2024 blog; conventions of ``optax.contrib.muon``, optax 0.2.8).
+
+# Quintic Newton-Schulz coefficients (a, b, c) of Jordan et al: the slope at 0 is
+# maximized, so 5 iterations of s <- a s + b s^3 + c s^5 push every singular value
+# s >= 1.6e-3 (after Frobenius normalization) into [0.68, 1.21] instead of converging to
+# exactly 1 (the polar factor U V^T).
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def nesterov_momentum(mu: Tree, g: Tree, decay, count) -> Tree:
+  """Bias-corrected Nesterov look-ahead of an EMA, as optax's Adam and Muon compute it.
+
+  ``decay * mu / (1 - decay^(t+1)) + (1 - decay) * g / (1 - decay^t)`` with ``mu`` the
+  EMA already updated with ``g`` and ``count`` the 1-based step ``t``.
+  """
+  return jax.tree.map(lambda m, v: decay * m + (1 - decay) * v,
+                      bias_correction(mu, decay, optax.safe_increment(count)),
+                      bias_correction(g, decay, count))
+
+
+def newton_schulz_orthogonalize(m: jax.Array, steps: int = 5,
+                                coeffs=NEWTON_SCHULZ_COEFFS, eps=1e-8) -> jax.Array:
+  """Approximate polar factor U V^T of the matrices in the last two axes of ``m``.
+
+  .. math::
+    X_0 = M / (\|M\|_F + \epsilon), \qquad
+    X_{k+1} = a X_k + (b A_k + c A_k^2) X_k, \quad A_k = X_k X_k^\top,
+
+  computed on the transpose when ``M`` has more rows than columns (so ``A`` is the
+  smaller Gram matrix) and transposed back; the Frobenius norm is taken per matrix.
+  Leading axes are batch axes (each matrix is orthogonalized on its own), so the
+  function also works under ``jax.vmap``. The singular vectors are kept and each
+  singular value follows the scalar map ``s <- a s + b s^3 + c s^5`` from
+  ``s / ||M||_F``: with the default coefficients and 5 steps, singular values of at
+  least 1.6e-3 ``||M||_F`` end in [0.68, 1.21] (smaller ones stay smaller; a zero matrix
+  stays 0).
+
+  Computes in at least float32 and returns ``m``'s dtype (optax computes bfloat16
+  inputs in bfloat16; float32 and float64 agree with it).
+
+  Args:
+    m: an array of rank >= 2, ``[..., rows, cols]``.
+    steps: number of iterations for constant coefficients (a Python int unrolls them;
+      a traced int, as ``optax.inject_hyperparams`` makes, runs a loop).
+    coeffs: ``(a, b, c)``, or an ``(n, 3)`` table of per-iteration coefficients (then
+      its ``n`` rows run in order and ``steps`` is not used, as in optax).
+    eps: added to the Frobenius norm before dividing.
+
+  Returns:
+    An array of ``m``'s shape and dtype.
+  """
+  if jnp.ndim(m) < 2:
+    raise ValueError(f"newton_schulz_orthogonalize needs a matrix; got shape {jnp.shape(m)}.")
+  dtype = jnp.promote_types(m.dtype, jnp.float32)
+  x = m.astype(dtype)
+  table = jnp.asarray(coeffs, dtype)
+  if table.shape != (3,) and (table.ndim != 2 or table.shape[-1] != 3):
+    raise ValueError(f"coeffs must have shape (3,) or (n, 3); got {table.shape}.")
+  transposed = x.shape[-2] > x.shape[-1]
+  if transposed:
+    x = jnp.swapaxes(x, -1, -2)
+  x = x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)) + eps)
+
+  def iteration(x, abc):
+    gram = x @ jnp.swapaxes(x, -1, -2)
+    poly = abc[1] * gram + abc[2] * (gram @ gram)
+    return abc[0] * x + poly @ x
+
+  if table.ndim == 2:
+    x, _ = jax.lax.scan(lambda x, abc: (iteration(x, abc), None), x, table, unroll=True)
+  else:  # unrolled for a Python int; a traced count (inject_hyperparams) loops
+    x = jax.lax.fori_loop(0, steps, lambda _, x: iteration(x, table), x, unroll=True)
+  if transposed:
+    x = jnp.swapaxes(x, -1, -2)
+  return x.astype(m.dtype)
+
+
+def muon_shape_scale(fan_in, fan_out, consistent_rms=None):
+  """Muon's per-matrix update scale for a ``[fan_in, fan_out]`` weight.
+
+  ``sqrt(max(1, fan_out / fan_in))`` (Jordan et al; their PyTorch ``[out, in]``
+  weights read it as ``sqrt(max(1, rows / cols))``), or with ``consistent_rms``
+  ``sqrt(max(fan_in, fan_out)) * consistent_rms`` (Liu et al, "Muon is Scalable for
+  LLM Training", arXiv:2502.16982, 2025: an update RMS of ``consistent_rms`` like
+  AdamW's, 0.2 in the paper).
+  """
+  if consistent_rms is None:
+    return math.sqrt(max(1.0, fan_out / fan_in))
+  return math.sqrt(max(fan_in, fan_out)) * consistent_rms
+
+
+def muon_direction(m: jax.Array, fan_in: int, steps: int = 5,
+                   coeffs=NEWTON_SCHULZ_COEFFS, eps=1e-8, consistent_rms=None, *,
+                   adaptive: bool = False) -> jax.Array:
+  """Muon's direction for one weight tensor: orthogonalized, shape-scaled momentum.
+
+  The tensor is viewed as a ``[fan_in, size / fan_in]`` matrix (a conv kernel
+  ``[*spatial, in, out]`` with ``fan_in = prod(spatial) * in``; see
+  :func:`metaopt.mup.default_fan_in`), orthogonalized by
+  :func:`newton_schulz_orthogonalize`, scaled by :func:`muon_shape_scale` and reshaped
+  back. ``m`` is typically the Nesterov momentum :func:`nesterov_momentum`. With
+  ``adaptive`` the orthogonalized ``O`` is first multiplied by ``<m, O>`` (summed over
+  the tensor; Bernstein et al, "Old Optimizer, New Norm: An Anthology",
+  arXiv:2409.20325, 2024), as optax does before the shape scale.
+  """
+  shape = jnp.shape(m)
+  size = math.prod(shape)
+  if len(shape) < 2 or fan_in < 1 or size % fan_in:
+    raise ValueError(f"muon_direction: a tensor of shape {shape} has no 2-D view with "
+                     f"fan_in={fan_in}.")
+  fan_out = size // fan_in
+  o = jnp.reshape(newton_schulz_orthogonalize(jnp.reshape(m, (fan_in, fan_out)), steps,
+                                              coeffs, eps), shape)
+  if adaptive:
+    o = o * jnp.sum(m * o).astype(o.dtype)
+  scale = muon_shape_scale(fan_in, fan_out, consistent_rms)
+  return (o * jnp.asarray(scale, o.dtype)).astype(m.dtype)
 
 
 # ----------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 import dataclasses
 import math
 
+import jax
 import numpy as np
 import pytest
 
 import tasks
+from metaopt import optimizers
 from metaopt.eval import baselines, cache, harness, metrics, summary, sweep
 
 DIM = 8
@@ -101,3 +103,36 @@ def test_unknown_names_list_valid_ones():
     baselines.untuned("sgdm")
   with pytest.raises(ValueError, match="unknown schedule"):
     baselines.tuned("adamw", schedules=("cosine",))
+
+
+def _hidden_mlp_task(num_steps=30):
+  """Digits MLP 64 -> 32 -> 32 -> 10: one hidden 32 x 32 matrix for Muon."""
+  return tasks.build(tasks.MLPConfig(tasks.DigitsData(), width=32, depth=2, batch_size=32),
+                     num_steps)
+
+
+def test_tuned_muon_is_ours_on_the_task_roles(tmp_path):
+  spec = baselines.tuned("muon", grid_size=2, span_decades=1.0)
+  assert spec.source == "metaopt.optimizers.muon"
+  assert spec.schedules == sweep.SCHEDULE_NAMES and spec.lrs == sweep.lr_grid(1e-2, 2, 1.0)
+  assert baselines.tuned("optax.contrib.muon").source == "optax.contrib.muon"
+  task = _hidden_mlp_task()
+  shapes = jax.eval_shape(task.init, jax.random.key(0))
+  labels = jax.tree.leaves(optimizers.muon_labels(shapes, roles=task.roles))
+  assert labels.count("muon") == 1 and labels.count("adam") == len(labels) - 1
+  spec = dataclasses.replace(spec, schedules=("warmup_cosine",))  # one compile
+  records = _evaluation(tmp_path, seeds=1).run_job(harness.Job(task.name, None, spec), task)
+  assert len(records) == 2
+  assert not any(r["diverged"] for r in records)
+  assert all(r["final_loss"] < r["initial_loss"] for r in records)
+
+
+def test_estimate_prices_muons_newton_schulz_matmuls():
+  task = _hidden_mlp_task()
+  ns = harness.newton_schulz_seconds_per_step(task, baselines.tuned("muon"))
+  assert ns == 5 * 3 * 32 ** 3 * tasks.cost.S_PER_MAC  # one 32 x 32 view
+  # optax's default also orthogonalizes the 64 x 32 input and 32 x 10 readout matrices.
+  ns_optax = harness.newton_schulz_seconds_per_step(task, baselines.tuned("optax.contrib.muon"))
+  assert ns_optax == ns + 5 * ((2 * 32 ** 2 * 64 + 32 ** 3) + (2 * 10 ** 2 * 32 + 10 ** 3)
+                               ) * tasks.cost.S_PER_MAC
+  assert harness.newton_schulz_seconds_per_step(task, baselines.tuned("adamw")) == 0.0

@@ -119,3 +119,8 @@ def test_bad_values_are_one_line_exit_2_and_write_nothing(flags, message, tmp_pa
   assert re.search(message, err), err
   assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
   assert not out.exists()
+
+
+def test_tuned_is_an_alias_of_baselines_and_takes_muon():
+  args = evaluate.parser().parse_args(["--suite", "smoke", "--tuned", "adamw,muon"])
+  assert evaluate.config_from_args(args).tuned == ("adamw", "muon")

@@ -17,7 +17,8 @@ from metaopt.lopt import CANDIDATE_NAMES
 from metaopt.lopt import _classical
 
 # Exported functions that are parts of optimizers, not optimizers.
-BUILDING_BLOCKS = {"adamp_projection", "proximal_decay_step", "schedule_free_eval_params"}
+BUILDING_BLOCKS = {"adamp_projection", "muon_labels", "proximal_decay_step",
+                   "schedule_free_eval_params"}
 # The LO's candidate for decoupled weight decay: a term every classical entry mixes in
 # (its "wd" mapping), not an optimizer of its own.
 DECAY_CANDIDATE = "weight_decay"

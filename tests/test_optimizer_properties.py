@@ -34,7 +34,8 @@ from metaopt import mup
 # The contract (DESIGN.md): every name must exist in metaopt.optimizers.
 CONTRACT = ("sgdm", "nesterov", "adamw", "mu_adamw", "lion", "cautious", "cautious_adamw",
             "cautious_lion", "tam", "adatam", "ademamix", "momo", "momo_adam", "alr_smag",
-            "grams", "laprop", "adan", "schedule_free_adamw", "mars_adamw", "adamp", "sgdp")
+            "grams", "laprop", "adan", "schedule_free_adamw", "mars_adamw", "adamp", "sgdp",
+            "muon")
 
 TRAIN_STEPS = 300
 
@@ -107,6 +108,8 @@ CASES = [
     Case("mars_adamw", 3e-3, betas=("b1", "b2"), eps="eps"),
     Case("adamp", 1e-3, betas=("b1", "b2"), eps="eps"),
     Case("sgdp", 0.1, betas=("momentum",), eps="eps"),
+    Case("muon", 0.02, betas=("beta", "adam_b1", "adam_b2"), eps="eps",
+         fixed=(("roles", _mu_roles),), static=("roles",)),  # Muon on matrices, kernels
 ]
 assert tuple(c.name for c in CASES) == CONTRACT
 MISSING = [n for n in CONTRACT if not hasattr(mo, n)]

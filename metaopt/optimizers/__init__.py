@@ -45,6 +45,10 @@ from metaopt.optimizers._momentum import nesterov
 from metaopt.optimizers._momentum import scale_by_momentum
 from metaopt.optimizers._momentum import ScaleByMomentumState
 from metaopt.optimizers._momentum import sgdm
+from metaopt.optimizers._muon import muon
+from metaopt.optimizers._muon import muon_labels
+from metaopt.optimizers._muon import scale_by_muon
+from metaopt.optimizers._muon import ScaleByMuonState
 from metaopt.optimizers._polyak import alr_smag
 from metaopt.optimizers._polyak import AlrSmagState
 from metaopt.optimizers._polyak import momo
@@ -86,6 +90,7 @@ OPTIMIZER_NAMES = (
     "mars_adamw",
     "adamp",
     "sgdp",
+    "muon",
 )
 
 __all__ = [
@@ -104,6 +109,7 @@ __all__ = [
     "ScaleByLionState",
     "ScaleByMarsAdamwState",
     "ScaleByMomentumState",
+    "ScaleByMuonState",
     "ScaleBySgdpState",
     "ScaleByTamState",
     "adamp",
@@ -123,6 +129,8 @@ __all__ = [
     "momo",
     "momo_adam",
     "mu_adamw",
+    "muon",
+    "muon_labels",
     "nesterov",
     "proximal_decay_step",
     "scale_by_adam",
@@ -136,6 +144,7 @@ __all__ = [
     "scale_by_lion",
     "scale_by_mars_adamw",
     "scale_by_momentum",
+    "scale_by_muon",
     "scale_by_sgdp",
     "scale_by_tam",
     "schedule_free_adamw",
