@@ -17,13 +17,6 @@ from metaopt import optimizers
 from metaopt.lopt import CLASSICAL, LearnedOptimizer
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 class _FlaxMLP(nn.Module):
 
   @nn.compact

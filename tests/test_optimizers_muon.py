@@ -70,15 +70,6 @@ def _roles():
   return _tmap(role, SHAPES, VIEWS)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", False)
-
-
 def _problem(seed=0):
   rng = np.random.default_rng(seed)
   params = _tmap(lambda s: rng.normal(size=s), SHAPES)

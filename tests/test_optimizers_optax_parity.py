@@ -24,15 +24,6 @@ TOL = 1e-10
 SHAPES = {"scalar": (), "vector": (7,), "matrix": (5, 3), "conv": (3, 3, 2, 4)}
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", False)
-
-
 def _problem(seed=0):
   rng = np.random.default_rng(seed)
   params = {k: rng.normal(size=s) for k, s in SHAPES.items()}

@@ -116,13 +116,6 @@ def test_adamw_trains_heldout_reduced_steps(entry):
   _check(entry, HELDOUT_STEPS, 1.0 + (FACTORS[type(entry.config)] - 1.0) / 2)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def _population_and_separate_runs(task, num_steps, dtype):
   """Losses and final params of 8 seeds trained vmapped and one by one."""
   keys = jax.random.split(jax.random.key(42), 8)
