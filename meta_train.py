@@ -8,6 +8,7 @@ Usage::
   python meta_train.py --resume             # continue the newest run under runs/
   python meta_train.py --plot-run runs/mine # only draw its meta-loss curves
   python meta_train.py --set outer_steps=2000 --set sigma=0.02
+  python meta_train.py --config smoke --task mypkg.tasks:make_task  # + your own task
 
 Multi-host (every host runs the same command)::
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="continue the newest checkpointed run under --out")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field (JSON value)")
+  parser.add_argument("--task", action="append", default=[], metavar="MODULE:FACTORY",
+                      help="also meta-train on FACTORY() of MODULE (imported; the working "
+                      "directory is on the path), a tasks.Task; repeatable; recorded in "
+                      "config.json so --resume rebuilds it")
   parser.add_argument("--plot", action="store_true", help="draw meta_loss.png at the end")
   parser.add_argument("--plot-run", default=None, metavar="RUN",
                       help="only draw RUN/meta_loss.png from its metrics.jsonl")
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
   from metaopt.meta import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from metaopt.meta import checkpointing, config as config_lib, run  # pylint: disable=g-import-not-at-top
+  from tasks import TaskFactoryError  # pylint: disable=g-import-not-at-top
 
   out = None
   try:
@@ -129,6 +135,18 @@ def main(argv: list[str] | None = None) -> int:
   except (TypeError, ValueError) as e:
     print(f"--set: {_one_line(e)}", file=sys.stderr)
     return 2
+  if args.resume and args.task and tuple(args.task) != config.task_factories:
+    print(f"--resume: --task {args.task} differs from the run's task factories "
+          f"{list(config.task_factories)} (a resumed run rebuilds its own)", file=sys.stderr)
+    return 2
+  if not args.resume and args.task:
+    try:
+      config = config.replace(task_factories=config.task_factories + tuple(args.task))
+    except ValueError as e:
+      print(f"--task: {_one_line(e)}", file=sys.stderr)
+      return 2
+  if config.task_factories and os.getcwd() not in sys.path:
+    sys.path.append(os.getcwd())  # `--task mymodule:factory` from the user's directory
   if out is None:
     out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / _timestamp()
     problem = _out_problem(out, run)
@@ -153,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     return 143 if isinstance(e, run.Terminated) else 130
   except FileExistsError as e:
     print(f"--out: {_one_line(e)}", file=sys.stderr)
+    return 2
+  except TaskFactoryError as e:
+    where = (f"--resume: cannot rebuild a task of the run in {out} ({run.CONFIG_FILE} "
+             "task_factories)" if args.resume else "--task")
+    print(f"{where}: {_one_line(e)}", file=sys.stderr)
     return 2
   finally:
     if main_thread:

@@ -2,10 +2,16 @@
 
 A :class:`Task` is a set of pure functions (``init``, ``loss``, ``metrics``,
 ``sample_batch``) plus the muP role of every parameter; configs are frozen dataclasses
-that :func:`build` turns into tasks; :func:`get_suite` names lists of them.
+that :func:`build` turns into tasks; :func:`get_suite` names lists of them. Your own
+task is :func:`from_functions`; :func:`from_factory` builds one from a
+``"package.module:factory"`` string.
 """
 
+from tasks.base import FunctionTaskConfig
 from tasks.base import Task
+from tasks.base import TaskFactoryError
+from tasks.base import from_factory
+from tasks.base import from_functions
 from tasks.base import supervised_task
 from tasks.cost import estimate_step_seconds
 from tasks.data import DatasetNotPreparedError
@@ -34,6 +40,7 @@ __all__ = [
     "ConvConfig",
     "DatasetNotPreparedError",
     "DigitsData",
+    "FunctionTaskConfig",
     "GaussianMixtureData",
     "LogisticConfig",
     "MLPConfig",
@@ -41,6 +48,7 @@ __all__ = [
     "SuiteEntry",
     "TFDSImageData",
     "Task",
+    "TaskFactoryError",
     "TaskFamily",
     "TeacherStudentData",
     "TransformerLMConfig",
@@ -49,6 +57,8 @@ __all__ = [
     "config_from_json",
     "config_to_json",
     "estimate_step_seconds",
+    "from_factory",
+    "from_functions",
     "get_family",
     "get_suite",
     "supervised_task",

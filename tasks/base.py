@@ -10,11 +10,17 @@ keys::
     params = jax.vmap(task.init)(jax.random.split(key, 8))
     batch = jax.vmap(task.sample_batch)(jax.random.split(data_key, 8))
     losses = jax.vmap(task.loss)(params, batch)
+
+A task of your own, from plain functions, is :func:`from_functions`; a
+``"package.module:factory"`` string naming a function that returns one is built by
+:func:`from_factory` (how ``meta_train.py --task`` and a resumed run get it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -120,3 +126,133 @@ def supervised_task(*, name: str, config: Any, init: Callable, apply: Callable,
   return Task(name=name, config=config, init=init, loss=loss, metrics=metrics,
               sample_batch=sample_batch, eval_batch=eval_batch, roles=roles,
               num_steps=num_steps, activations=activations)
+
+
+class TaskFactoryError(ValueError):
+  """A ``"package.module:factory"`` string that does not give a :class:`Task`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionTaskConfig:
+  """The ``config`` of a task made by :func:`from_functions`: only its name."""
+
+  name: str
+
+
+def _roles_for(name: str, shapes: Params, roles: Any, base_init: Callable | None) -> Any:
+  """A ParamRole tree from roles, labels (or a callable of params), a base model's init,
+  or, with none of them, :func:`metaopt.mup.infer_roles`."""
+  if roles is not None and base_init is not None:
+    raise ValueError(f"task {name}: pass roles= or base_init=, not both.")
+  if base_init is not None:
+    return mup.roles_from_base(shapes, jax.eval_shape(base_init, jax.random.key(0)))
+  if roles is None:
+    return mup.infer_roles(shapes)
+  if callable(roles) and not mup.is_role(roles):
+    roles = roles(shapes)
+  if isinstance(roles, str) or any(
+      isinstance(r, str) for r in jax.tree.leaves(roles, is_leaf=mup.is_role)):
+    return mup.roles_from_labels(shapes, roles)
+  return roles
+
+
+def from_functions(name: str, *, init: Callable[[jax.Array], Params],
+                   loss: Callable[[Params, Batch], jax.Array],
+                   sample_batch: Callable[[jax.Array], Batch], roles: Any = None,
+                   base_init: Callable[[jax.Array], Params] | None = None,
+                   metrics: Callable[[Params, Batch], dict[str, jax.Array]] | None = None,
+                   eval_batch: Callable[[], Batch] | Batch | None = None,
+                   num_steps: int = DEFAULT_NUM_STEPS) -> Task:
+  """A :class:`Task` of your own from plain functions (to meta-train or evaluate on).
+
+  Example::
+
+    def init(key):
+      k1, k2 = jax.random.split(key)
+      return {"w1": jax.random.normal(k1, (4, 32)) / 2, "b1": jnp.zeros(32),
+              "w2": jnp.zeros((32, 1)), "b2": jnp.zeros(1)}
+
+    def loss(params, batch):
+      h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+      return jnp.mean((h @ params["w2"] + params["b2"] - batch["y"]) ** 2)
+
+    def sample_batch(key):
+      x = jax.random.normal(key, (16, 4))
+      return {"x": x, "y": jnp.sin(x.sum(-1, keepdims=True))}
+
+    task = tasks.from_functions(
+        "my_regression", init=init, loss=loss, sample_batch=sample_batch,
+        roles={"w1": "input", "b1": "vector", "w2": "output", "b2": "vector"})
+
+  Args:
+    name: the task's name (unique among a run's tasks; logs and checkpoints use it).
+    init: ``key -> params``, every leaf float32.
+    loss: ``(params, batch) -> scalar``, positive at initialization (the meta-loss is
+      normalized by the initial loss).
+    sample_batch: ``key -> batch``, on-device: jittable and vmappable over ``key``
+      (keep the data in device arrays). A sampler with a ``split`` argument also gets
+      ``split="train"`` or ``"test"``; one without serves both splits.
+    roles: the muP role of every parameter: a :class:`metaopt.mup.ParamRole` tree, a
+      label tree of ``"input"``/``"hidden"``/``"output"``/``"vector"`` (the model is
+      its own base: :func:`metaopt.mup.roles_from_labels`), or a callable of the
+      parameter shapes returning either.
+    base_init: instead of ``roles``, the ``init`` of a narrower base model of the same
+      structure; roles follow the muP rule (:func:`metaopt.mup.roles_from_base`).
+      With neither, :func:`metaopt.mup.infer_roles` guesses (and warns when unsure).
+    metrics: ``(params, batch) -> dict`` with ``"loss"`` (default: the loss alone).
+    eval_batch: the fixed test batch, or a ``() -> batch`` (default: one test-split
+      batch of ``sample_batch`` from a fixed key).
+    num_steps: the default training budget.
+
+  Raises:
+    ValueError: roles that do not match the parameters, or non-float32 parameters.
+  """
+  takes_split = "split" in inspect.signature(sample_batch).parameters
+
+  def sample(key, split="train"):
+    return sample_batch(key, split=split) if takes_split else sample_batch(key)
+
+  if eval_batch is None:
+    eval_fn = lambda: sample(jax.random.PRNGKey(0), "test")
+  elif callable(eval_batch):
+    eval_fn = eval_batch
+  else:
+    eval_fn = lambda: eval_batch
+  if metrics is None:
+    metrics = lambda params, batch: {"loss": loss(params, batch)}
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return Task(name=name, config=FunctionTaskConfig(name), init=init, loss=loss,
+              metrics=metrics, sample_batch=sample, eval_batch=eval_fn,
+              roles=_roles_for(name, shapes, roles, base_init), num_steps=num_steps)
+
+
+def from_factory(spec: str) -> Task:
+  """The :class:`Task` returned by ``factory()`` for ``spec = "package.module:factory"``.
+
+  The module is imported (it must be on ``sys.path``; ``meta_train.py`` adds the
+  working directory), the factory called with no arguments, and its result checked.
+
+  Raises:
+    TaskFactoryError: one line naming ``spec`` and what went wrong.
+  """
+  module_name, colon, attr = str(spec).partition(":")
+  if not colon or not module_name or not attr:
+    raise TaskFactoryError(f"task factory {spec!r}: expected 'package.module:factory' "
+                           "(a module and a function returning a tasks.Task).")
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as e:  # pylint: disable=broad-except  # any error while importing
+    raise TaskFactoryError(f"task factory {spec!r}: cannot import module {module_name!r}"
+                           f" ({type(e).__name__}: {e}).") from e
+  factory = getattr(module, attr, None)
+  if not callable(factory):
+    raise TaskFactoryError(f"task factory {spec!r}: module {module_name!r} has no "
+                           f"function {attr!r}.")
+  try:
+    task = factory()
+  except Exception as e:  # pylint: disable=broad-except  # the user's code
+    raise TaskFactoryError(f"task factory {spec!r} raised {type(e).__name__}: {e}") from e
+  if not isinstance(task, Task):
+    raise TaskFactoryError(f"task factory {spec!r} returned {type(task).__name__}; "
+                           "expected a tasks.Task (e.g. from tasks.from_functions).")
+  return task

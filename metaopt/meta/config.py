@@ -23,7 +23,8 @@ class MetaConfig:
   """Everything that defines a meta-training run.
 
   Attributes:
-    suite: the ``tasks.get_suite`` name the populations are drawn from.
+    suite: the ``tasks.get_suite`` name the populations are drawn from (``""``: none;
+      the run's tasks are then ``tasks``, ``families`` and ``task_factories``).
     task_names: keep only these tasks of the suite (empty: all of them).
     tasks: task configs as JSON strings (``tasks.config_to_json``). In a config file
       each may also be the JSON object itself.
@@ -31,6 +32,9 @@ class MetaConfig:
       (from ``seed``) when the run starts. ``tasks`` and ``families`` together, when
       either is given, replace the suite.
     family_samples: configs drawn per family.
+    task_factories: ``"package.module:factory"`` strings, each a function of no
+      arguments returning a ``tasks.Task`` (``tasks.from_factory``); these tasks come
+      after the suite's (or ``tasks``/``families``), and a resumed run rebuilds them.
     warm_start: classical optimizer whose muP version theta starts from
       (``LearnedOptimizer.from_classical(name, mup=True)``), or an artifact directory.
     hidden_size: width of the LO's per-parameter MLP (0: the warm start's).
@@ -78,6 +82,7 @@ class MetaConfig:
   tasks: tuple[str, ...] = ()
   families: tuple[str, ...] = ()
   family_samples: int = 4
+  task_factories: tuple[str, ...] = ()
   warm_start: str = "adamw"
   hidden_size: int = 0
   mup: bool = True
@@ -108,10 +113,14 @@ class MetaConfig:
   seed: int = 0
 
   def __post_init__(self):
-    for name in ("task_names", "tasks", "families"):
+    for name in ("task_names", "tasks", "families", "task_factories"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     object.__setattr__(self, "tasks", tuple(
         t if isinstance(t, str) else json.dumps(t, sort_keys=True) for t in self.tasks))
+    for spec in self.task_factories:
+      if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"MetaConfig.task_factories has {spec!r}; expected "
+                         "'package.module:factory' strings.")
     _check_choice("estimator", self.estimator, ESTIMATOR_NAMES)
     _check_choice("horizon_schedule", self.horizon_schedule, HORIZON_SCHEDULES)
     _check_choice("meta_objective", self.meta_objective, META_OBJECTIVES)
@@ -160,6 +169,7 @@ class MetaConfig:
     d = dataclasses.asdict(self)
     d["task_names"] = list(self.task_names)
     d["families"] = list(self.families)
+    d["task_factories"] = list(self.task_factories)
     d["tasks"] = [json.loads(t) for t in self.tasks]
     return d
 

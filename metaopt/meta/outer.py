@@ -128,7 +128,15 @@ def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
 
 
 def resolve_tasks(config: MetaConfig) -> list:
-  """The run's tasks (built, horizon ``config.horizon``), in a fixed order."""
+  """The run's tasks (built, horizon ``config.horizon``), in a fixed order: the suite's
+  (or ``tasks`` and ``families``), then those of ``task_factories``."""
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  built = [tasks_lib.build(c, config.horizon) for c in _task_configs(config)]
+  return built + [tasks_lib.from_factory(spec) for spec in config.task_factories]
+
+
+def _task_configs(config: MetaConfig) -> list:
+  """The task configs of ``tasks``/``families``, else of the suite (none for ``""``)."""
   import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   if config.tasks or config.families:
     configs = [tasks_lib.config_from_json(t) for t in config.tasks]
@@ -137,8 +145,12 @@ def resolve_tasks(config: MetaConfig) -> list:
       key = jax.random.fold_in(jax.random.PRNGKey(config.seed), f)
       configs += [family.sample(jax.random.fold_in(key, i))
                   for i in range(config.family_samples)]
-    configs = list(dict.fromkeys(configs))  # a family may draw the same config twice
-    return [tasks_lib.build(c, config.horizon) for c in configs]
+    return list(dict.fromkeys(configs))  # a family may draw the same config twice
+  if not config.suite:
+    if config.task_names:
+      raise ValueError(f"task_names {list(config.task_names)} need a suite; "
+                       "MetaConfig.suite is empty.")
+    return []
   entries = tasks_lib.get_suite(config.suite)
   if config.task_names:
     by_name = {e.name: e for e in entries}
@@ -147,7 +159,7 @@ def resolve_tasks(config: MetaConfig) -> list:
       raise ValueError(f"task_names {missing} are not in suite {config.suite!r}; it has "
                        f"{sorted(by_name)}.")
     entries = [by_name[n] for n in config.task_names]
-  return [tasks_lib.build(e.config, config.horizon) for e in entries]
+  return [e.config for e in entries]
 
 
 def active_tasks(config: MetaConfig, num_tasks: int, step: int) -> tuple[int, ...]:
@@ -176,6 +188,9 @@ class MetaTrainer:
                task_list: list | None = None):
     self.config = config
     self.tasks = resolve_tasks(config) if task_list is None else list(task_list)
+    if not self.tasks:
+      raise ValueError("no tasks to meta-train on: MetaConfig.suite is empty and no "
+                       "tasks, families, task_factories or tasks=[...] were given.")
     self.mesh = shard_lib.population_mesh() if mesh is None else mesh
     lo = warm_start(config)
     self.lo_config = lo.config

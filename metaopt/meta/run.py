@@ -16,7 +16,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -97,17 +97,41 @@ class _Validator:
                for mode, fn in self.fns.items()}}
 
 
-def meta_train(config: MetaConfig, out: str | pathlib.Path, *, resume: bool = False,
-               progress: bool = True, plot: bool = False) -> RunResult:
-  """Meta-trains (or resumes) the run in ``out``; returns the final LO and summary."""
+def run_tasks(config: MetaConfig, extra: Sequence[Any] = ()) -> list:
+  """The config's tasks (:func:`~metaopt.meta.outer.resolve_tasks`) followed by
+  ``extra`` (``tasks.Task`` objects); names must be unique."""
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  for t in extra:
+    if not isinstance(t, tasks_lib.Task):
+      raise TypeError(f"meta_train(tasks=...) has {type(t).__name__} {t!r:.60}; expected "
+                      "tasks.Task objects (e.g. from tasks.from_functions).")
+  task_list = outer.resolve_tasks(config) + list(extra)
+  names = [t.name for t in task_list]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if extra and repeated:
+    raise ValueError(f"task names {repeated} appear more than once among the run's tasks "
+                     f"{names}; expected unique names.")
+  return task_list
+
+
+def meta_train(config: MetaConfig, out: str | pathlib.Path, *, tasks: Sequence[Any] = (),
+               resume: bool = False, progress: bool = True, plot: bool = False
+               ) -> RunResult:
+  """Meta-trains (or resumes) the run in ``out``; returns the final LO and summary.
+
+  ``tasks`` are ``tasks.Task`` objects trained next to the config's own (after them;
+  with ``MetaConfig(suite="")`` alone). They are not recorded in ``config.json``: resume
+  a run with the same ``tasks``, or name them in ``config.task_factories`` (what
+  ``meta_train.py --task`` does) for a run that rebuilds them itself.
+  """
   out = pathlib.Path(out).absolute()
   primary = shard_lib.is_primary()
+  trainer = MetaTrainer(config, task_list=run_tasks(config, tasks))  # before any write
   manager = ckpt.checkpoint_manager(out / CHECKPOINT_DIR, keep=config.keep_checkpoints)
   start = manager.latest_step()
   if start is not None and not resume:
     raise FileExistsError(f"{out} already holds checkpoints (last step {start}); pass "
                           "--resume to continue it or choose another --out.")
-  trainer = MetaTrainer(config)
   expected = ckpt.run_metadata(config, trainer.lo_config, [t.name for t in trainer.tasks])
   log = log_lib.MetricsLog(out / log_lib.METRICS_FILE, enabled=primary)
   bar = log_lib.Progress(config.outer_steps, start or 0, every=config.log_every,
