@@ -131,8 +131,8 @@ def resolve_tasks(config: MetaConfig) -> list:
   """The run's tasks (built, horizon ``config.horizon``), in a fixed order: the suite's
   (or ``tasks`` and ``families``), then those of ``task_factories``."""
   import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-  built = [tasks_lib.build(c, config.horizon) for c in _task_configs(config)]
-  return built + [tasks_lib.from_factory(spec) for spec in config.task_factories]
+  own = [tasks_lib.from_factory(spec) for spec in config.task_factories]  # errors first
+  return [tasks_lib.build(c, config.horizon) for c in _task_configs(config)] + own
 
 
 def _task_configs(config: MetaConfig) -> list:
