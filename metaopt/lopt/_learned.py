@@ -146,34 +146,12 @@ class LearnedOptimizer:
                          "`opt.update(grads, state, params, value=loss)`.")
       _check_structure(updates, params, state)
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      new_updates, new_state = _update.update(config, theta, updates, state, params,
-                                              value=value, num_steps=num_steps,
-                                              learning_rate=lr)
-      return skip_nonfinite_step(_is_finite_step(updates, value), new_updates, new_state,
-                                 state)
+      # A step with non-finite gradients or loss is skipped and counted (see
+      # _update.update): the containment optax.apply_if_finite gives, built in.
+      return _update.update(config, theta, updates, state, params, value=value,
+                            num_steps=num_steps, learning_rate=lr, skip_nonfinite=True)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _is_finite_step(grads: Tree, value) -> jax.Array:
-  """True (a bool scalar) when every gradient entry and the loss, if given, are finite."""
-  leaves = jax.tree.leaves(grads) + ([] if value is None else [jnp.asarray(value)])
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
-
-
-def skip_nonfinite_step(finite: jax.Array, updates: Tree, new_state: _update.LOState,
-                        state: _update.LOState) -> tuple[Tree, _update.LOState]:
-  """The step as computed when ``finite``; else zero updates and ``state`` unchanged.
-
-  What ``optax.apply_if_finite`` does, built in: a skipped step leaves every buffer and
-  the step count bitwise as they were (so one NaN gradient cannot poison the momenta,
-  and schedules do not advance) and adds one to ``num_nonfinite``. Selected with
-  ``jnp.where``, so it works under ``jit`` and ``vmap`` and costs one select per buffer.
-  """
-  updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-  return updates, kept._replace(
-      num_nonfinite=state.num_nonfinite + (~finite).astype(state.num_nonfinite.dtype))
 
 
 def _check_num_steps(num_steps):

@@ -345,8 +345,16 @@ def _tensor_update(config: LOConfig, theta: dict, ctx: StepContext, inp: LeafInp
 
 
 def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: Tree, *,
-           value=None, num_steps=None, learning_rate=1.0):
-  """One learned-optimizer step; returns (updates, new_state). Pure and jittable."""
+           value=None, num_steps=None, learning_rate=1.0, skip_nonfinite: bool = False):
+  """One learned-optimizer step; returns (updates, new_state). Pure and jittable.
+
+  With ``skip_nonfinite``, a step whose gradients (or ``value``) hold a NaN or inf gives
+  zero updates, leaves the state bitwise unchanged and adds one to
+  ``state.num_nonfinite`` (what ``optax.apply_if_finite`` does). The test reads the
+  first pass's per-tensor sums, which any non-finite gradient entry makes non-finite
+  (so does a gradient above ~1e19 in magnitude, whose square overflows float32), and
+  the selection is applied where each buffer is produced: no extra pass.
+  """
   treedef = jax.tree.structure(params)
   flat = treedef.flatten_up_to
   sdt = [m.dtype for m in flat(state.second_moment)]
@@ -367,11 +375,21 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
       *(flat(tree) for tree in (*state.momenta, state.second_moment, state.factored,
                                 state.tam_momentum)), g, x))))
   sums1 = stack(sums1)
+  finite = jnp.all(jnp.isfinite(sums1))
+  if with_loss:
+    finite &= jnp.all(jnp.isfinite(jnp.asarray(value)))
+  if not skip_nonfinite:
+    finite = jnp.asarray(True)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  moments = [keep(m, Moments(*prev, factored=fa)) for m, *prev, fa in zip(
+      moments, *(flat(tree) for tree in (*state.momenta, state.second_moment)),
+      flat(state.factored))]
 
   # Cross-tensor scalars: TAM's damping per tensor, MoMo-Adam's global step.
   torque = F.update_torque_ema(stack(flat(state.torque_ema)),
                                F.torque_cosine_from_sums(*sums1[:, :_TORQUE_SUMS].T),
                                config.tam_gamma)
+  torque = keep(torque, stack(flat(state.torque_ema)))
   damping = F.tam_damping(torque)
   momo_cap = config.momo_alpha / bc_fast
   if with_loss:  # Schaipp et al, arXiv:2305.07583, Alg. 2.
@@ -396,6 +414,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   tam, laprop, rsqrt_fact = zip(*_map_grouped(tam_laprop, keys, list(zip(
       damping.astype(scalar_dt), flat(state.tam_momentum), flat(state.laprop_momentum),
       [m.factored for m in moments], g, [m.v for m in moments]))))
+  tam = keep(list(tam), flat(state.tam_momentum))
+  laprop = keep(list(laprop), flat(state.laprop_momentum))
   inputs = [LeafInputs(g=gr, x=xx, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow, v=m.v,
                        tam_m=tm, laprop_m=lp, rsqrt_fact=rf, mup_scale=s)
             for gr, xx, m, mid, tm, lp, rf, s in zip(
@@ -415,12 +435,13 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   # Pass 3: the updates.
   rows = [TensorScalars(*(a[i] for a in scalars)) for i in range(len(g))]
   third = lambda inp, row: _tensor_update(config, theta, ctx, inp, row)
-  updates = [u.astype(jnp.result_type(p)) for u, p in
+  updates = [jnp.where(finite, u, 0).astype(jnp.result_type(p)) for u, p in
              zip(_map_grouped(third, keys, list(zip(inputs, rows))), flat(params))]
 
   unflat = lambda leaves: jax.tree.unflatten(treedef, list(leaves))
+  loss_ema, gp_ema = keep((loss_ema, gp_ema), (state.loss_ema, state.grad_param_ema))
   new_state = LOState(
-      count=count,
+      count=jnp.where(finite, count, state.count),
       momenta=tuple(unflat(getattr(m, f) for m in moments)
                     for f in ("m_fast", "m_mid", "m_slow")),
       second_moment=unflat(m.v for m in moments),
@@ -429,7 +450,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
       torque_ema=unflat(torque[i].astype(d) for i, d in enumerate(sdt)),
       laprop_momentum=unflat(laprop),
       loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale,
-      num_nonfinite=state.num_nonfinite)
+      num_nonfinite=state.num_nonfinite + (~finite).astype(state.num_nonfinite.dtype))
   return unflat(updates), new_state
 
 
