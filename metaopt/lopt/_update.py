@@ -73,11 +73,10 @@ def state_dtype(leaf) -> jnp.dtype:
 
 def _zeros_like(leaf, dtype):
   """Zeros with ``leaf``'s shape and, for a concrete sharded array, its sharding."""
-  sharding = getattr(leaf, "sharding", None)
   if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
     return jnp.zeros_like(leaf, dtype=dtype)  # keeps a committed array's sharding.
-  if sharding is not None and isinstance(leaf, jax.ShapeDtypeStruct):
-    return jnp.zeros(leaf.shape, dtype, device=sharding)
+  if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is not None:
+    return jnp.zeros(leaf.shape, dtype, device=leaf.sharding)
   return jnp.zeros(jnp.shape(leaf), dtype)
 
 
@@ -262,7 +261,6 @@ def _log_rms(sum_sq, size):
 
 # The per-tensor sums of the first pass: TAM's torque cosine, then MoMo's inner products.
 _TORQUE_SUMS = 3
-_MOMO_SUMS = 3
 
 
 def _first_pass(config: LOConfig, bc_v, with_loss: bool, m_fast, m_mid, m_slow, v,
@@ -375,21 +373,24 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
       *(flat(tree) for tree in (*state.momenta, state.second_moment, state.factored,
                                 state.tam_momentum)), g, x))))
   sums1 = stack(sums1)
-  finite = jnp.all(jnp.isfinite(sums1))
-  if with_loss:
-    finite &= jnp.all(jnp.isfinite(jnp.asarray(value)))
-  if not skip_nonfinite:
-    finite = jnp.asarray(True)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  if skip_nonfinite:  # keep(new, old): new on a finite step, old on a skipped one.
+    finite = jnp.all(jnp.isfinite(sums1))
+    if with_loss:
+      finite &= jnp.all(jnp.isfinite(jnp.asarray(value)))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skipped = (~finite).astype(state.num_nonfinite.dtype)
+  else:
+    keep = lambda new, old: new
+    skipped = 0
   moments = [keep(m, Moments(*prev, factored=fa)) for m, *prev, fa in zip(
       moments, *(flat(tree) for tree in (*state.momenta, state.second_moment)),
       flat(state.factored))]
 
   # Cross-tensor scalars: TAM's damping per tensor, MoMo-Adam's global step.
-  torque = F.update_torque_ema(stack(flat(state.torque_ema)),
-                               F.torque_cosine_from_sums(*sums1[:, :_TORQUE_SUMS].T),
-                               config.tam_gamma)
-  torque = keep(torque, stack(flat(state.torque_ema)))
+  prev_torque = stack(flat(state.torque_ema))
+  torque = keep(F.update_torque_ema(prev_torque,
+                                    F.torque_cosine_from_sums(*sums1[:, :_TORQUE_SUMS].T),
+                                    config.tam_gamma), prev_torque)
   damping = F.tam_damping(torque)
   momo_cap = config.momo_alpha / bc_fast
   if with_loss:  # Schaipp et al, arXiv:2305.07583, Alg. 2.
@@ -435,13 +436,13 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   # Pass 3: the updates.
   rows = [TensorScalars(*(a[i] for a in scalars)) for i in range(len(g))]
   third = lambda inp, row: _tensor_update(config, theta, ctx, inp, row)
-  updates = [jnp.where(finite, u, 0).astype(jnp.result_type(p)) for u, p in
+  updates = [keep(u, jnp.zeros_like(u)).astype(jnp.result_type(p)) for u, p in
              zip(_map_grouped(third, keys, list(zip(inputs, rows))), flat(params))]
 
   unflat = lambda leaves: jax.tree.unflatten(treedef, list(leaves))
   loss_ema, gp_ema = keep((loss_ema, gp_ema), (state.loss_ema, state.grad_param_ema))
   new_state = LOState(
-      count=jnp.where(finite, count, state.count),
+      count=keep(count, state.count),
       momenta=tuple(unflat(getattr(m, f) for m in moments)
                     for f in ("m_fast", "m_mid", "m_slow")),
       second_moment=unflat(m.v for m in moments),
@@ -450,7 +451,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
       torque_ema=unflat(torque[i].astype(d) for i, d in enumerate(sdt)),
       laprop_momentum=unflat(laprop),
       loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale,
-      num_nonfinite=state.num_nonfinite + (~finite).astype(state.num_nonfinite.dtype))
+      num_nonfinite=state.num_nonfinite + skipped)
   return unflat(updates), new_state
 
 
