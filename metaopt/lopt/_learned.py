@@ -188,19 +188,19 @@ def _check_float_leaves(tree, what: str) -> None:
 
 
 def _check_structure(grads, params, state) -> None:
-  ref = jax.tree.structure(state.second_moment)
+  ref = jax.tree.structure(state.mup_scale)  # one scalar per tensor, in both layouts.
   for what, tree in (("grads", grads), ("params", params)):
     if jax.tree.structure(tree) != ref:
       got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
       want = {jax.tree_util.keystr(p) for p, _ in
-              jax.tree_util.tree_flatten_with_path(state.second_moment)[0]}
+              jax.tree_util.tree_flatten_with_path(state.mup_scale)[0]}
       raise ValueError(
           f"{what} does not match the optimizer state's tree: leaves not in the state: "
           f"{sorted(got - want)[:5]}; state leaves missing: {sorted(want - got)[:5]}. "
           "Initialize the optimizer with the same parameter tree.")
     _check_float_leaves(tree, what)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
-                            jax.tree.leaves(state.second_moment)):
-      if jnp.shape(a) != jnp.shape(b):
+    for (path, a), shape in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                _update.parameter_shapes(state)):
+      if tuple(jnp.shape(a)) != tuple(shape):
         raise ValueError(f"{what}{jax.tree_util.keystr(path)} has shape {jnp.shape(a)} but "
-                         f"the optimizer state expects {jnp.shape(b)}.")
+                         f"the optimizer state expects {tuple(shape)}.")

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from metaopt import features as F
+from metaopt.lopt import _layout
 from metaopt.lopt import _network
 from metaopt.lopt._config import (BOUNDED_FEATURES, CANDIDATE_NAMES, NORMALIZED_FEATURES,
                                   TENSOR_FEATURES, TIME_TAUS, LOConfig)
@@ -58,7 +59,7 @@ class LOState(NamedTuple):
   second_moment: Tree  # EMA of g^2.
   factored: Tree  # Adafactor FactoredMoment per leaf.
   tam_momentum: Tree  # TAM's m_t = beta m + (eps + d_t) g.
-  torque_ema: Tree  # TAM's smoothed cosine s_hat, one scalar per leaf.
+  torque_ema: Tree  # TAM's smoothed cosine s_hat: one scalar per leaf ([num_tensors] flat).
   laprop_momentum: Tree  # EMA of g / (sqrt(v_hat) + eps).
   loss_ema: jax.Array  # MoMo's fbar (b1-EMA of the loss from zero).
   grad_param_ema: jax.Array  # MoMo's gamma (b1-EMA of <g, x> from zero).
@@ -80,29 +81,55 @@ def _zeros_like(leaf, dtype):
   return jnp.zeros(jnp.shape(leaf), dtype)
 
 
-def init_state(params: Tree, mup_scale: Tree) -> LOState:
+def init_state(params: Tree, mup_scale: Tree, *, flat: bool | None = None) -> LOState:
   """A fresh state; works on arrays, sharded arrays and ``jax.ShapeDtypeStruct`` trees.
 
-  Parameter-shaped buffers take their parameter's sharding; the factored accumulators
-  are reductions of such a buffer, so they take the matching part of it.
+  An unsharded (or replicated) tree of two tensors or more gets the flat layout
+  (:mod:`metaopt.lopt._layout`): each parameter-shaped buffer is one ``[rows, 128]``
+  array holding every tensor. Otherwise each buffer is a tree shaped like the params,
+  and a sharded parameter's buffers take its sharding. The factored accumulators are
+  per tensor in both: reductions of a parameter-shaped buffer, sharded like the axes
+  they keep. ``flat=False`` forces the per-tensor layout (``True`` cannot force the
+  flat one where it does not apply).
   """
+  leaves = jax.tree.leaves(params)
+  dtypes = [state_dtype(x) for x in leaves]
   zeros = jax.tree.map(lambda x: _zeros_like(x, state_dtype(x)), params)
-  scalar_dtype = jnp.result_type(*[state_dtype(x) for x in jax.tree.leaves(params)] or
-                                 [jnp.float32])
+  can_flatten, sharding = _layout.flat_sharding(leaves, dtypes)
+  flat = can_flatten and flat is not False
+  buffer = _layout.zeros(_layout.layout_of(leaves), dtypes[0], sharding) if flat else zeros
+  scalar_dtype = jnp.result_type(*dtypes or [jnp.float32])
   return LOState(
       count=jnp.zeros([], jnp.int32),
-      momenta=(zeros, zeros, zeros),
-      second_moment=zeros,
+      momenta=(buffer, buffer, buffer),
+      second_moment=buffer,
       factored=jax.tree.map(F.factored_init, zeros),
-      tam_momentum=zeros,
-      torque_ema=jax.tree.map(lambda x: jnp.zeros([], state_dtype(x)), params),
-      laprop_momentum=zeros,
+      tam_momentum=buffer,
+      torque_ema=(jnp.zeros([len(leaves)], dtypes[0]) if flat else
+                  jax.tree.map(lambda x: jnp.zeros([], state_dtype(x)), params)),
+      laprop_momentum=buffer,
       loss_ema=jnp.zeros([], scalar_dtype),
       grad_param_ema=jnp.zeros([], scalar_dtype),
       mup_scale=jax.tree.map(lambda x, s: jnp.asarray(s, state_dtype(x)), params,
                              mup_scale),
       num_nonfinite=jnp.zeros([], jnp.int32),
   )
+
+
+def is_flat(state: LOState) -> bool:
+  """Whether ``state`` holds its buffers in the flat layout."""
+  return (jax.tree.structure(state.mup_scale).num_leaves >= 2 and
+          jax.tree.structure(state.second_moment).num_leaves == 1)
+
+
+def parameter_shapes(state: LOState) -> list[tuple[int, ...]]:
+  """The shape of each parameter the state was made for (read off the factored
+  accumulators, which exist per tensor in both layouts)."""
+  shapes = []
+  for acc in jax.tree.leaves(state.factored, is_leaf=lambda a: isinstance(a, F.FactoredMoment)):
+    row, col = jnp.shape(acc.row), jnp.shape(acc.col)
+    shapes.append(row if not col else row + col[-1:])
+  return shapes
 
 
 class StepContext(NamedTuple):
@@ -131,13 +158,12 @@ class LeafInputs(NamedTuple):
 
 
 class Moments(NamedTuple):
-  """One tensor's moments that need no cross-tensor scalar (the first pass)."""
+  """One block's moments that need no cross-tensor scalar (the first pass)."""
 
   m_fast: jax.Array
   m_mid: jax.Array
   m_slow: jax.Array
   v: jax.Array
-  factored: F.FactoredMoment
 
 
 class TensorScalars(NamedTuple):
@@ -230,29 +256,91 @@ assert BOUNDED_FEATURES == ("cautious_agreement",)
 _CAUTIOUS = NORMALIZED_FEATURES.index("cautious_adam")
 
 
-_ROW = 128  # row length of the variadic reduction over long vectors.
+_ROW = _layout.ROW  # row length of the variadic reduction over long vectors.
+
+
+def _row_sums(arrays: list) -> tuple:
+  """Sums over the last axis of each array (all of one shape), in one pass.
+
+  One variadic ``lax.reduce`` over all operands: one loop over the buffer into which
+  XLA fuses the elementwise producers (separate ``jnp.sum`` calls each become their own
+  reduction on XLA:CPU and force every operand to be written to memory first). That
+  loop accumulates sequentially, so it only runs along rows.
+  """
+  zeros = tuple(jnp.zeros([], a.dtype) for a in arrays)
+  add = lambda acc, x: tuple(u + w for u, w in zip(acc, x))
+  return jax.lax.reduce(tuple(arrays), zeros, add, (arrays[0].ndim - 1,))
 
 
 def _sum_all(arrays: list) -> list:
   """The sum of every element of each array (all of one shape), in one pass.
 
-  Row sums over the last axis come from one variadic ``lax.reduce`` over all operands:
-  one loop over the tensor into which XLA fuses the elementwise producers (separate
-  ``jnp.sum`` calls each become their own reduction on XLA:CPU and force every operand
-  to be written to memory first). That loop accumulates sequentially, so it only runs
-  along rows; the row sums are then added by ``jnp.sum``, keeping float32 error at the
-  level of a plain sum. Vectors and scalars use ``jnp.sum`` directly.
+  Row sums (:func:`_row_sums`), then the row sums added by ``jnp.sum``, keeping float32
+  error at the level of a plain sum. Short vectors and scalars use ``jnp.sum``
+  directly; long vectors are reshaped to rows.
   """
   if arrays[0].ndim < 2:
     size = arrays[0].size
     if size < 2 * _ROW or size % _ROW:
       return list(jnp.sum(jnp.stack(arrays).reshape(len(arrays), -1), axis=1))
     arrays = [a.reshape(-1, _ROW) for a in arrays]
-  zeros = tuple(jnp.zeros([], a.dtype) for a in arrays)
-  add = lambda acc, x: tuple(u + w for u, w in zip(acc, x))
-  rows = jax.lax.reduce(tuple(arrays), zeros, add, (arrays[0].ndim - 1,))
-  stacked = jnp.stack([r.reshape(-1) for r in rows])
+  stacked = jnp.stack([r.reshape(-1) for r in _row_sums(arrays)])
   return list(jnp.sum(stacked, axis=1))
+
+
+class _Blocks:
+  """The buffers the passes run on: one per tensor, or one flat buffer of them all.
+
+  Per tensor (sharded trees): a pass runs on each tensor in its own shape (equal
+  shapes batched by :func:`_map_grouped`) and its sums are that tensor's. Flat
+  (:mod:`metaopt.lopt._layout`): a pass runs once over the flat buffer and its sums
+  are segment sums, one row per tensor. Either way the driver sees per-tensor sums as
+  ``[num_tensors, k]`` and hands per-tensor scalars back through :meth:`split`.
+  """
+
+  def __init__(self, layout: _layout.FlatLayout | None, keys: list, count: jax.Array):
+    self.layout, self.keys = layout, keys
+    # min(count, 0) is 0 (counts are non-negative) but not provably so for XLA.
+    self.ids = None if layout is None else _layout.row_tensor_ids(
+        layout, jnp.minimum(count, 0).astype(jnp.int32))
+
+  def map(self, fn, *args: list) -> list:
+    """``fn`` over the blocks; ``args`` are per-block lists."""
+    if self.layout is None:
+      return _map_grouped(fn, self.keys, list(zip(*args)))
+    return [fn(*(a[0] for a in args))]
+
+  def sums(self, terms: list, masked: bool = False) -> jax.Array:
+    """Inside a pass: the sum of each term per tensor (``[k]``, or ``[num_tensors, k]``
+    flat). ``masked``: zero the flat layout's padding first (for terms that are not
+    zero on zero inputs)."""
+    if self.layout is None:
+      return jnp.stack(_sum_all(terms))
+    if masked:
+      valid = _layout.valid_mask(self.layout, self.ids)
+      terms = [jnp.where(valid, t, jnp.zeros([], t.dtype)) for t in terms]
+    return _layout.segment_sums(self.layout, self.ids, jnp.stack(_row_sums(terms)))
+
+  def per_tensor(self, results: list, dtype) -> jax.Array:
+    """``[num_tensors, k]`` from the blocks' :meth:`sums`."""
+    if self.layout is None:
+      return jnp.stack([r.astype(dtype) for r in results])
+    return results[0].astype(dtype)
+
+  def split(self, per_tensor: Tree) -> list:
+    """Per-tensor values (leaves ``[num_tensors, ...]``) as one entry per block."""
+    if self.layout is None:
+      num = jax.tree.leaves(per_tensor)[0].shape[0]
+      return [jax.tree.map(lambda a, i=i: a[i], per_tensor) for i in range(num)]
+    return [jax.tree.map(lambda a: _layout.broadcast_rows(self.ids, a), per_tensor)]
+
+  def pack(self, leaves: list) -> list:
+    """Tensor-shaped arrays as one entry per block."""
+    return list(leaves) if self.layout is None else [_layout.pack(self.layout, leaves)]
+
+  def unpack(self, blocks: list) -> list:
+    """Inverse of :meth:`pack`."""
+    return list(blocks) if self.layout is None else _layout.unpack(self.layout, blocks[0])
 
 
 def _log_rms(sum_sq, size):
@@ -263,41 +351,46 @@ def _log_rms(sum_sq, size):
 _TORQUE_SUMS = 3
 
 
-def _first_pass(config: LOConfig, bc_v, with_loss: bool, m_fast, m_mid, m_slow, v,
-                factored, tam_m, g, x):
+def _factored_pass(config: LOConfig, acc: F.FactoredMoment, g):
+  """Adafactor's accumulators of one tensor and its 1 / sqrt(V_hat)."""
+  acc = F.update_factored(acc, g, config.factored_decay)
+  return acc, jax.lax.rsqrt(F.factored_second_moment(acc, g) + 1e-30)
+
+
+def _first_pass(config: LOConfig, bc_v, with_loss: bool, blocks: _Blocks, m_fast, m_mid,
+                m_slow, v, tam_m, g, x):
   """Moments from :mod:`metaopt.features` and the raw per-tensor sums, in one pass.
 
   Sums: <m_tam, g>, ||m_tam||^2, ||g||^2 (TAM's torque cosine, before this step's TAM
   momentum) and, with a loss, <g, x>, <m, m / (sqrt(v_hat) + eps)>, <m, x> (MoMo-Adam).
+  Every term is zero on the flat layout's padding.
   """
   b_fast, b_mid, b_slow = config.momentum_decays
   m_fast = F.update_ema(updates=g, moments=m_fast, decay=b_fast)
   v = F.update_second_moment(v, g, config.second_moment_decay)
   moments = Moments(m_fast=m_fast, m_mid=F.update_ema(updates=g, moments=m_mid, decay=b_mid),
-                    m_slow=F.update_ema(updates=g, moments=m_slow, decay=b_slow), v=v,
-                    factored=F.update_factored(factored, g, config.factored_decay))
+                    m_slow=F.update_ema(updates=g, moments=m_slow, decay=b_slow), v=v)
   terms = [tam_m * g, jnp.square(tam_m), jnp.square(g)]
   if with_loss:
     direction = m_fast * F.inverse_adam_denominator(v * (1 / bc_v), config.adam_eps)
     terms += [g * x, m_fast * direction, m_fast * x]
-  return moments, jnp.stack(_sum_all(terms))
+  return moments, blocks.sums(terms)
 
 
-def _tam_laprop_pass(config: LOConfig, bc_v, damping, tam_m, laprop_m, factored, g, v):
-  """TAM's and LaProp's momenta, and Adafactor's 1 / sqrt(V_hat), of one tensor."""
+def _tam_laprop_pass(config: LOConfig, bc_v, damping, tam_m, laprop_m, g, v):
+  """TAM's and LaProp's momenta of one block."""
   tam_m = F.update_tam_momentum(tam_m, g, config.tam_beta, damping, config.tam_eps)
   laprop_in = F.adam_direction(g, v * (1 / bc_v), config.laprop_eps)
   laprop_m = F.update_ema(updates=laprop_in, moments=laprop_m,
                           decay=config.laprop_b1)
-  rsqrt_fact = jax.lax.rsqrt(F.factored_second_moment(factored, g) + 1e-30)
-  return tam_m, laprop_m, rsqrt_fact
+  return tam_m, laprop_m
 
 
-def _statistics_pass(config: LOConfig, ctx: StepContext, inp: LeafInputs):
+def _statistics_pass(config: LOConfig, ctx: StepContext, blocks: _Blocks, inp: LeafInputs):
   """Every per-tensor sum the features need: each normalized feature's sum of squares
   (the cautious one before its renormalization), then the cautious mask's count."""
   _, raw, bounded = _elementwise_features(config, ctx, inp)
-  return jnp.stack(_sum_all([jnp.square(f) for f in raw] + bounded))
+  return blocks.sums([jnp.square(f) for f in raw] + bounded, masked=True)
 
 
 def _tensor_scalars(theta: dict, sums, sizes, tensor_features, time) -> TensorScalars:
@@ -355,7 +448,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   """
   treedef = jax.tree.structure(params)
   flat = treedef.flatten_up_to
-  sdt = [m.dtype for m in flat(state.second_moment)]
+  sdt = [s.dtype for s in flat(state.mup_scale)]
   g = [gr.astype(dt) for gr, dt in zip(flat(grads), sdt)]
   x = [p.astype(dt) for p, dt in zip(flat(params), sdt)]
   count = optax.safe_increment(state.count)
@@ -365,14 +458,20 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   bc_fast, bc_v = bc(config.momentum_decays[0]), bc(config.second_moment_decay)
   with_loss = value is not None
   keys = [(a.shape, a.dtype) for a in g]
-  stack = lambda rows: jnp.stack([r.astype(scalar_dt) for r in rows])
+  blocks = _Blocks(_layout.layout_of(g) if is_flat(state) else None, keys, state.count)
+  buffers = (lambda tree: [tree]) if is_flat(state) else flat
+  g_b, x_b = blocks.pack(g), blocks.pack(x)
+
+  # Adafactor's accumulators, tensor by tensor (they need each matrix's rows/columns).
+  factored, rsqrt_fact = zip(*_map_grouped(
+      lambda acc, gr: _factored_pass(config, acc, gr), keys,
+      list(zip(flat(state.factored), g))))
 
   # Pass 1: moments and the raw sums of every tensor.
-  first = lambda *a: _first_pass(config, bc_v, with_loss, *a)
-  moments, sums1 = zip(*_map_grouped(first, keys, list(zip(
-      *(flat(tree) for tree in (*state.momenta, state.second_moment, state.factored,
-                                state.tam_momentum)), g, x))))
-  sums1 = stack(sums1)
+  first = lambda *a: _first_pass(config, bc_v, with_loss, blocks, *a)
+  moments, sums1 = zip(*blocks.map(first, *(buffers(tree) for tree in (
+      *state.momenta, state.second_moment, state.tam_momentum)), g_b, x_b))
+  sums1 = blocks.per_tensor(sums1, scalar_dt)
   if skip_nonfinite:  # keep(new, old): new on a finite step, old on a skipped one.
     finite = jnp.all(jnp.isfinite(sums1))
     if with_loss:
@@ -382,12 +481,13 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   else:
     keep = lambda new, old: new
     skipped = 0
-  moments = [keep(m, Moments(*prev, factored=fa)) for m, *prev, fa in zip(
-      moments, *(flat(tree) for tree in (*state.momenta, state.second_moment)),
-      flat(state.factored))]
+  moments = [keep(m, Moments(*prev)) for m, *prev in zip(
+      moments, *(buffers(tree) for tree in (*state.momenta, state.second_moment)))]
+  factored = keep(list(factored), flat(state.factored))
 
   # Cross-tensor scalars: TAM's damping per tensor, MoMo-Adam's global step.
-  prev_torque = stack(flat(state.torque_ema))
+  prev_torque = (state.torque_ema if is_flat(state) else
+                 jnp.stack([a.astype(scalar_dt) for a in flat(state.torque_ema)]))
   torque = keep(F.update_torque_ema(prev_torque,
                                     F.torque_cosine_from_sums(*sums1[:, :_TORQUE_SUMS].T),
                                     config.tam_gamma), prev_torque)
@@ -410,22 +510,25 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   ctx = StepContext(bc_fast=bc_fast, bc_v=bc_v, bc_laprop=bc(config.laprop_b1),
                     momo_tau=momo_tau, learning_rate=jnp.asarray(learning_rate))
 
-  # TAM and LaProp momenta, Adafactor's preconditioner (tensor by tensor).
+  # TAM and LaProp momenta.
   tam_laprop = lambda *a: _tam_laprop_pass(config, bc_v, *a)
-  tam, laprop, rsqrt_fact = zip(*_map_grouped(tam_laprop, keys, list(zip(
-      damping.astype(scalar_dt), flat(state.tam_momentum), flat(state.laprop_momentum),
-      [m.factored for m in moments], g, [m.v for m in moments]))))
-  tam = keep(list(tam), flat(state.tam_momentum))
-  laprop = keep(list(laprop), flat(state.laprop_momentum))
+  tam, laprop = zip(*blocks.map(tam_laprop, blocks.split(damping.astype(scalar_dt)),
+                                buffers(state.tam_momentum),
+                                buffers(state.laprop_momentum), g_b,
+                                [m.v for m in moments]))
+  tam = keep(list(tam), buffers(state.tam_momentum))
+  laprop = keep(list(laprop), buffers(state.laprop_momentum))
+  mup_scale = jnp.stack([a.astype(scalar_dt) for a in flat(state.mup_scale)])  # flat
   inputs = [LeafInputs(g=gr, x=xx, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow, v=m.v,
                        tam_m=tm, laprop_m=lp, rsqrt_fact=rf, mup_scale=s)
             for gr, xx, m, mid, tm, lp, rf, s in zip(
-                g, x, moments, flat(state.momenta[1]), tam, laprop, rsqrt_fact,
-                flat(state.mup_scale))]
+                g_b, x_b, moments, buffers(state.momenta[1]), tam, laprop,
+                blocks.pack(rsqrt_fact),
+                blocks.split(mup_scale) if is_flat(state) else flat(state.mup_scale))]
 
   # Pass 2: the feature statistics of every tensor, then per-tensor scalars at once.
-  statistics = lambda inp: _statistics_pass(config, ctx, inp)
-  sums2 = stack(_map_grouped(statistics, keys, [(inp,) for inp in inputs]))
+  statistics = lambda inp: _statistics_pass(config, ctx, blocks, inp)
+  sums2 = blocks.per_tensor(blocks.map(statistics, inputs), scalar_dt)
   time = jnp.concatenate([F.time_features(count, num_steps, TIME_TAUS),
                           jnp.float32([num_steps is not None])]).astype(scalar_dt)
   per_tensor = jnp.stack([damping, jnp.broadcast_to(momo_tau / momo_cap, damping.shape),
@@ -434,22 +537,25 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   scalars = _tensor_scalars(theta, sums2, sizes, per_tensor, time)
 
   # Pass 3: the updates.
-  rows = [TensorScalars(*(a[i] for a in scalars)) for i in range(len(g))]
   third = lambda inp, row: _tensor_update(config, theta, ctx, inp, row)
-  updates = [keep(u, jnp.zeros_like(u)).astype(jnp.result_type(p)) for u, p in
-             zip(_map_grouped(third, keys, list(zip(inputs, rows))), flat(params))]
+  updates = [keep(u, jnp.zeros_like(u))
+             for u in blocks.map(third, inputs, blocks.split(scalars))]
+  updates = [u.astype(jnp.result_type(p)) for u, p in zip(blocks.unpack(updates),
+                                                          flat(params))]
 
   unflat = lambda leaves: jax.tree.unflatten(treedef, list(leaves))
+  assemble = (lambda bs: list(bs)[0]) if is_flat(state) else unflat
   loss_ema, gp_ema = keep((loss_ema, gp_ema), (state.loss_ema, state.grad_param_ema))
   new_state = LOState(
       count=keep(count, state.count),
-      momenta=tuple(unflat(getattr(m, f) for m in moments)
+      momenta=tuple(assemble(getattr(m, f) for m in moments)
                     for f in ("m_fast", "m_mid", "m_slow")),
-      second_moment=unflat(m.v for m in moments),
-      factored=unflat(m.factored for m in moments),
-      tam_momentum=unflat(tam),
-      torque_ema=unflat(torque[i].astype(d) for i, d in enumerate(sdt)),
-      laprop_momentum=unflat(laprop),
+      second_moment=assemble(m.v for m in moments),
+      factored=unflat(factored),
+      tam_momentum=assemble(tam),
+      torque_ema=(torque if is_flat(state) else
+                  unflat(torque[i].astype(d) for i, d in enumerate(sdt))),
+      laprop_momentum=assemble(laprop),
       loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale,
       num_nonfinite=state.num_nonfinite + skipped)
   return unflat(updates), new_state
