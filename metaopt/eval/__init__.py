@@ -4,7 +4,8 @@
 optimizer specs), :mod:`sweep` (learning-rate grids, schedules, choosing a setting),
 :mod:`runner` (vmapped ``lax.scan`` training runs), :mod:`metrics` (definitions),
 :mod:`cache` (per-run files for resuming), :mod:`plan` (which runs, in which order),
-:mod:`harness` (running the plan over a suite), :mod:`summary` (aggregation), :mod:`report` (Markdown, CSV, plots).
+:mod:`harness` (running the plan over a suite), :mod:`summary` (aggregation),
+:mod:`report` (Markdown, CSV, plots).
 """
 
 from metaopt.eval.baselines import OptimizerSpec
