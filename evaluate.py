@@ -52,40 +52,76 @@ def _enable_compilation_cache(path: pathlib.Path) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# Flags that set an EvalConfig field: dest -> (field, parse). Unset flags keep the
+# field's default (EvalConfig.for_suite: the suite's, else the dataclass's).
+_CONFIG_FLAGS = {
+    "baselines": ("tuned", _names),
+    "untuned": ("untuned", _names),
+    "seeds": ("seeds", int),
+    "lr_grid_size": ("lr_grid_size", int),
+    "lr_span": ("lr_span_decades", float),
+    "schedules": ("schedules", _names),
+    "warmup_fraction": ("warmup_fraction", float),
+    "tune_seeds": ("tune_seeds", int),
+    "finalists": ("finalists", int),
+    "lo_grid_size": ("lo_grid_size", int),
+    "lo_span": ("lo_span_decades", float),
+    "max_memory_gb": ("max_memory_gb", float),
+    "tasks": ("task_filter", _names),
+}
+
+
+def _shown(value) -> str:
+  """A default as --help shows it (tuples as the comma-separated flag value)."""
+  return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def parser() -> argparse.ArgumentParser:
+  from metaopt.eval import harness  # pylint: disable=g-import-not-at-top
+  d = {f.name: _shown(f.default) for f in dataclasses.fields(harness.EvalConfig)
+       if f.default is not dataclasses.MISSING}
+  widths_tuned = _shown(harness.SUITE_DEFAULTS["widths"]["tuned"])
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="\n".join(__doc__.splitlines()[2:]))
   p.add_argument("--checkpoint", default="default",
                  help="LO artifact directory or released name (default: default)")
-  p.add_argument("--suite", default="heldout", help="smoke, heldout, heldout-user, heldout-full, validation, widths")
+  p.add_argument("--suite", default=d["suite"], help="smoke, heldout, heldout-user, "
+                 f"heldout-full, validation, widths (default {d['suite']})")
   p.add_argument("--out", default=None, help="output directory (default eval_out/SUITE)")
   p.add_argument("--baselines", "--tuned", dest="baselines", default=None,
-                 help="comma-separated tuned baselines (default per suite; heldout: "
-                 "adamw,lion,schedule_free_adamw; widths: adamw,mu_adamw); add muon for "
+                 help=f"comma-separated tuned baselines (default per suite; {d['suite']}: "
+                 f"{d['tuned']}; widths: {widths_tuned}); add muon for "
                  "the Muon anchor (its Newton-Schulz matmuls make it the slowest on CPU: "
                  "see --estimate)")
   p.add_argument("--untuned", default=None,
-                 help="comma-separated baselines at their defaults, or none (default: "
-                 "adamw,prodigy,dadapt_adamw,momo_adam,schedule_free_adamw)")
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--lr-grid-size", type=int, default=7)
-  p.add_argument("--lr-span", type=float, default=3.0, help="decades the lr grid spans")
-  p.add_argument("--schedules", default="constant,warmup_cosine")
-  p.add_argument("--warmup-fraction", type=float, default=0.05)
+                 help=f"comma-separated baselines at their defaults, or none (default: "
+                 f"{d['untuned']})")
+  p.add_argument("--seeds", type=int, default=None, help=f"default {d['seeds']}")
+  p.add_argument("--lr-grid-size", type=int, default=None,
+                 help=f"default {d['lr_grid_size']}")
+  p.add_argument("--lr-span", type=float, default=None,
+                 help=f"decades the lr grid spans (default {d['lr_span_decades']})")
+  p.add_argument("--schedules", default=None, help=f"default {d['schedules']}")
+  p.add_argument("--warmup-fraction", type=float, default=None,
+                 help=f"default {d['warmup_fraction']}")
   p.add_argument("--tune-seeds", type=int, default=None,
-                 help="seeds every grid setting runs on (default 1; >= --seeds: all)")
-  p.add_argument("--finalists", type=int, default=3,
-                 help="best settings re-run on the remaining seeds")
+                 help=f"seeds every grid setting runs on (default {d['tune_seeds']}; "
+                 ">= --seeds: all)")
+  p.add_argument("--finalists", type=int, default=None,
+                 help=f"best settings re-run on the remaining seeds (default "
+                 f"{d['finalists']})")
   p.add_argument("--tune-lo", action="store_true",
                  help="also report the LO with its lr multiplier tuned around 1")
-  p.add_argument("--lo-grid-size", type=int, default=5)
-  p.add_argument("--lo-span", type=float, default=2.0)
+  p.add_argument("--lo-grid-size", type=int, default=None,
+                 help=f"default {d['lo_grid_size']}")
+  p.add_argument("--lo-span", type=float, default=None,
+                 help=f"default {d['lo_span_decades']}")
   p.add_argument("--sp-checkpoint", default=None, help="an SP LO for the widths suite")
   p.add_argument("--widths", default=None, help="widths of the widths suite, e.g. 64,256")
   p.add_argument("--max-memory-gb", type=float, default=None,
                  help="skip tasks whose one run needs more (default: half the RAM)")
-  p.add_argument("--tasks", default="", help="only tasks whose name contains one of these")
+  p.add_argument("--tasks", default=None, help="only tasks whose name contains one of these")
   p.add_argument("--estimate", action="store_true", help="print the plan and exit")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--no-overlap", action="store_true",
@@ -101,31 +137,20 @@ def config_from_args(args: argparse.Namespace):
     tasks.get_suite(args.suite)
   except ValueError as e:
     raise SystemExit(f"--suite: {e}") from None
-  values = {}
-  if args.baselines is not None:
-    values["tuned"] = _names(args.baselines)
-  if args.untuned is not None:
-    values["untuned"] = _names(args.untuned)
-  if args.tune_seeds is not None:
-    values["tune_seeds"] = args.tune_seeds
-  if args.max_memory_gb is not None:
-    values["max_memory_gb"] = args.max_memory_gb
-  widths = None
+  values = {field: parse(getattr(args, dest)) for dest, (field, parse) in
+            _CONFIG_FLAGS.items() if getattr(args, dest) is not None}
   if args.widths:
     try:
-      widths = tuple(int(w) for w in _names(args.widths))
+      values["widths"] = tuple(int(w) for w in _names(args.widths))
     except ValueError:
       raise SystemExit(f"--widths {args.widths!r}: expected comma-separated positive ints, "
                        "e.g. 64,256,1024") from None
+  if args.tune_lo:
+    values["tune_lo"] = True
+  if args.no_overlap:
+    values["overlap_compile"] = False
   try:
-    config = harness.EvalConfig.for_suite(
-        args.suite, seeds=args.seeds, lr_grid_size=args.lr_grid_size,
-        lr_span_decades=args.lr_span, schedules=_names(args.schedules),
-        warmup_fraction=args.warmup_fraction, finalists=args.finalists,
-        tune_lo=args.tune_lo, lo_grid_size=args.lo_grid_size,
-        lo_span_decades=args.lo_span,
-        widths=widths,
-        task_filter=_names(args.tasks), overlap_compile=not args.no_overlap, **values)
+    config = harness.EvalConfig.for_suite(args.suite, **values)
   except ValueError as e:
     flags = {"warmup_fraction": "--warmup-fraction", "lr_grid_size": "--lr-grid-size",
              "lo_grid_size": "--lo-grid-size", "lr_span_decades": "--lr-span",
@@ -180,8 +205,8 @@ def _main(argv: list[str] | None, persistent_cache: bool) -> int:
     raise SystemExit(f"--baselines/--untuned: {e}") from None
   _check_task_filter(config, specs)
   estimate = harness.estimate_seconds(config, specs)
-  plan = harness.jobs(config, specs)
-  print(f"suite {config.suite}: {len({j.task for j in plan})} tasks, {len(specs)} optimizers, "
+  plan = harness.plan(config, specs)
+  print(f"suite {config.suite}: {len({j.task for j in plan.jobs})} tasks, {len(specs)} optimizers, "
         f"~{estimate / 60:.1f} min of training by the tasks' cost model (+ compilation)",
         file=sys.stderr)
   if args.estimate:

@@ -44,7 +44,32 @@ def _parse_set(items: list[str]) -> dict:
   return changes
 
 
+class _UsageError(Exception):
+  """A mistake on the command line: its message is one line on stderr, exit status 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.plot_run:
+      from metaopt.meta import logging as log_lib  # pylint: disable=g-import-not-at-top
+      print(log_lib.plot_metrics(args.plot_run))
+      return 0
+    if args.score is not None:
+      return _score(args.out, args.score)
+    if args.export is not None:
+      return _export(args.out, args.export, args.export_to)
+    from metaopt.meta import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    config, out = _config_and_out(args)
+    _compile_cache(args.compile_cache, out)
+    return _train(config, out, args)
+  except _UsageError as e:
+    print(e, file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[2:]))
@@ -79,82 +104,83 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--coordinator", default=None, help="host:port of process 0")
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
-  args = parser.parse_args(argv)
+  return parser
 
-  from metaopt.meta import logging as log_lib  # pylint: disable=g-import-not-at-top
-  if args.plot_run:
-    print(log_lib.plot_metrics(args.plot_run))
-    return 0
 
-  if args.score is not None:
-    return _score(args.out, args.score)
-  if args.export is not None:
-    from metaopt.meta import checkpointing, run  # pylint: disable=g-import-not-at-top
-    if not args.out:
-      print("--export needs --out RUN (the run directory)", file=sys.stderr)
-      return 2
-    dest = args.export_to or pathlib.Path(args.out) / f"step_{args.export}"
-    try:
-      run.export_checkpoint(args.out, args.export, dest)
-    except (ValueError, FileExistsError, checkpointing.CheckpointError) as e:
-      print(f"--export: {e}", file=sys.stderr)
-      return 2
-    print(f"wrote {dest}")
-    return 0
+def _config_and_out(args: argparse.Namespace):
+  """The run's MetaConfig (``--config`` or the resumed run's, then ``--set`` and
+  ``--task``) and its directory."""
+  resumed = _resumed_run(args.out) if args.resume else None
+  config = _with_flags(_base_config(args.config, resumed), args)
+  if config.task_factories and os.getcwd() not in sys.path:
+    sys.path.append(os.getcwd())  # `--task mymodule:factory` from the user's directory
+  return config, resumed or _new_out(args.out)
 
-  from metaopt.meta import sharding  # pylint: disable=g-import-not-at-top
-  sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+def _resumed_run(where: str | None) -> pathlib.Path:
+  """The newest checkpointed run under ``where`` (default runs/)."""
+  from metaopt.meta import run  # pylint: disable=g-import-not-at-top
+  where = where or "runs"
+  out = run.newest_run(where)
+  if out is None:
+    hint = (" (it was stopped before its first checkpoint: start it again without "
+            "--resume)" if run.is_run(where) else "")
+    raise _UsageError(f"--resume: no checkpointed run under {where}{hint}")
+  return out
+
+
+def _base_config(name: str | None, resumed: pathlib.Path | None):
+  """The resumed run's config (``--config``, if given, must agree with it), or the
+  config ``name`` (a preset or a JSON file; default: the default preset)."""
   from metaopt.meta import checkpointing, config as config_lib, run  # pylint: disable=g-import-not-at-top
-  from tasks import TaskFactoryError  # pylint: disable=g-import-not-at-top
-
-  out = None
   try:
-    if args.resume:
-      out = run.newest_run(args.out or "runs")
-      if out is None:
-        where = args.out or "runs"
-        hint = (" (it was stopped before its first checkpoint: start it again without "
-                "--resume)" if run.is_run(where) else "")
-        print(f"--resume: no checkpointed run under {where}{hint}", file=sys.stderr)
-        return 2
-      config = checkpointing.config_from_checkpoint(out / run.CHECKPOINT_DIR)
-      if args.config is not None:
-        asked = config_lib.load_config(args.config)
-        differ = checkpointing.fields_differ(asked, config)
-        if differ:
-          print(f"--resume: --config {args.config} differs from the run in {out} in "
-                f"{differ}", file=sys.stderr)
-          return 2
-    else:
-      config = config_lib.load_config(args.config or "default")
+    if resumed is None:
+      return config_lib.load_config(name or "default")
+    config = checkpointing.config_from_checkpoint(resumed / run.CHECKPOINT_DIR)
+    differ = name is not None and checkpointing.fields_differ(
+        config_lib.load_config(name), config)
   except (ValueError, TypeError, checkpointing.CheckpointError) as e:
-    print(f"{'--resume' if args.resume else '--config'}: {_one_line(e)}", file=sys.stderr)
-    return 2
+    raise _UsageError(f"{'--config' if resumed is None else '--resume'}: {_one_line(e)}"
+                      ) from None
+  if differ:
+    raise _UsageError(f"--resume: --config {name} differs from the run in {resumed} in "
+                      f"{differ}")
+  return config
+
+
+def _with_flags(config, args: argparse.Namespace):
+  """``config`` with the ``--set`` changes and, for a new run, the ``--task`` factories
+  (a resumed run rebuilds its own: ``--task`` may only repeat them)."""
   try:
     config = config.replace(**_parse_set(args.set)) if args.set else config
   except (TypeError, ValueError) as e:
-    print(f"--set: {_one_line(e)}", file=sys.stderr)
-    return 2
+    raise _UsageError(f"--set: {_one_line(e)}") from None
   if args.resume and args.task and tuple(args.task) != config.task_factories:
-    print(f"--resume: --task {args.task} differs from the run's task factories "
-          f"{list(config.task_factories)} (a resumed run rebuilds its own)", file=sys.stderr)
-    return 2
-  if not args.resume and args.task:
-    try:
-      config = config.replace(task_factories=config.task_factories + tuple(args.task))
-    except ValueError as e:
-      print(f"--task: {_one_line(e)}", file=sys.stderr)
-      return 2
-  if config.task_factories and os.getcwd() not in sys.path:
-    sys.path.append(os.getcwd())  # `--task mymodule:factory` from the user's directory
-  if out is None:
-    out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / _timestamp()
-    problem = _out_problem(out, run)
-    if problem:
-      print(f"--out: {problem}", file=sys.stderr)
-      return 2
+    raise _UsageError(f"--resume: --task {args.task} differs from the run's task "
+                      f"factories {list(config.task_factories)} (a resumed run rebuilds "
+                      "its own)")
+  if args.resume or not args.task:
+    return config
+  try:
+    return config.replace(task_factories=config.task_factories + tuple(args.task))
+  except ValueError as e:
+    raise _UsageError(f"--task: {_one_line(e)}") from None
 
-  _compile_cache(args.compile_cache, out)
+
+def _new_out(out: str | None) -> pathlib.Path:
+  """The directory of a new run: ``--out``, or runs/<timestamp>."""
+  from metaopt.meta import run  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(out) if out else pathlib.Path("runs") / _timestamp()
+  problem = _out_problem(path, run)
+  if problem:
+    raise _UsageError(f"--out: {problem}")
+  return path
+
+
+def _train(config, out: pathlib.Path, args: argparse.Namespace) -> int:
+  """Meta-trains with SIGTERM handled like Ctrl-C; returns the exit status."""
+  from metaopt.meta import run, sharding  # pylint: disable=g-import-not-at-top
+  from tasks import TaskFactoryError  # pylint: disable=g-import-not-at-top
   main_thread = threading.current_thread() is threading.main_thread()
   previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
   try:
@@ -170,28 +196,43 @@ def main(argv: list[str] | None = None) -> int:
             "before the first outer step; nothing new was saved", file=sys.stderr)
     return 143 if isinstance(e, run.Terminated) else 130
   except FileExistsError as e:
-    print(f"--out: {_one_line(e)}", file=sys.stderr)
-    return 2
+    raise _UsageError(f"--out: {_one_line(e)}") from None
   except TaskFactoryError as e:
     where = (f"--resume: cannot rebuild a task of the run in {out} ({run.CONFIG_FILE} "
              "task_factories)" if args.resume else "--task")
-    print(f"{where}: {_one_line(e)}", file=sys.stderr)
-    return 2
+    raise _UsageError(f"{where}: {_one_line(e)}") from None
   finally:
     if main_thread:
       signal.signal(signal.SIGTERM, previous)
-  s = result.summary
-  if sharding.is_primary() and "final" not in s:
-    print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s "
+  if sharding.is_primary():
+    print(_done_line(result.out / run.FINAL_DIR, result.summary))
+  return 0
+
+
+def _done_line(artifact: pathlib.Path, s: dict) -> str:
+  """What a finished run prints: the artifact, steps, times and validation."""
+  line = (f"done: {artifact} ({s['step']} outer steps, {s['wall_s']} s "
           f"+ {s['compile_s']} s compiling)")
-  elif sharding.is_primary():
-    print(f"done: {result.out / run.FINAL_DIR} ({s['step']} outer steps, {s['wall_s']} s "
-          f"+ {s['compile_s']} s compiling); "
-          f"validation meta-objective on {s['validation_task']}: informed "
+  if "final" not in s:
+    return line
+  return (f"{line}; validation meta-objective on {s['validation_task']}: informed "
           f"{s['warm_start']['informed']['meta_loss']:.4f} -> "
           f"{s['final']['informed']['meta_loss']:.4f}, blind "
           f"{s['warm_start']['blind']['meta_loss']:.4f} -> "
           f"{s['final']['blind']['meta_loss']:.4f}")
+
+
+def _export(out: str | None, step: int, dest: str | None) -> int:
+  """Writes checkpoint ``step`` of run ``out`` as an LO artifact at ``dest``."""
+  from metaopt.meta import checkpointing, run  # pylint: disable=g-import-not-at-top
+  if not out:
+    raise _UsageError("--export needs --out RUN (the run directory)")
+  dest = dest or pathlib.Path(out) / f"step_{step}"
+  try:
+    run.export_checkpoint(out, step, dest)
+  except (ValueError, FileExistsError, checkpointing.CheckpointError) as e:
+    raise _UsageError(f"--export: {e}") from None
+  print(f"wrote {dest}")
   return 0
 
 
@@ -203,16 +244,14 @@ def _score(out: str | None, steps_arg: str) -> int:
   try:
     steps = [int(s) for s in steps_arg.split(",")]
   except ValueError:
-    print(f"--score {steps_arg!r}: expected comma-separated outer steps", file=sys.stderr)
-    return 2
+    raise _UsageError(f"--score {steps_arg!r}: expected comma-separated outer steps"
+                      ) from None
   if not out:
-    print("--score needs --out RUN (the run directory)", file=sys.stderr)
-    return 2
+    raise _UsageError("--score needs --out RUN (the run directory)")
   try:
     los = {str(s): run.checkpoint_lo(out, s)[0] for s in steps}
   except (ValueError, checkpointing.CheckpointError) as e:
-    print(f"--score: {e}", file=sys.stderr)
-    return 2
+    raise _UsageError(f"--score: {e}") from None
   config = next(iter(los.values())).config
   scores = validation.score_thetas(config, {k: lo.theta for k, lo in los.items()},
                                    tasks.get_suite("validation"))

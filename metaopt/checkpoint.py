@@ -52,9 +52,14 @@ def _checkpointer():
 
 
 def save(lo: LearnedOptimizer, path: str | os.PathLike, *,
-         meta_training: dict[str, Any] | None = None, overwrite: bool = False
-         ) -> pathlib.Path:
+         meta_training: dict[str, Any] | None = None, overwrite: bool = False,
+         checkpointer: Any = None) -> pathlib.Path:
   """Writes ``lo`` to the directory ``path`` (created; must not exist unless overwrite).
+
+  ``checkpointer`` is the orbax checkpointer that writes theta (default
+  ``orbax.checkpoint.PyTreeCheckpointer()``, which synchronizes every process of a
+  multi-host run): a run that saves on one process only passes one restricted to it
+  (``metaopt.meta.run.export`` does).
 
   The new artifact is written completely into a hidden sibling directory first. Without
   an existing artifact it is then renamed into place; with ``overwrite=True`` and an
@@ -91,9 +96,11 @@ def save(lo: LearnedOptimizer, path: str | os.PathLike, *,
   }
   json.dumps(metadata)  # fail before writing anything if it is not JSON-able
   path.parent.mkdir(parents=True, exist_ok=True)
+  if checkpointer is None:
+    checkpointer = _checkpointer()
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
   try:
-    _checkpointer().save(tmp / THETA_DIR, theta)
+    checkpointer.save(tmp / THETA_DIR, theta)
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     if not path.exists():
       os.rename(tmp, path)

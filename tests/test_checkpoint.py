@@ -40,6 +40,23 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_save_writes_theta_with_the_given_checkpointer(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  saved_to = []
+
+  class Recording(ocp.PyTreeCheckpointer):
+
+    def save(self, directory, *args, **kwargs):
+      saved_to.append(pathlib.Path(directory).name)
+      return super().save(directory, *args, **kwargs)
+
+  lo = _lo()
+  path = checkpoint.save(lo, tmp_path / "lo", checkpointer=Recording())
+  assert saved_to == [checkpoint.THETA_DIR]
+  np.testing.assert_array_equal(np.asarray(metaopt.load(path).theta["w1"]),
+                                np.asarray(lo.theta["w1"]))
+
+
 def test_save_refuses_to_overwrite_and_leaves_no_partial_dirs(tmp_path):
   path = checkpoint.save(_lo(), tmp_path / "lo")
   with pytest.raises(FileExistsError):

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+import metaopt
 import tasks
 from metaopt import optimizers
-from metaopt.eval import baselines, cache, harness, metrics, summary, sweep
+from metaopt.eval import baselines, cache, harness, metrics, plan, summary, sweep
 
 DIM = 8
 
@@ -136,3 +137,42 @@ def test_estimate_prices_muons_newton_schulz_matmuls():
   assert ns_optax == ns + 5 * ((2 * 32 ** 2 * 64 + 32 ** 3) + (2 * 10 ** 2 * 32 + 10 ** 3)
                                ) * tasks.cost.S_PER_MAC
   assert harness.newton_schulz_seconds_per_step(task, baselines.tuned("adamw")) == 0.0
+
+
+def test_plan_two_stage_counts_and_padding():
+  config = harness.EvalConfig(suite="smoke", seeds=3, tune_seeds=1, finalists=3)
+  grid = baselines.tuned("sgd", center=DIM, grid_size=5, span_decades=1.0,
+                         schedules=("constant",))
+  p = plan.optimizer_plan(config, grid)
+  assert [pt.seed for pt in p.first_points] == [0] * 5 and p.first_stage == "sweep"
+  assert (p.finalists, p.confirm_seeds, p.runs) == (3, (1, 2), 5 + 3 * 2)
+  assert p.pad_to(6, run_cost_s=0.1) is None  # the confirmation stage outgrows the sweep
+  assert p.pad_to(3, run_cost_s=0.1) == 5 and p.pad_to(3, run_cost_s=10.0) is None
+  one = plan.optimizer_plan(config, baselines.untuned("adamw"))
+  assert (one.first_stage, one.runs, one.confirm_runs) == ("run", 3, 0)
+  whole = plan.plan(config, [grid, baselines.untuned("adamw")])
+  assert [j.spec.label for j in whole.jobs[:2]] == ["sgd", "adamw (default)"]
+  assert whole.total_runs == 2 * (11 + 3) and whole.runs_per_task == 14
+
+
+def test_eval_runs_is_the_default_plan():
+  # lo on 3 seeds; adamw, lion, schedule_free_adamw: 7 lrs x 2 schedules on seed 0 and 3
+  # finalists on seeds 1-2; 5 untuned baselines on 3 seeds.
+  assert tasks.suites.EVAL_RUNS == 3 + 3 * (14 + 3 * 2) + 5 * 3
+  config = harness.EvalConfig()
+  assert tasks.suites.EVAL_RUNS == plan.plan(
+      config, harness.specs(config, metaopt.pretrained())).runs_per_task
+
+
+def test_widths_suite_runs_mup_optimizers_on_mup_networks():
+  lo = metaopt.pretrained()
+  config = harness.EvalConfig.for_suite("widths", widths=(64,))
+  specs = harness.specs(config, lo, sp_lo=lo)
+  on = {j.spec.label: j.entry.name for j in harness.jobs(config, specs)}
+  assert on["lo"].endswith("_mup") and on["mu_adamw"].endswith("_mup")
+  assert on["lo-sp"].endswith("_sp") and on["adamw"].endswith("_sp")
+  mu = next(s for s in specs if s.label == "mu_adamw")
+  task = tasks.widths_suite((64,), mup=True)[0].build()
+  params = task.init(jax.random.key(0))
+  opt = mu.make(1e-3, task)  # given the task's roles
+  opt.update(jax.tree.map(np.ones_like, params), opt.init(params), params)

@@ -35,6 +35,9 @@ UNSUPPORTED_OPTAX = ("lbfgs", "dpsgd", "sophia")
 # Optimizers whose parameters are evaluated at an averaged point.
 EVAL_PARAMS = {"schedule_free_adamw": optax.contrib.schedule_free_eval_params,
                "schedule_free_sgd": optax.contrib.schedule_free_eval_params}
+# Optimizers whose updates follow muP (by the task's roles): in the widths suite they
+# run on the muP networks, the others on their SP twins.
+MUP_FACTORIES = (metaopt_optimizers.mu_adamw,)
 
 # Geometric centre of each tuned baseline's learning-rate grid (the default grid spans
 # 3 decades around it: AdamW 1e-4..1e-1). Names not listed use their default lr.
@@ -76,6 +79,7 @@ class OptimizerSpec:
       averaged point), or None.
     scalar_lr: the factory needs a scalar learning rate (no schedule callable).
     fingerprint: hashed into cache keys; changes when the optimizer does.
+    mup: it follows muP: the widths suite runs it on muP networks (else on SP ones).
   """
 
   label: str
@@ -87,6 +91,7 @@ class OptimizerSpec:
   eval_params: Callable | None = None
   scalar_lr: bool = False
   fingerprint: str = ""
+  mup: bool = False
 
 
 def optax_names() -> dict[str, str]:
@@ -133,10 +138,10 @@ def _short(qualified: str) -> str:
   return qualified.rsplit(".", 1)[1]
 
 
-def _factory(qualified: str, fn: Callable) -> Factory:
-  if qualified == "metaopt.optimizers.mu_adamw":
-    return lambda lr, task: fn(lr, task.roles)
-  if qualified == "metaopt.optimizers.muon":  # hidden matrices by the task's roles
+def _factory(fn: Callable) -> Factory:
+  """``(lr, task) -> transform``; a factory with a ``roles`` parameter (mu_adamw's muP
+  scaling, muon's hidden matrices) is given the task's roles."""
+  if "roles" in inspect.signature(fn).parameters:
     return lambda lr, task: fn(lr, roles=task.roles)
   return lambda lr, task: fn(lr)
 
@@ -170,11 +175,10 @@ def tuned(name: str, *, grid_size: int = 7, span_decades: float = 3.0,
     schedules = ("constant",)
   for s in schedules:
     sweep.schedule_shape(s, 2)  # validates the name
-  return OptimizerSpec(label=name, kind="tuned", source=qualified,
-                       make=_factory(qualified, fn),
+  return OptimizerSpec(label=name, kind="tuned", source=qualified, make=_factory(fn),
                        lrs=sweep.lr_grid(center, grid_size, span_decades),
                        schedules=tuple(schedules), eval_params=EVAL_PARAMS.get(short),
-                       scalar_lr=scalar, fingerprint=qualified)
+                       scalar_lr=scalar, fingerprint=qualified, mup=fn in MUP_FACTORIES)
 
 
 def untuned(name: str) -> OptimizerSpec:
@@ -182,9 +186,9 @@ def untuned(name: str) -> OptimizerSpec:
   qualified, fn = resolve(name)
   short = _short(qualified)
   return OptimizerSpec(label=f"{name} (default)", kind="untuned", source=qualified,
-                       make=_factory(qualified, fn), lrs=(default_lr(name),),
+                       make=_factory(fn), lrs=(default_lr(name),),
                        eval_params=EVAL_PARAMS.get(short), scalar_lr=_needs_scalar_lr(fn),
-                       fingerprint=qualified)
+                       fingerprint=qualified, mup=fn in MUP_FACTORIES)
 
 
 def _signature_lr(fn: Callable) -> float | None:
@@ -193,7 +197,7 @@ def _signature_lr(fn: Callable) -> float | None:
 
 
 def learned(lo: Any, *, label: str = "lo", lrs: tuple[float, ...] = (1.0,),
-            sp: bool = False) -> OptimizerSpec:
+            sp: bool = False, mup: bool = True) -> OptimizerSpec:
   """The learned optimizer ``lo`` given ``num_steps`` and the task's muP roles.
 
   Args:
@@ -201,6 +205,8 @@ def learned(lo: Any, *, label: str = "lo", lrs: tuple[float, ...] = (1.0,),
     label: its name in reports.
     lrs: learning-rate multipliers (``(1.0,)``: untuned).
     sp: run it with muP scaling off.
+    mup: the widths suite runs it on muP networks (False: on their SP twins, as for an
+      LO meta-trained without muP).
   """
   def make(lr, task):
     schedule = lr if callable(lr) else (lambda count: lr)  # callables skip value checks
@@ -210,7 +216,7 @@ def learned(lo: Any, *, label: str = "lo", lrs: tuple[float, ...] = (1.0,),
   return OptimizerSpec(label=label, kind="learned", source=str(lo.metadata.get(
       "path", lo.metadata.get("from_classical", "in-memory learned optimizer"))),
                        make=make, lrs=tuple(float(v) for v in lrs),
-                       fingerprint=f"lo:{theta_digest(lo)}:sp={sp}")
+                       fingerprint=f"lo:{theta_digest(lo)}:sp={sp}", mup=mup)
 
 
 def theta_digest(lo: Any) -> str:

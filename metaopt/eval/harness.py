@@ -23,16 +23,18 @@ from metaopt import optimizers
 from metaopt.eval import baselines
 from metaopt.eval import cache as cache_lib
 from metaopt.eval import metrics
+from metaopt.eval import plan as plan_lib
 from metaopt.eval import progress as progress_lib
 from metaopt.eval import runner
 from metaopt.eval import summary
 from metaopt.eval import sweep
+from metaopt.eval.plan import Job
+from metaopt.eval.plan import jobs
+from metaopt.eval.plan import plan
 
 # Bytes of device memory per parameter of one run: params, grads, <= 8 optimizer
 # buffers, temporaries.
 BYTES_PER_PARAM = 4 * 16
-# Seconds of (estimated) extra training worth spending to reuse a compilation.
-PAD_BUDGET_S = 2.0
 # A learned-optimizer step costs about this many AdamW steps (CPU time, heldout MLPs).
 LEARNED_COST_FACTOR = 5.0
 
@@ -125,16 +127,6 @@ class EvalConfig:
     return cls(suite=suite, **{**SUITE_DEFAULTS.get(suite, {}), **overrides})
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-  """One optimizer on one task; ``task`` names the report row it belongs to."""
-
-  task: str
-  entry: Any  # tasks.SuiteEntry
-  spec: baselines.OptimizerSpec
-  width: int | None = None
-
-
 @dataclasses.dataclass
 class Outcome:
   """Records of every run, runs computed now (the rest came from the cache), skips."""
@@ -151,7 +143,7 @@ def specs(config: EvalConfig, lo: Any, sp_lo: Any = None) -> list[baselines.Opti
     out.append(baselines.learned(lo, label="lo (lr-tuned)", lrs=sweep.lr_grid(
         1.0, config.lo_grid_size, config.lo_span_decades)))
   if sp_lo is not None:
-    out.append(baselines.learned(sp_lo, label="lo-sp"))
+    out.append(baselines.learned(sp_lo, label="lo-sp", mup=False))
   out += [baselines.tuned(n, grid_size=config.lr_grid_size,
                           span_decades=config.lr_span_decades, schedules=config.schedules)
           for n in config.tuned]
@@ -163,28 +155,9 @@ def specs(config: EvalConfig, lo: Any, sp_lo: Any = None) -> list[baselines.Opti
   return out
 
 
-def _uses_mup(spec: baselines.OptimizerSpec) -> bool:
-  """In the widths suite: muP tasks for the muP LO and mu_adamw, SP tasks otherwise."""
-  if spec.kind == "learned":
-    return spec.label != "lo-sp"
-  return spec.source.endswith(".mu_adamw")
-
-
-def jobs(config: EvalConfig, optimizer_specs: Sequence[baselines.OptimizerSpec]
-         ) -> list[Job]:
-  """Every (task, optimizer) pair of the suite, task by task."""
-  if config.suite == "widths":
-    widths = config.widths or tasks_lib.suites.DEFAULT_WIDTHS
-    mup_entries = tasks_lib.widths_suite(widths, mup=True)
-    sp_entries = tasks_lib.widths_suite(widths, mup=False)
-    out = [Job(f"width {w}", (m if _uses_mup(s) else p), s, w)
-           for w, m, p in zip(widths, mup_entries, sp_entries) for s in optimizer_specs]
-  else:
-    out = [Job(e.name, e, s) for e in tasks_lib.get_suite(config.suite)
-           for s in optimizer_specs]
-  if config.task_filter:
-    out = [j for j in out if any(f in j.entry.name for f in config.task_filter)]
-  return out
+def fits(config: EvalConfig, task: Any) -> bool:
+  """Whether one run of ``task`` fits in ``config.max_memory_gb``."""
+  return BYTES_PER_PARAM * task.num_params() <= config.max_memory_gb * 2 ** 30
 
 
 def run_record(job: Job, task: Any, output: runner.RunOutput, stage: str) -> dict:
@@ -206,7 +179,10 @@ def run_record(job: Job, task: Any, output: runner.RunOutput, stage: str) -> dic
 
 
 class Evaluation:
-  """Runs jobs through a :class:`~metaopt.eval.cache.RunCache`, compiling ahead."""
+  """Runs jobs through a :class:`~metaopt.eval.cache.RunCache`, compiling ahead.
+
+  Each job follows its optimizer's :class:`~metaopt.eval.plan.OptimizerPlan`.
+  """
 
   def __init__(self, config: EvalConfig, cache: cache_lib.RunCache,
                progress: progress_lib.Progress | None = None,
@@ -216,61 +192,28 @@ class Evaluation:
     self.compiler = compiler or runner.Compiler(background=False)
     self.computed = 0
 
-  def _two_stage(self, spec: baselines.OptimizerSpec) -> bool:
-    settings = len(spec.lrs) * len(spec.schedules)
-    return settings > 1 and self.config.tune_seeds < self.config.seeds
-
-  def _first_points(self, spec: baselines.OptimizerSpec) -> list[runner.RunPoint]:
-    """Every setting on every seed, or on the tuning seeds for two-stage tuning."""
-    c = self.config
-    seeds = range(c.tune_seeds if self._two_stage(spec) else c.seeds)
-    return [runner.RunPoint(s, lr, seed) for s in spec.schedules for lr in spec.lrs
-            for seed in seeds]
-
-  def _confirm_runs(self, spec: baselines.OptimizerSpec) -> int:
-    c = self.config
-    if not self._two_stage(spec):
-      return 0
-    return min(c.finalists, len(spec.lrs) * len(spec.schedules)) * (c.seeds - c.tune_seeds)
-
-  def planned_runs(self, job: Job) -> int:
-    return len(self._first_points(job.spec)) + self._confirm_runs(job.spec)
-
   def max_batch(self, task: Any) -> int:
     per_run = BYTES_PER_PARAM * task.num_params()
     return max(1, int(self.config.max_memory_gb * 2 ** 30 // per_run))
-
-  def fits(self, task: Any) -> bool:
-    return BYTES_PER_PARAM * task.num_params() <= self.config.max_memory_gb * 2 ** 30
 
   def _paths(self, job: Job, task: Any, points: Sequence[runner.RunPoint]) -> list:
     task_id = (task.name, tasks_lib.config_to_json(task.config) + f"|{task.num_steps}")
     opt_id = (job.spec.label, f"{job.spec.fingerprint}|warmup={self.config.warmup_fraction}")
     return [self.cache.path(task_id, opt_id, p.schedule, p.lr, p.seed) for p in points]
 
-  def _pad_to(self, job: Job, missing: int) -> int | None:
-    """For a cheap job, the job's first-stage batch size to pad ``missing`` runs to.
-
-    Re-running that compiled shape (in this process, or from JAX's persistent cache)
-    beats compiling a smaller one when the padded runs cost under PAD_BUDGET_S: a resumed
-    job, and the confirmation stage of a cheap task.
-    """
-    full = len(self._first_points(job.spec))
-    extra_s = (full - missing) * getattr(job.entry, "est_cost_s", math.inf)
-    return full if 0 < missing < full and extra_s < PAD_BUDGET_S else None
-
   def prefetch(self, job: Job, task: Any) -> None:
     """Starts compiling the batches ``job`` will run (those not cached)."""
-    first = self._paths(job, task, self._first_points(job.spec))
-    missing = sum(not p.is_file() for p in first)
-    confirm = self._confirm_runs(job.spec)
-    for n in (self._pad_to(job, missing) or missing, self._pad_to(job, confirm) or confirm):
+    p = plan_lib.optimizer_plan(self.config, job.spec)
+    missing = sum(not path.is_file() for path in self._paths(job, task, p.first_points))
+    cost_s = _run_cost_s(job)
+    for n in (p.pad_to(missing, cost_s) or missing,
+              p.pad_to(p.confirm_runs, cost_s) or p.confirm_runs):
       for size in runner.batch_sizes(n, self.max_batch(task)):
         self.compiler.prefetch(task, job.spec, job.spec.schedules, size,
                                self.config.warmup_fraction)
 
-  def _complete(self, job: Job, task: Any, points: list[runner.RunPoint], stage: str
-                ) -> list[dict]:
+  def _complete(self, job: Job, task: Any, p: plan_lib.OptimizerPlan,
+                points: Sequence[runner.RunPoint], stage: str) -> list[dict]:
     """Records of ``points``: cached ones loaded, the others run and cached."""
     paths = self._paths(job, task, points)
     records = [self.cache.load(path) for path in paths]
@@ -281,7 +224,7 @@ class Evaluation:
       outputs, compile_s = runner.run_points(
           task, job.spec, [points[i] for i in missing], schedules=job.spec.schedules,
           warmup_fraction=self.config.warmup_fraction, max_batch=self.max_batch(task),
-          compiler=self.compiler, pad_to=self._pad_to(job, len(missing)))
+          compiler=self.compiler, pad_to=p.pad_to(len(missing), _run_cost_s(job)))
       for i, out in zip(missing, outputs):
         records[i] = run_record(job, task, out, stage)
         records[i]["compile_s"] = compile_s / len(missing)
@@ -292,38 +235,44 @@ class Evaluation:
 
   def run_job(self, job: Job, task: Any) -> list[dict]:
     """Every record of one (task, optimizer) job, following the tuning protocol."""
-    c = self.config
-    first = self._complete(job, task, self._first_points(job.spec),
-                           "sweep" if self._two_stage(job.spec) else "run")
-    if not self._two_stage(job.spec):
+    p = plan_lib.optimizer_plan(self.config, job.spec)
+    first = self._complete(job, task, p, p.first_points, p.first_stage)
+    if not p.two_stage:
       return first
     stats = summary.setting_stats(first)
     ranked = sweep.ranked_settings((st, st.diverged_fraction, st.final_mean)
-                                   for st in stats)[:c.finalists]
+                                   for st in stats)[:p.finalists]
     confirm = self._complete(
-        job, task, [runner.RunPoint(st.schedule, st.lr, seed) for st in ranked
-                    for seed in range(c.tune_seeds, c.seeds)], "confirm")
+        job, task, p, [runner.RunPoint(st.schedule, st.lr, seed) for st in ranked
+                       for seed in p.confirm_seeds], "confirm")
     return first + confirm
+
+
+def _run_cost_s(job: Job) -> float:
+  """Estimated seconds of one run of ``job`` (inf for a job without a suite entry)."""
+  return getattr(job.entry, "est_cost_s", math.inf)
 
 
 def evaluate(config: EvalConfig, optimizer_specs: Sequence[baselines.OptimizerSpec],
              cache_dir: str | os.PathLike, *, show_progress: bool = True) -> Outcome:
   """Runs (or loads) every run of the suite; returns all records."""
-  all_jobs = jobs(config, optimizer_specs)
-  evaluation = Evaluation(config, cache_lib.RunCache(cache_dir))
+  the_plan = plan(config, optimizer_specs)
   built = {}  # entry name -> task, or None when it does not fit in memory
   skipped = []
-  for job in all_jobs:
+  for job in the_plan.jobs:
     if job.entry.name not in built:
       task = job.entry.build()
-      built[job.entry.name] = task if evaluation.fits(task) else None
+      built[job.entry.name] = task if fits(config, task) else None
       if built[job.entry.name] is None:
         skipped.append(f"{job.entry.name}: one run needs more than --max-memory-gb "
                        f"{config.max_memory_gb:g}")
-  all_jobs = [j for j in all_jobs if built[j.entry.name] is not None]
-  total = sum(evaluation.planned_runs(j) for j in all_jobs)
-  evaluation.progress = progress_lib.Progress(total, enabled=show_progress)
-  evaluation.compiler = runner.Compiler(background=config.overlap_compile)
+  the_plan = dataclasses.replace(
+      the_plan, jobs=tuple(j for j in the_plan.jobs if built[j.entry.name] is not None))
+  evaluation = Evaluation(
+      config, cache_lib.RunCache(cache_dir),
+      progress=progress_lib.Progress(the_plan.total_runs, enabled=show_progress),
+      compiler=runner.Compiler(background=config.overlap_compile))
+  all_jobs = the_plan.jobs
   records = []
   try:
     for i, job in enumerate(all_jobs):
@@ -373,15 +322,15 @@ def estimate_seconds(config: EvalConfig, optimizer_specs: Sequence[baselines.Opt
   Muon's Newton-Schulz cost is added per task (:func:`newton_schulz_seconds_per_step`;
   it builds the tasks Muon runs on, a few seconds).
   """
-  ev = Evaluation(config, cache_lib.RunCache(os.devnull))
+  the_plan = plan(config, optimizer_specs)
   total = 0.0
   built = {}
-  for j in jobs(config, optimizer_specs):
+  for j in the_plan.jobs:
     factor = LEARNED_COST_FACTOR if j.spec.kind == "learned" else 1.0
-    total += factor * ev.planned_runs(j) * j.entry.est_cost_s
+    total += factor * the_plan.runs(j) * j.entry.est_cost_s
     if j.spec.source in MUON_SOURCES:
       if j.entry.name not in built:
         built[j.entry.name] = j.entry.build()
-      total += ev.planned_runs(j) * j.entry.num_steps * newton_schulz_seconds_per_step(
+      total += the_plan.runs(j) * j.entry.num_steps * newton_schulz_seconds_per_step(
           built[j.entry.name], j.spec)
   return float(np.round(total, 1))

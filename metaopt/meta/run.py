@@ -124,7 +124,34 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, tasks: Sequence[A
   a run with the same ``tasks``, or name them in ``config.task_factories`` (what
   ``meta_train.py --task`` does) for a run that rebuilds them itself.
   """
-  out = pathlib.Path(out).absolute()
+  session, state = _start_or_resume(config, pathlib.Path(out).absolute(), tasks,
+                                    resume=resume, progress=progress)
+  state, step, last_val = _outer_loop(session, state)
+  return _finish(session, state, step, last_val, plot=plot)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Session:
+  """What the outer loop and the finish of a run share (made by _start_or_resume)."""
+
+  config: MetaConfig
+  out: pathlib.Path
+  primary: bool  # this process writes the run's files
+  trainer: MetaTrainer
+  manager: Any  # the orbax CheckpointManager of out/checkpoints
+  expected: dict[str, Any]  # run metadata saved with, and checked on, every checkpoint
+  log: log_lib.MetricsLog
+  bar: log_lib.Progress
+  validate: _Validator | None
+  warm: dict[str, Any] | None  # the warm start's validation
+  compile_s: float
+  started: float  # time.perf_counter() as the outer loop starts
+
+
+def _start_or_resume(config: MetaConfig, out: pathlib.Path, tasks: Sequence[Any], *,
+                     resume: bool, progress: bool) -> tuple[_Session, Any]:
+  """Initializes the run in ``out`` or restores its last checkpoint, compiles every
+  program and validates the warm start; returns the session and the outer state."""
   primary = shard_lib.is_primary()
   trainer = MetaTrainer(config, task_list=run_tasks(config, tasks))  # before any write
   manager = ckpt.checkpoint_manager(out / CHECKPOINT_DIR, keep=config.keep_checkpoints)
@@ -140,101 +167,155 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, tasks: Sequence[A
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(config.to_json() + "\n")
   validate = _Validator(trainer) if config.validation_every else None
-
-  warm = None
   state = (trainer.init() if start is None else
            ckpt.restore(manager, start, trainer.abstract_state(), expected))
+  compile_s = _compile(trainer, validate, state, bar)
+  if start is None:
+    warm = _validate_warm_start(validate, state.theta, log, bar)
+  else:
+    warm = _log_resume(out, start, trainer, validate, log, bar)
+  return _Session(config, out, primary, trainer, manager, expected, log, bar, validate,
+                  warm, compile_s, time.perf_counter()), state
+
+
+def _compile(trainer: MetaTrainer, validate: _Validator | None, state: Any,
+             bar: log_lib.Progress) -> float:
+  """Compiles the run's programs (outer step, validation) together; returns seconds."""
   lowered = trainer.lower_programs(state) + (validate.lower(state.theta) if validate else [])
   bar.message(f"compiling {len(lowered)} programs ({len(trainer.tasks)} tasks) ...")
   seconds = outer.compile_all(lowered)
   bar.message(f"compiled in {seconds:.1f} s")
-  if start is None:
-    if validate:
-      warm = validate(state.theta)
-      log.write({"kind": "validation", "step": 0, "theta": "warm_start", **warm})
-      bar.message(f"warm start on {warm['task']}: meta-objective informed "
-                  f"{warm['informed']['meta_loss']:.4f}, blind "
-                  f"{warm['blind']['meta_loss']:.4f}")
-  else:
-    log.truncate_after(start)
-    log.write({"kind": "resume", "step": start, "devices": jax.device_count(),
-               "processes": jax.process_count()})
-    if validate:
-      warm = _first_record(log, "warm_start") or validate(trainer.warm_theta)
-    bar.message(f"resumed {out} at step {start}")
+  return seconds
 
-  t0 = time.perf_counter()
+
+def _validate_warm_start(validate: _Validator | None, theta: Any, log: log_lib.MetricsLog,
+                         bar: log_lib.Progress) -> dict[str, Any] | None:
+  """A new run's validation of its warm start (logged as step 0), or None."""
+  if not validate:
+    return None
+  warm = validate(theta)
+  log.write({"kind": "validation", "step": 0, "theta": "warm_start", **warm})
+  bar.message(f"warm start on {warm['task']}: meta-objective informed "
+              f"{warm['informed']['meta_loss']:.4f}, blind "
+              f"{warm['blind']['meta_loss']:.4f}")
+  return warm
+
+
+def _log_resume(out: pathlib.Path, start: int, trainer: MetaTrainer,
+                validate: _Validator | None, log: log_lib.MetricsLog,
+                bar: log_lib.Progress) -> dict[str, Any] | None:
+  """Drops the log's records after step ``start``, records the resume; returns the warm
+  start's validation (from the log, else recomputed), or None."""
+  log.truncate_after(start)
+  log.write({"kind": "resume", "step": start, "devices": jax.device_count(),
+             "processes": jax.process_count()})
+  warm = None
+  if validate:
+    warm = _first_record(log, "warm_start") or validate(trainer.warm_theta)
+  bar.message(f"resumed {out} at step {start}")
+  return warm
+
+
+def _outer_loop(session: _Session, state: Any) -> tuple[Any, int, dict[str, Any] | None]:
+  """Outer steps to ``config.outer_steps`` with validation and checkpoints; returns the
+  state, its step and the last validation (None if none ran).
+
+  Raises:
+    Interrupted: on Ctrl-C or SIGTERM, after checkpointing the last step.
+  """
+  c, validate = session.config, session.validate
   step = int(state.step)
   last_val = None
   try:
-    while step < config.outer_steps:
-      state, metrics = trainer.step(state)
+    while step < c.outer_steps:
+      state, metrics = session.trainer.step(state)
       step = metrics["step"]
-      log.write({"kind": "train", "time_s": round(time.perf_counter() - t0, 3), **metrics})
-      bar.update(step, metrics["meta_loss"], f"log_lr {metrics['log_lr']:+.3f}")
-      if validate and (step % config.validation_every == 0 or step == config.outer_steps):
-        last_val = validate(state.theta)
-        log.write({"kind": "validation", "step": step, "theta": "current", **last_val})
-        bar.message(f"step {step}: validation meta-objective informed "
-                    f"{last_val['informed']['meta_loss']:.4f} (warm start "
-                    f"{warm['informed']['meta_loss']:.4f}), blind "
-                    f"{last_val['blind']['meta_loss']:.4f} (warm start "
-                    f"{warm['blind']['meta_loss']:.4f})")
-      if step % config.checkpoint_every == 0 or step == config.outer_steps:
-        ckpt.save(manager, step, state, expected)
+      session.log.write({"kind": "train",
+                         "time_s": round(time.perf_counter() - session.started, 3),
+                         **metrics})
+      session.bar.update(step, metrics["meta_loss"], f"log_lr {metrics['log_lr']:+.3f}")
+      if validate and (step % c.validation_every == 0 or step == c.outer_steps):
+        last_val = _validate_current(session, state.theta, step)
+      if step % c.checkpoint_every == 0 or step == c.outer_steps:
+        ckpt.save(session.manager, step, state, session.expected)
   except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through meta_train.py's handler
-    bar.close_line()
-    ckpt.save(manager, step, state, expected)
-    manager.wait_until_finished()
-    raise Interrupted(step, out, "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-                      ) from None
-  manager.wait_until_finished()
+    session.bar.close_line()
+    ckpt.save(session.manager, step, state, session.expected)
+    session.manager.wait_until_finished()
+    raise Interrupted(step, session.out,
+                      "SIGTERM" if isinstance(e, Terminated) else "SIGINT") from None
+  session.manager.wait_until_finished()
+  return state, step, last_val
 
-  if validate and last_val is None:
-    last_val = validate(state.theta)
-  lo = trainer.learned_optimizer(state)
-  summary = {"kind": "summary", "step": step, "compile_s": round(seconds, 1),
-             "wall_s": round(time.perf_counter() - t0, 1),
+
+def _validate_current(session: _Session, theta: Any, step: int) -> dict[str, Any]:
+  """Validation of theta at outer step ``step``, logged beside the warm start's."""
+  val, warm = session.validate(theta), session.warm
+  session.log.write({"kind": "validation", "step": step, "theta": "current", **val})
+  session.bar.message(f"step {step}: validation meta-objective informed "
+                      f"{val['informed']['meta_loss']:.4f} (warm start "
+                      f"{warm['informed']['meta_loss']:.4f}), blind "
+                      f"{val['blind']['meta_loss']:.4f} (warm start "
+                      f"{warm['blind']['meta_loss']:.4f})")
+  return val
+
+
+def _finish(session: _Session, state: Any, step: int, last_val: dict[str, Any] | None, *,
+            plot: bool) -> RunResult:
+  """Validates the final theta (unless the last step did), writes the summary, the LO
+  artifact and the plot, and waits for every process."""
+  if session.validate and last_val is None:
+    last_val = session.validate(state.theta)
+  lo = session.trainer.learned_optimizer(state)
+  summary = _summary(session, step, last_val)
+  if session.primary:
+    session.log.write(summary)
+    (session.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    export(lo, session.out / FINAL_DIR, {"config": session.config.to_dict(),
+                                         "outer_steps": step, "summary": summary})
+    if plot:
+      session.bar.message(f"plot: {log_lib.plot_metrics(session.out)}")
+  if jax.process_count() > 1:  # no host leaves before the export is written
+    multihost_utils.sync_global_devices("metaopt.meta.run:done")
+  return RunResult(lo, session.out, summary, state)
+
+
+def _summary(session: _Session, step: int, last_val: dict[str, Any] | None
+             ) -> dict[str, Any]:
+  """The run's summary record: steps, times, devices, warm-start and final validation."""
+  summary = {"kind": "summary", "step": step, "compile_s": round(session.compile_s, 1),
+             "wall_s": round(time.perf_counter() - session.started, 1),
              "devices": jax.device_count(), "processes": jax.process_count()}
-  if validate:
+  if session.validate:
+    warm = session.warm
     summary.update(validation_task=warm["task"],
                    warm_start={m: warm[m] for m in ("informed", "blind")},
                    final={m: last_val[m] for m in ("informed", "blind")})
-  if primary:
-    log.write(summary)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    export(lo, out / FINAL_DIR, {"config": config.to_dict(), "outer_steps": step,
-                                 "summary": summary})
-    if plot:
-      bar.message(f"plot: {log_lib.plot_metrics(out)}")
-  if jax.process_count() > 1:  # no host leaves before the export is written
-    multihost_utils.sync_global_devices("metaopt.meta.run:done")
-  return RunResult(lo, out, summary, state)
+  return summary
 
 
 def export(lo: metaopt.LearnedOptimizer, path: pathlib.Path, meta_training: dict) -> None:
   """Writes the LO artifact with :func:`metaopt.checkpoint.save` (call on one process).
 
-  ``checkpoint.save``'s orbax checkpointer synchronizes every process of a multi-host
-  run, but only this one writes (the artifact is host numpy arrays): there it is given a
-  checkpointer restricted to this process.
+  The artifact is host numpy arrays written by this process alone: in a multi-host run
+  it is saved with a checkpointer that synchronizes only this process.
   """
   lo = lo.with_theta(jax.tree.map(np.asarray, lo.theta))
+  metaopt.checkpoint.save(lo, path, overwrite=True, meta_training=meta_training,
+                          checkpointer=_this_process_checkpointer())
+
+
+def _this_process_checkpointer() -> Any:
+  """An orbax checkpointer that involves only this process (None with one process:
+  :func:`metaopt.checkpoint.save`'s default)."""
   if jax.process_count() == 1:
-    metaopt.checkpoint.save(lo, path, overwrite=True, meta_training=meta_training)
-    return
+    return None
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   solo = ocp.options.MultiprocessingOptions(
       primary_host=jax.process_index(), active_processes={jax.process_index()},
       barrier_sync_key_prefix=f"metaopt_export_{jax.process_index()}")
-  original = metaopt.checkpoint._checkpointer  # pylint: disable=protected-access
-  metaopt.checkpoint._checkpointer = lambda: ocp.Checkpointer(  # pylint: disable=protected-access
-      ocp.PyTreeCheckpointHandler(multiprocessing_options=solo),
-      multiprocessing_options=solo)
-  try:
-    metaopt.checkpoint.save(lo, path, overwrite=True, meta_training=meta_training)
-  finally:
-    metaopt.checkpoint._checkpointer = original  # pylint: disable=protected-access
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=solo),
+                          multiprocessing_options=solo)
 
 
 def export_checkpoint(run_dir: str | pathlib.Path, step: int,
