@@ -351,9 +351,18 @@ def _log_rms(sum_sq, size):
 _TORQUE_SUMS = 3
 
 
-def _factored_pass(config: LOConfig, acc: F.FactoredMoment, g):
-  """Adafactor's accumulators of one tensor and its 1 / sqrt(V_hat)."""
-  acc = F.update_factored(acc, g, config.factored_decay)
+def _factored_pass(decay, finite, acc: F.FactoredMoment, g):
+  """Adafactor's accumulators of one tensor and its 1 / sqrt(V_hat).
+
+  A skipped step (``finite`` False) runs the EMA with decay 1 on a zero gradient,
+  which leaves the accumulators bitwise unchanged (1 * a + 0 * eps = a): the selection
+  happens inside the reduction's fusion rather than as a select per accumulator
+  afterwards (two more compiled programs per tensor).
+  """
+  if finite is not None:
+    decay = jnp.where(finite, decay, jnp.ones([], jnp.result_type(decay)))
+    g = jnp.where(finite, g, jnp.zeros([], g.dtype))
+  acc = F.update_factored(acc, g, decay)
   return acc, jax.lax.rsqrt(F.factored_second_moment(acc, g) + 1e-30)
 
 
@@ -462,11 +471,6 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   buffers = (lambda tree: [tree]) if is_flat(state) else flat
   g_b, x_b = blocks.pack(g), blocks.pack(x)
 
-  # Adafactor's accumulators, tensor by tensor (they need each matrix's rows/columns).
-  factored, rsqrt_fact = zip(*_map_grouped(
-      lambda acc, gr: _factored_pass(config, acc, gr), keys,
-      list(zip(flat(state.factored), g))))
-
   # Pass 1: moments and the raw sums of every tensor.
   first = lambda *a: _first_pass(config, bc_v, with_loss, blocks, *a)
   moments, sums1 = zip(*blocks.map(first, *(buffers(tree) for tree in (
@@ -483,7 +487,14 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
     skipped = 0
   moments = [keep(m, Moments(*prev)) for m, *prev in zip(
       moments, *(buffers(tree) for tree in (*state.momenta, state.second_moment)))]
-  factored = keep(list(factored), flat(state.factored))
+
+  # Adafactor's accumulators, tensor by tensor (they need each matrix's rows/columns).
+  decay = jnp.asarray(config.factored_decay, scalar_dt)
+  factored_pass = lambda acc, gr: _factored_pass(decay, finite if skip_nonfinite else None,
+                                                 acc, gr)
+  factored, rsqrt_fact = zip(*(
+      [factored_pass(*a) for a in zip(flat(state.factored), g)] if is_flat(state) else
+      _map_grouped(factored_pass, keys, list(zip(flat(state.factored), g)))))
 
   # Cross-tensor scalars: TAM's damping per tensor, MoMo-Adam's global step.
   prev_torque = (state.torque_ema if is_flat(state) else
