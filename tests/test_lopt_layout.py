@@ -64,12 +64,18 @@ def test_flat_layout_gives_the_per_tensor_layouts_updates(with_value):
       assert a.shape == b.shape
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.max(np.abs(b)) + 1e-12,
                                  err_msg=name)
-  # The flat buffers hold the per-tensor buffers, zero on the padding.
-  layout = _layout.layout_of(jax.tree.leaves(params))
-  leaves = _layout.unpack(layout, flat_state.second_moment)
-  for got, want in zip(leaves, jax.tree.leaves(ref_state.second_moment)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-12)
-  packed = np.asarray(flat_state.momenta[0]).reshape(-1)
+  # The flat buffer holds the small tensors' buffers, zero on the padding; the tensor
+  # above _layout.MAX_FLAT elements keeps its own.
+  shapes = [jnp.shape(a) for a in jax.tree.leaves(params)]
+  small, large = _layout.partition(shapes)
+  assert len(small) == 5 and [shapes[i] for i in large] == [(520, 512)]
+  layout = _layout.FlatLayout(tuple(shapes[i] for i in small))
+  ref_leaves = jax.tree.leaves(ref_state.second_moment)
+  got = _layout.unpack(layout, flat_state.second_moment.flat)
+  got += list(flat_state.second_moment.tensors)
+  for got_leaf, i in zip(got, small + large):
+    np.testing.assert_allclose(got_leaf, ref_leaves[i], rtol=1e-4, atol=1e-12)
+  packed = np.asarray(flat_state.momenta[0].flat).reshape(-1)
   mask = np.asarray(_layout.valid_mask(layout, _layout.row_tensor_ids(
       layout, jnp.int32(0)))).reshape(-1)
   assert np.all(packed[~mask] == 0) and np.any(packed[mask] != 0)

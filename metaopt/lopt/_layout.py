@@ -32,6 +32,34 @@ import numpy as np
 
 ROW = 128  # elements per row: the vector width the row reductions run along.
 
+# Tensors up to this many elements go into the flat buffer; larger ones keep their own
+# buffers. The flat buffer's intermediates (XLA materializes several per pass) stay in
+# cache only while the tensors are small: with every tensor flat, a 1e6-parameter MLP's
+# update (three 577 x 577 matrices) ran 1.8x slower than per tensor (one core,
+# interleaved), a 1e5 one 1.7x faster. On a 102-tensor Flax transformer (d=256, MLP
+# kernels of 2^18 elements) everything flat compiled its train step in 2.0x AdamW's
+# time against 3.3x with a 2^16 bound, at the same step time (benchmarks/step_cost.py).
+# Large tensors are few in the models users bring and each compiles once whatever its
+# size.
+MAX_FLAT = 1 << 18
+
+
+class Packed(NamedTuple):
+  """A parameter-shaped state buffer in the flat layout: the flat buffer of the small
+  tensors, then the large tensors' own buffers (tree order)."""
+
+  flat: jax.Array
+  tensors: tuple
+
+
+def partition(shapes: Sequence[tuple[int, ...]]) -> tuple[list[int], list[int]]:
+  """(indices of the tensors in the flat buffer, indices of the others); no flat
+  buffer for fewer than two small tensors."""
+  small = [i for i, s in enumerate(shapes) if math.prod(s) <= MAX_FLAT]
+  if len(small) < 2:
+    return [], list(range(len(shapes)))
+  return small, [i for i in range(len(shapes)) if i not in set(small)]
+
 
 class FlatLayout(NamedTuple):
   """Where each tensor lives in the flat buffer (static: a function of the shapes)."""

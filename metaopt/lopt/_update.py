@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metaopt import features as F
@@ -96,8 +97,15 @@ def init_state(params: Tree, mup_scale: Tree, *, flat: bool | None = None) -> LO
   dtypes = [state_dtype(x) for x in leaves]
   zeros = jax.tree.map(lambda x: _zeros_like(x, state_dtype(x)), params)
   can_flatten, sharding = _layout.flat_sharding(leaves, dtypes)
-  flat = can_flatten and flat is not False
-  buffer = _layout.zeros(_layout.layout_of(leaves), dtypes[0], sharding) if flat else zeros
+  small, large = _layout.partition([jnp.shape(a) for a in leaves])
+  flat = can_flatten and flat is not False and bool(small)
+  if flat:
+    zero_leaves = jax.tree.leaves(zeros)
+    buffer = _layout.Packed(
+        _layout.zeros(_layout.FlatLayout(tuple(jnp.shape(leaves[i]) for i in small)),
+                      dtypes[0], sharding), tuple(zero_leaves[i] for i in large))
+  else:
+    buffer = zeros
   scalar_dtype = jnp.result_type(*dtypes or [jnp.float32])
   return LOState(
       count=jnp.zeros([], jnp.int32),
@@ -118,8 +126,7 @@ def init_state(params: Tree, mup_scale: Tree, *, flat: bool | None = None) -> LO
 
 def is_flat(state: LOState) -> bool:
   """Whether ``state`` holds its buffers in the flat layout."""
-  return (jax.tree.structure(state.mup_scale).num_leaves >= 2 and
-          jax.tree.structure(state.second_moment).num_leaves == 1)
+  return isinstance(state.second_moment, _layout.Packed)
 
 
 def parameter_shapes(state: LOState) -> list[tuple[int, ...]]:
@@ -289,58 +296,81 @@ def _sum_all(arrays: list) -> list:
 
 
 class _Blocks:
-  """The buffers the passes run on: one per tensor, or one flat buffer of them all.
+  """The buffers the passes run on: small tensors in one flat buffer, the others alone.
 
-  Per tensor (sharded trees): a pass runs on each tensor in its own shape (equal
-  shapes batched by :func:`_map_grouped`) and its sums are that tensor's. Flat
-  (:mod:`metaopt.lopt._layout`): a pass runs once over the flat buffer and its sums
-  are segment sums, one row per tensor. Either way the driver sees per-tensor sums as
-  ``[num_tensors, k]`` and hands per-tensor scalars back through :meth:`split`.
+  Per tensor (sharded trees, and tensors above ``_layout.MAX_FLAT`` elements): a pass
+  runs on each tensor in its own shape (equal shapes batched by :func:`_map_grouped`)
+  and its sums are that tensor's. Flat (:mod:`metaopt.lopt._layout`): a pass runs once
+  over the flat buffer and its sums are segment sums, one row per tensor. Either way
+  the driver sees per-tensor sums as ``[num_tensors, k]`` (tensor order) and hands
+  per-tensor values back through :meth:`split`. Block order: the flat block (when
+  there is one), then the other tensors in tree order.
   """
 
-  def __init__(self, layout: _layout.FlatLayout | None, keys: list, count: jax.Array):
-    self.layout, self.keys = layout, keys
+  def __init__(self, keys: list, flat: bool, count: jax.Array):
+    self.keys = keys
+    small, large = _layout.partition([k[0] for k in keys]) if flat else ([], list(range(len(keys))))
+    self.small, self.large = small, large
+    self.layout = _layout.FlatLayout(tuple(keys[i][0] for i in small)) if small else None
     # min(count, 0) is 0 (counts are non-negative) but not provably so for XLA.
-    self.ids = None if layout is None else _layout.row_tensor_ids(
-        layout, jnp.minimum(count, 0).astype(jnp.int32))
+    self.ids = None if self.layout is None else _layout.row_tensor_ids(
+        self.layout, jnp.minimum(count, 0).astype(jnp.int32))
+    self.order = np.argsort(np.asarray(small + large, np.int64))  # blocks -> tensor order
 
-  def map(self, fn, *args: list) -> list:
-    """``fn`` over the blocks; ``args`` are per-block lists."""
-    if self.layout is None:
-      return _map_grouped(fn, self.keys, list(zip(*args)))
-    return [fn(*(a[0] for a in args))]
-
-  def sums(self, terms: list, masked: bool = False) -> jax.Array:
-    """Inside a pass: the sum of each term per tensor (``[k]``, or ``[num_tensors, k]``
-    flat). ``masked``: zero the flat layout's padding first (for terms that are not
-    zero on zero inputs)."""
-    if self.layout is None:
-      return jnp.stack(_sum_all(terms))
+  def _flat_sums(self, terms: list, masked: bool = False) -> jax.Array:
     if masked:
       valid = _layout.valid_mask(self.layout, self.ids)
       terms = [jnp.where(valid, t, jnp.zeros([], t.dtype)) for t in terms]
     return _layout.segment_sums(self.layout, self.ids, jnp.stack(_row_sums(terms)))
 
+  @staticmethod
+  def _tensor_sums(terms: list, masked: bool = False) -> jax.Array:
+    del masked  # a tensor's own buffer has no padding.
+    return jnp.stack(_sum_all(terms))
+
+  def map(self, fn, *args: list) -> list:
+    """``fn(sums, *block_args)`` over the blocks; ``args`` are per-block lists and
+    ``sums(terms, masked=False)`` gives the block's per-tensor sums of ``terms``."""
+    out = []
+    rest = list(zip(*args))
+    if self.layout is not None:
+      out.append(fn(self._flat_sums, *rest[0]))
+      rest = rest[1:]
+    keys = [self.keys[i] for i in self.large]
+    return out + _map_grouped(lambda *a: fn(self._tensor_sums, *a), keys, rest)
+
   def per_tensor(self, results: list, dtype) -> jax.Array:
-    """``[num_tensors, k]`` from the blocks' :meth:`sums`."""
-    if self.layout is None:
-      return jnp.stack([r.astype(dtype) for r in results])
-    return results[0].astype(dtype)
+    """``[num_tensors, k]`` in tensor order from the blocks' sums."""
+    rows = []
+    if self.layout is not None:
+      rows.append(results[0].astype(dtype))
+      results = results[1:]
+    rows += [r[None].astype(dtype) for r in results]
+    return jnp.concatenate(rows)[self.order]
 
   def split(self, per_tensor: Tree) -> list:
     """Per-tensor values (leaves ``[num_tensors, ...]``) as one entry per block."""
-    if self.layout is None:
-      num = jax.tree.leaves(per_tensor)[0].shape[0]
-      return [jax.tree.map(lambda a, i=i: a[i], per_tensor) for i in range(num)]
-    return [jax.tree.map(lambda a: _layout.broadcast_rows(self.ids, a), per_tensor)]
+    out = []
+    if self.layout is not None:
+      idx = np.asarray(self.small)
+      out.append(jax.tree.map(lambda a: _layout.broadcast_rows(self.ids, a[idx]),
+                              per_tensor))
+    return out + [jax.tree.map(lambda a, i=i: a[i], per_tensor) for i in self.large]
 
   def pack(self, leaves: list) -> list:
     """Tensor-shaped arrays as one entry per block."""
-    return list(leaves) if self.layout is None else [_layout.pack(self.layout, leaves)]
+    out = [] if self.layout is None else [_layout.pack(self.layout,
+                                                       [leaves[i] for i in self.small])]
+    return out + [leaves[i] for i in self.large]
 
   def unpack(self, blocks: list) -> list:
-    """Inverse of :meth:`pack`."""
-    return list(blocks) if self.layout is None else _layout.unpack(self.layout, blocks[0])
+    """Inverse of :meth:`pack`: tensors in tree order."""
+    leaves = []
+    if self.layout is not None:
+      leaves = _layout.unpack(self.layout, blocks[0])
+      blocks = blocks[1:]
+    leaves += list(blocks)
+    return [leaves[j] for j in self.order]
 
 
 def _log_rms(sum_sq, size):
@@ -366,8 +396,8 @@ def _factored_pass(decay, finite, acc: F.FactoredMoment, g):
   return acc, jax.lax.rsqrt(F.factored_second_moment(acc, g) + 1e-30)
 
 
-def _first_pass(config: LOConfig, bc_v, with_loss: bool, blocks: _Blocks, m_fast, m_mid,
-                m_slow, v, tam_m, g, x):
+def _first_pass(config: LOConfig, bc_v, with_loss: bool, sums, m_fast, m_mid, m_slow, v,
+                tam_m, g, x):
   """Moments from :mod:`metaopt.features` and the raw per-tensor sums, in one pass.
 
   Sums: <m_tam, g>, ||m_tam||^2, ||g||^2 (TAM's torque cosine, before this step's TAM
@@ -383,7 +413,7 @@ def _first_pass(config: LOConfig, bc_v, with_loss: bool, blocks: _Blocks, m_fast
   if with_loss:
     direction = m_fast * F.inverse_adam_denominator(v * (1 / bc_v), config.adam_eps)
     terms += [g * x, m_fast * direction, m_fast * x]
-  return moments, blocks.sums(terms)
+  return moments, sums(terms)
 
 
 def _tam_laprop_pass(config: LOConfig, bc_v, damping, tam_m, laprop_m, g, v):
@@ -395,11 +425,11 @@ def _tam_laprop_pass(config: LOConfig, bc_v, damping, tam_m, laprop_m, g, v):
   return tam_m, laprop_m
 
 
-def _statistics_pass(config: LOConfig, ctx: StepContext, blocks: _Blocks, inp: LeafInputs):
+def _statistics_pass(config: LOConfig, ctx: StepContext, sums, inp: LeafInputs):
   """Every per-tensor sum the features need: each normalized feature's sum of squares
   (the cautious one before its renormalization), then the cautious mask's count."""
   _, raw, bounded = _elementwise_features(config, ctx, inp)
-  return blocks.sums([jnp.square(f) for f in raw] + bounded, masked=True)
+  return sums([jnp.square(f) for f in raw] + bounded, masked=True)
 
 
 def _tensor_scalars(theta: dict, sums, sizes, tensor_features, time) -> TensorScalars:
@@ -467,12 +497,12 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   bc_fast, bc_v = bc(config.momentum_decays[0]), bc(config.second_moment_decay)
   with_loss = value is not None
   keys = [(a.shape, a.dtype) for a in g]
-  blocks = _Blocks(_layout.layout_of(g) if is_flat(state) else None, keys, state.count)
-  buffers = (lambda tree: [tree]) if is_flat(state) else flat
+  blocks = _Blocks(keys, is_flat(state), state.count)
+  buffers = (lambda packed: [packed.flat, *packed.tensors]) if is_flat(state) else flat
   g_b, x_b = blocks.pack(g), blocks.pack(x)
 
   # Pass 1: moments and the raw sums of every tensor.
-  first = lambda *a: _first_pass(config, bc_v, with_loss, blocks, *a)
+  first = lambda sums, *a: _first_pass(config, bc_v, with_loss, sums, *a)
   moments, sums1 = zip(*blocks.map(first, *(buffers(tree) for tree in (
       *state.momenta, state.second_moment, state.tam_momentum)), g_b, x_b))
   sums1 = blocks.per_tensor(sums1, scalar_dt)
@@ -522,7 +552,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                     momo_tau=momo_tau, learning_rate=jnp.asarray(learning_rate))
 
   # TAM and LaProp momenta.
-  tam_laprop = lambda *a: _tam_laprop_pass(config, bc_v, *a)
+  tam_laprop = lambda _, *a: _tam_laprop_pass(config, bc_v, *a)
   tam, laprop = zip(*blocks.map(tam_laprop, blocks.split(damping.astype(scalar_dt)),
                                 buffers(state.tam_momentum),
                                 buffers(state.laprop_momentum), g_b,
@@ -538,7 +568,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                 blocks.split(mup_scale) if is_flat(state) else flat(state.mup_scale))]
 
   # Pass 2: the feature statistics of every tensor, then per-tensor scalars at once.
-  statistics = lambda inp: _statistics_pass(config, ctx, blocks, inp)
+  statistics = lambda sums, inp: _statistics_pass(config, ctx, sums, inp)
   sums2 = blocks.per_tensor(blocks.map(statistics, inputs), scalar_dt)
   time = jnp.concatenate([F.time_features(count, num_steps, TIME_TAUS),
                           jnp.float32([num_steps is not None])]).astype(scalar_dt)
@@ -548,14 +578,15 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   scalars = _tensor_scalars(theta, sums2, sizes, per_tensor, time)
 
   # Pass 3: the updates.
-  third = lambda inp, row: _tensor_update(config, theta, ctx, inp, row)
+  third = lambda _, inp, row: _tensor_update(config, theta, ctx, inp, row)
   updates = [keep(u, jnp.zeros_like(u))
              for u in blocks.map(third, inputs, blocks.split(scalars))]
   updates = [u.astype(jnp.result_type(p)) for u, p in zip(blocks.unpack(updates),
                                                           flat(params))]
 
   unflat = lambda leaves: jax.tree.unflatten(treedef, list(leaves))
-  assemble = (lambda bs: list(bs)[0]) if is_flat(state) else unflat
+  packed = lambda bs: _layout.Packed(bs[0], tuple(bs[1:]))
+  assemble = (lambda bs: packed(list(bs))) if is_flat(state) else unflat
   loss_ema, gp_ema = keep((loss_ema, gp_ema), (state.loss_ema, state.grad_param_ema))
   new_state = LOState(
       count=keep(count, state.count),
