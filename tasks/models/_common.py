@@ -3,9 +3,13 @@ Flax init/apply/activations adapter."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from tasks.data import dataset as dataset_lib
 
 from tasks.data import DigitsData
 from tasks.data import GaussianMixtureData
@@ -18,6 +22,9 @@ ACTIVATIONS = {
     "tanh": jnp.tanh,
     "silu": jax.nn.silu,
 }
+
+# Normalization layers a user picks between (flax.linen defaults).
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 
 # N(0, 1/fan_in) (truncated normal rescaled to that variance): input and hidden weights
 # under both parametrizations, and the readout under SP.
@@ -76,3 +83,26 @@ def flax_functions(model: nn.Module, dummy_input: jax.Array):
     return {**{k: v[0] for k, v in state["intermediates"].items()}, "logits": logits}
 
   return init, apply, activations
+
+
+def minibatch_or_full_sampler(dataset: dataset_lib.ArrayDataset, batch_size: int,
+                              target: Callable | None = None):
+  """``(sample_batch, eval_batch)``: batches drawn with replacement, or the whole train
+  split when ``batch_size`` covers it (full-batch training); ``target(x)`` replaces the
+  labels when given (reconstruction)."""
+  sample = dataset_lib.batch_sampler(dataset, batch_size)
+  full = {s: {"x": jnp.asarray(dataset.split(s)[0]), "y": jnp.asarray(dataset.split(s)[1])}
+          for s in dataset_lib.SPLITS}
+
+  def sample_batch(key: jax.Array, split: str = "train") -> dict[str, Any]:
+    if batch_size >= dataset.train_x.shape[0]:
+      batch = full["train"] if split == "train" else sample(key, split)
+    else:
+      batch = sample(key, split)
+    return {"x": batch["x"], "y": target(batch["x"])} if target else batch
+
+  def eval_batch() -> dict[str, Any]:
+    batch = dataset_lib.fixed_batch(dataset)
+    return {"x": batch["x"], "y": target(batch["x"])} if target else batch
+
+  return sample_batch, eval_batch

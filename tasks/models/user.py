@@ -38,6 +38,7 @@ from metaopt import mup
 from tasks import base
 from tasks import data as data_lib
 from tasks.data import text
+from tasks.models import _common
 from tasks.models import conv
 
 USER_MODELS = ("autoencoder", "transformer_lm", "lstm", "cnn", "resmlp", "regression")
@@ -104,26 +105,6 @@ def _smooth_function(seed: int) -> data_lib.ArrayDataset:
   x, y = x.astype(np.float32), y.astype(np.float32)
   k = REGRESSION_TRAIN
   return data_lib.ArrayDataset("smooth_function", x[:k], y[:k], x[k:], y[k:], 0)
-
-
-def _sampler(dataset: data_lib.ArrayDataset, batch_size: int, target: Callable | None):
-  """Batches with replacement, or the whole train split when it fits in one batch."""
-  sample = data_lib.batch_sampler(dataset, batch_size)
-  full = {s: {"x": jnp.asarray(dataset.split(s)[0]), "y": jnp.asarray(dataset.split(s)[1])}
-          for s in data_lib.dataset.SPLITS}
-
-  def sample_batch(key: jax.Array, split: str = "train") -> dict[str, Any]:
-    if batch_size >= dataset.train_x.shape[0]:
-      batch = full["train"] if split == "train" else sample(key, split)
-    else:
-      batch = sample(key, split)
-    return {"x": batch["x"], "y": target(batch["x"])} if target else batch
-
-  def eval_batch() -> dict[str, Any]:
-    batch = data_lib.fixed_batch(dataset)
-    return {"x": batch["x"], "y": target(batch["x"])} if target else batch
-
-  return sample_batch, eval_batch
 
 
 # --------------------------------------------------------------------------- models
@@ -259,7 +240,8 @@ def _spec(config: UserModelConfig):
     else:
       model = RowLSTM(w, 10) if config.model == "lstm" else CNN(w, 10)
       classes, target = 10, None
-    sample_batch, eval_batch = _sampler(digits, config.batch_size, target)
+    sample_batch, eval_batch = _common.minibatch_or_full_sampler(digits, config.batch_size,
+                                                                 target)
     init = lambda key: model.init(key, dummy)["params"]
     apply = lambda params, x: model.apply({"params": params}, x)
     return init, apply, classes, sample_batch, eval_batch
@@ -277,7 +259,7 @@ def _spec(config: UserModelConfig):
   make = _haiku_resmlp if config.model == "resmlp" else _haiku_mlp
   model = make(w, d, dataset.num_outputs)
   dummy = jnp.zeros((1, *dataset.input_shape), jnp.float32)
-  sample_batch, eval_batch = _sampler(dataset, config.batch_size, None)
+  sample_batch, eval_batch = _common.minibatch_or_full_sampler(dataset, config.batch_size)
   return (lambda key: model.init(key, dummy), model.apply, dataset.num_classes,
           sample_batch, eval_batch)
 
