@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--export-to", default=None, metavar="DIR")
   parser.add_argument("--score", default=None, metavar="STEPS",
                       help="only score checkpoints STEPS (comma-separated) of the run --out "
-                      "on the validation suite (log meta-objective, informed; lower is "
-                      "better) -- how release checkpoints are picked")
+                      "on the run's selection suites (MetaConfig.selection_suites, default "
+                      "validation; log meta-objective, informed; lower is better) -- how "
+                      "release checkpoints are picked")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--compile-cache", default=None, metavar="DIR",
                       help="persistent JAX compilation cache (default: .jax_cache next "
@@ -198,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
 def _score(out: str | None, steps_arg: str) -> int:
   """Prints the validation-suite score of each listed checkpoint of run ``out``."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top
   from metaopt.meta import checkpointing, run, validation  # pylint: disable=g-import-not-at-top
   try:
     steps = [int(s) for s in steps_arg.split(",")]
@@ -209,13 +209,15 @@ def _score(out: str | None, steps_arg: str) -> int:
     print("--score needs --out RUN (the run directory)", file=sys.stderr)
     return 2
   try:
-    los = {str(s): run.checkpoint_lo(out, s)[0] for s in steps}
+    loaded = {str(s): run.checkpoint_lo(out, s) for s in steps}
   except (ValueError, checkpointing.CheckpointError) as e:
     print(f"--score: {e}", file=sys.stderr)
     return 2
+  los = {k: lo for k, (lo, _) in loaded.items()}
   config = next(iter(los.values())).config
-  scores = validation.score_thetas(config, {k: lo.theta for k, lo in los.items()},
-                                   tasks.get_suite("validation"))
+  run_config = next(iter(loaded.values()))[1].get("config", {})
+  entries = validation.selection_entries(run_config.get("selection_suites", ["validation"]))
+  scores = validation.score_thetas(config, {k: lo.theta for k, lo in los.items()}, entries)
   labels = list(los)
   print("| task | " + " | ".join(f"step {k}" for k in labels) + " |")
   print("|---" * (len(labels) + 1) + "|")
