@@ -4,6 +4,7 @@ Usage::
 
   python meta_train.py                      # preset "default" (~10 min on a 2-core CPU)
   python meta_train.py --config smoke       # < 1 min
+  python meta_train.py --config user_shaped --out runs/user_shaped   # GPU-sized
   python meta_train.py --config my.json --out runs/mine --plot
   python meta_train.py --resume             # continue the newest run under runs/
   python meta_train.py --plot-run runs/mine # only draw its meta-loss curves
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[2:]))
   parser.add_argument("--config", default=None,
-                      help="preset name (default, smoke) or a JSON file of MetaConfig")
+                      help="preset name (default, smoke, user_shaped) or a JSON file of MetaConfig")
   parser.add_argument("--out", default=None,
                       help="run directory (default runs/<timestamp>); with --resume, a "
                       "run directory or a folder of runs (default runs/)")

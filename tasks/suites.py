@@ -22,12 +22,18 @@
   conv net with pooling, a Haiku residual MLP with LayerNorm, a full-batch Haiku
   regression; batches 8-512, 500-1500 steps, about ``heldout``'s evaluation cost. Never
   used for meta-training or for selecting checkpoints: a test set only.
+* ``validation-user``: one model per user-shaped family (``sp_*``, below), each with a
+  field value its family never samples: what ``user_shaped`` meta-training selects
+  checkpoints on beside ``validation``.
 * ``widths``: one muP MLP on digits at widths 64..8192 (:func:`widths_suite` builds it
   for any widths; use ``mup=False`` for the SP twin).
 
 :func:`tfds_suite` builds MLP and conv tasks on MNIST, Fashion-MNIST and CIFAR-10 from
 a prepared TFDS ``data_dir``; :func:`get_family` names :class:`TaskFamily` distributions
-(``mlp``, ``conv``, ``transformer_lm``, ``logistic``, ``quadratic``) for sampling.
+(``mlp``, ``conv``, ``transformer_lm``, ``logistic``, ``quadratic``, and the user-shaped
+``sp_transformer_lm``, ``sp_recurrent``, ``sp_autoencoder``, ``sp_resmlp``,
+``sp_convnet``, ``sp_regression``: standard-initialization flax.linen models whose roles
+are inferred, as a user's are) for sampling.
 """
 
 from __future__ import annotations

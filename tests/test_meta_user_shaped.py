@@ -113,6 +113,17 @@ def test_toy_user_shaped_run_trains_another_pooled_config_per_window():
     assert np.all(np.isfinite(np.asarray(leaf)))
 
 
+def test_recurrent_user_model_meta_trains_under_shard_map():
+  """nn.RNN's constant zero carry inside the sharded unroll (a varying-axes error once)."""
+  config = tasks.SPRecurrentConfig("gru", "language_model", width=8, length=6,
+                                   batch_size=4, vocab_size=16)
+  meta = TOY.replace(suite="", task_names=(), families=(), family_pool=0,
+                     tasks=(tasks.config_to_json(config),), num_blind_pairs=0, num_pairs=1)
+  trainer, states, metrics = _run(meta, 1)
+  assert trainer.tasks[0].config == config
+  assert np.isfinite(metrics[0]["meta_loss"]) and np.isfinite(metrics[0]["grad_norm"])
+
+
 @pytest.mark.parametrize("scale", [1e3, 1e-3])
 def test_extreme_reparametrization_scales_stay_bounded(scale):
   """A user-shaped net at Celo's extreme per-tensor scales: bounded, finite meta-loss."""
@@ -154,3 +165,35 @@ def test_user_shaped_preset_two_outer_steps_on_every_family():
         PRESET.families)
   for leaf in jax.tree.leaves(states[-1].theta):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_score_uses_the_runs_selection_suites(tmp_path, monkeypatch, capsys):
+  import meta_train  # pylint: disable=g-import-not-at-top
+  from metaopt.meta import run  # pylint: disable=g-import-not-at-top
+  config = TOY.replace(families=(), family_pool=0, num_blind_pairs=0, outer_steps=1,
+                       checkpoint_every=1, selection_suites=("smoke",))
+  run.meta_train(config, tmp_path / "run", progress=False)
+  scored = {}
+
+  def fake_score(lo_config, thetas, entries, **kwargs):
+    del lo_config, kwargs
+    scored["entries"] = [e.name for e in entries]
+    return {e.name: {label: 1.0 for label in thetas} for e in entries}
+
+  monkeypatch.setattr(validation, "score_thetas", fake_score)
+  assert meta_train.main(["--score", "1", "--out", str(tmp_path / "run")]) == 0
+  assert scored["entries"] == [e.name for e in tasks.get_suite("smoke")]
+  assert "step 1: mean +0.0000" in capsys.readouterr().out
+
+
+def test_checkpoints_from_before_the_new_fields_still_resume():
+  from metaopt.meta import checkpointing as ckpt  # pylint: disable=g-import-not-at-top
+  lo_config = outer.warm_start(MetaConfig()).config
+  expected = ckpt.run_metadata(MetaConfig(), lo_config, ["a"])
+  old = {**expected, "config": {k: v for k, v in expected["config"].items()
+                                if k not in ("keep_suite", "family_pool", "family_window",
+                                             "selection_suites")}}
+  ckpt.check_metadata(old, expected, "old run")  # missing fields read as defaults
+  pooled = ckpt.run_metadata(MetaConfig(family_pool=4), lo_config, ["a"])
+  with pytest.raises(ckpt.CheckpointError, match="family_pool"):
+    ckpt.check_metadata(old, pooled, "old run")

@@ -184,11 +184,19 @@ def family_configs(config: MetaConfig) -> list[list]:
 
 def family_pools(config: MetaConfig, task_configs: list) -> tuple[tuple[int, ...], ...]:
   """Task indices (into ``task_configs``, the run's tasks' configs) of each family's
-  pool; empty without ``family_pool`` (then every task is trained as a fixed one)."""
+  pool; empty without ``family_pool`` (then every task is trained as a fixed one). A
+  suite or ``tasks`` config that a family also drew is one task, in the pool."""
   if not config.family_pool:
     return ()
-  first = lambda c: next(i for i, t in enumerate(task_configs) if t == c)
-  return tuple(tuple(dict.fromkeys(first(c) for c in pool))
+
+  def index(c):
+    for i, t in enumerate(task_configs):
+      if t == c:
+        return i
+    raise ValueError(f"family config {c.name} is not among the run's tasks; pass "
+                     "task_list=None or include outer.resolve_tasks(config).")
+
+  return tuple(tuple(dict.fromkeys(index(c) for c in pool))
                for pool in family_configs(config))
 
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 from flax import linen as nn
 
 from tasks import base
 from tasks.data import procedural
 from tasks.models import _common
-from tasks.models.user import user_roles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +83,4 @@ def build(config: SPAutoencoderConfig, num_steps: int = base.DEFAULT_NUM_STEPS
           ) -> base.Task:
   """The reconstruction task of ``config``, with the roles a user's LO would infer."""
   dataset = procedural.manifold_data(config.input_dim, config.latent_dim, config.seed)
-  model = SPAutoencoder(config)
-  init = lambda key: model.init(key, jnp.zeros((1, config.input_dim), jnp.float32))["params"]
-  sample_batch, eval_batch = _common.minibatch_or_full_sampler(dataset, config.batch_size)
-  return base.supervised_task(
-      name=config.name, config=config, init=init,
-      apply=lambda params, x: model.apply({"params": params}, x), num_classes=0,
-      sample_batch=sample_batch, eval_batch=eval_batch, roles=user_roles(init),
-      num_steps=num_steps)
+  return _common.flax_user_task(config, SPAutoencoder(config), dataset, num_steps)

@@ -26,7 +26,6 @@ from tasks import data as data_lib
 from tasks.data import procedural
 from tasks.models import _common
 from tasks.models import conv
-from tasks.models.user import user_roles
 
 DOWNSAMPLES = ("stride", "maxpool", "avgpool")
 HEADS = ("global_pool", "flatten")
@@ -124,13 +123,5 @@ def dataset(config: SPConvNetConfig) -> data_lib.ArrayDataset:
 def build(config: SPConvNetConfig, num_steps: int = base.DEFAULT_NUM_STEPS) -> base.Task:
   """The classification task of ``config``, with the roles a user's LO would infer."""
   data = dataset(config)
-  model = SPConvNet(config, data.num_classes)
-  dummy = jnp.zeros((1, *data.input_shape), jnp.float32)
-  init = lambda key: model.init(key, dummy)["params"]
-  sample_batch, eval_batch = _common.minibatch_or_full_sampler(data, config.batch_size)
-  return base.supervised_task(
-      name=config.name, config=config, init=init,
-      apply=lambda params, x: model.apply({"params": params}, x),
-      num_classes=data.num_classes, sample_batch=sample_batch, eval_batch=eval_batch,
-      roles=user_roles(init), num_steps=num_steps)
-
+  return _common.flax_user_task(config, SPConvNet(config, data.num_classes), data,
+                                num_steps)

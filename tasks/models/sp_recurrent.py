@@ -31,7 +31,7 @@ from flax import linen as nn
 from tasks import base
 from tasks.data import procedural
 from tasks.data import text
-from tasks.models.user import user_roles
+from tasks.models._common import user_roles
 
 CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell}
 PROBLEMS = ("adding", "language_model")

@@ -15,16 +15,13 @@ expansion ratios 1-4, on the digits, Gaussian mixtures and teacher-student regre
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import jax.numpy as jnp
 from flax import linen as nn
 
 from tasks import base
 from tasks import data as data_lib
 from tasks.models import _common
-from tasks.models.user import user_roles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +78,5 @@ class SPResMLP(nn.Module):
 def build(config: SPResMLPConfig, num_steps: int = base.DEFAULT_NUM_STEPS) -> base.Task:
   """The task of ``config``, with the roles a user's LO would infer."""
   dataset = data_lib.load(config.data)
-  model = SPResMLP(config, dataset.num_outputs)
-  dummy = jnp.zeros((1, math.prod(dataset.input_shape)), jnp.float32)
-  init = lambda key: model.init(key, dummy)["params"]
-  sample_batch, eval_batch = _common.minibatch_or_full_sampler(dataset, config.batch_size)
-  return base.supervised_task(
-      name=config.name, config=config, init=init,
-      apply=lambda params, x: model.apply({"params": params}, x),
-      num_classes=dataset.num_classes, sample_batch=sample_batch, eval_batch=eval_batch,
-      roles=user_roles(init), num_steps=num_steps)
+  return _common.flax_user_task(config, SPResMLP(config, dataset.num_outputs), dataset,
+                                num_steps)

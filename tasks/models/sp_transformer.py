@@ -26,7 +26,7 @@ from tasks import base
 from tasks.data import procedural
 from tasks.data import text
 from tasks.models import _common
-from tasks.models.user import user_roles
+from tasks.models._common import user_roles
 
 @dataclasses.dataclass(frozen=True)
 class SPTransformerLMConfig:

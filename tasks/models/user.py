@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
 
 import haiku as hk
 import jax
@@ -34,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from metaopt import mup
 from tasks import base
 from tasks import data as data_lib
 from tasks.data import text
 from tasks.models import _common
 from tasks.models import conv
+from tasks.models._common import user_roles
 
 USER_MODELS = ("autoencoder", "transformer_lm", "lstm", "cnn", "resmlp", "regression")
 
@@ -202,30 +201,6 @@ def _haiku_mlp(width: int, depth: int, num_outputs: int):
 
 
 # -------------------------------------------------------------------------- builders
-
-
-def _shapes_in_order(tree: Any) -> Any:
-  """ShapeDtypeStructs of ``tree`` keeping every dict's insertion order.
-
-  ``jax.eval_shape`` (like ``jax.jit``) returns dicts with sorted keys; a user's eager
-  ``model.init`` keeps the call order, which :func:`metaopt.mup.infer_roles` reads.
-  """
-  if isinstance(tree, Mapping):
-    return {k: _shapes_in_order(v) for k, v in tree.items()}
-  return jax.ShapeDtypeStruct(jnp.shape(tree), jnp.result_type(tree))
-
-
-def user_roles(init: Callable[[jax.Array], Any]) -> Any:
-  """The roles :func:`metaopt.mup.infer_roles` gives the tree ``init`` builds eagerly."""
-  captured = {}
-
-  def traced(key):
-    params = init(key)
-    captured["shapes"] = _shapes_in_order(params)
-    return params
-
-  jax.eval_shape(traced, jax.random.key(0))
-  return mup.infer_roles(captured["shapes"])
 
 
 def _spec(config: UserModelConfig):
