@@ -152,8 +152,9 @@ def test_extreme_reparametrization_scales_stay_bounded(scale):
 
 @pytest.mark.slow
 def test_user_shaped_preset_two_outer_steps_on_every_family():
-  """The preset itself (every suite task, every family) at tiny unroll sizes (minutes)."""
-  config = PRESET.replace(family_pool=2, family_samples=1, family_window=1,
+  """The preset itself (every suite task, every family) at tiny unroll sizes: 14
+  programs to compile, 10-30 minutes on 2 shared cores."""
+  config = PRESET.replace(family_pool=2, family_samples=1,  # window: both steps
                           hidden_size=2, num_pairs=1, num_blind_pairs=0,
                           truncation_length=5, horizon=10, min_horizon=5,
                           validation_every=0)
