@@ -4,6 +4,7 @@ Usage::
 
   python meta_train.py                      # preset "default" (~10 min on a 2-core CPU)
   python meta_train.py --config smoke       # < 1 min
+  python meta_train.py --config user_shaped --out runs/user_shaped   # GPU-sized
   python meta_train.py --config my.json --out runs/mine --plot
   python meta_train.py --resume             # continue the newest run under runs/
   python meta_train.py --plot-run runs/mine # only draw its meta-loss curves
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[2:]))
   parser.add_argument("--config", default=None,
-                      help="preset name (default, smoke) or a JSON file of MetaConfig")
+                      help="preset name (default, smoke, user_shaped) or a JSON file of MetaConfig")
   parser.add_argument("--out", default=None,
                       help="run directory (default runs/<timestamp>); with --resume, a "
                       "run directory or a folder of runs (default runs/)")
@@ -95,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--export-to", default=None, metavar="DIR")
   parser.add_argument("--score", default=None, metavar="STEPS",
                       help="only score checkpoints STEPS (comma-separated) of the run --out "
-                      "on the validation suite (log meta-objective, informed; lower is "
-                      "better) -- how release checkpoints are picked")
+                      "on the run's selection suites (MetaConfig.selection_suites, default "
+                      "validation; log meta-objective, informed; lower is better) -- how "
+                      "release checkpoints are picked")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--compile-cache", default=None, metavar="DIR",
                       help="persistent JAX compilation cache (default: .jax_cache next "
@@ -239,7 +241,6 @@ def _export(out: str | None, step: int, dest: str | None) -> int:
 def _score(out: str | None, steps_arg: str) -> int:
   """Prints the validation-suite score of each listed checkpoint of run ``out``."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top
   from metaopt.meta import checkpointing, run, validation  # pylint: disable=g-import-not-at-top
   try:
     steps = [int(s) for s in steps_arg.split(",")]
@@ -249,12 +250,14 @@ def _score(out: str | None, steps_arg: str) -> int:
   if not out:
     raise _UsageError("--score needs --out RUN (the run directory)")
   try:
-    los = {str(s): run.checkpoint_lo(out, s)[0] for s in steps}
+    loaded = {str(s): run.checkpoint_lo(out, s) for s in steps}
   except (ValueError, checkpointing.CheckpointError) as e:
     raise _UsageError(f"--score: {e}") from None
+  los = {k: lo for k, (lo, _) in loaded.items()}
   config = next(iter(los.values())).config
-  scores = validation.score_thetas(config, {k: lo.theta for k, lo in los.items()},
-                                   tasks.get_suite("validation"))
+  run_config = next(iter(loaded.values()))[1].get("config", {})
+  entries = validation.selection_entries(run_config.get("selection_suites", ["validation"]))
+  scores = validation.score_thetas(config, {k: lo.theta for k, lo in los.items()}, entries)
   labels = list(los)
   print("| task | " + " | ".join(f"step {k}" for k in labels) + " |")
   print("|---" * (len(labels) + 1) + "|")

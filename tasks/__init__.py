@@ -24,6 +24,12 @@ from tasks.models.conv import ConvConfig
 from tasks.models.logistic import LogisticConfig
 from tasks.models.mlp import MLPConfig
 from tasks.models.quadratic import QuadraticConfig
+from tasks.models.sp_autoencoder import SPAutoencoderConfig
+from tasks.models.sp_convnet import SPConvNetConfig
+from tasks.models.sp_recurrent import SPRecurrentConfig
+from tasks.models.sp_regression import SPRegressionConfig
+from tasks.models.sp_resmlp import SPResMLPConfig
+from tasks.models.sp_transformer import SPTransformerLMConfig
 from tasks.models.transformer import TransformerLMConfig
 from tasks.models.user import UserModelConfig
 from tasks.registry import build
@@ -45,6 +51,12 @@ __all__ = [
     "LogisticConfig",
     "MLPConfig",
     "QuadraticConfig",
+    "SPAutoencoderConfig",
+    "SPConvNetConfig",
+    "SPRecurrentConfig",
+    "SPRegressionConfig",
+    "SPResMLPConfig",
+    "SPTransformerLMConfig",
     "SuiteEntry",
     "TFDSImageData",
     "Task",

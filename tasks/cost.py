@@ -19,6 +19,12 @@ from tasks.models import conv
 from tasks.models import logistic
 from tasks.models import mlp
 from tasks.models import quadratic
+from tasks.models import sp_autoencoder
+from tasks.models import sp_convnet
+from tasks.models import sp_recurrent
+from tasks.models import sp_regression
+from tasks.models import sp_resmlp
+from tasks.models import sp_transformer
 from tasks.models import transformer
 from tasks.models import user
 
@@ -50,7 +56,12 @@ def _conv(c: conv.ConvConfig) -> tuple[int, int, int]:
 
 
 def _transformer(c: transformer.TransformerLMConfig) -> tuple[int, int, int]:
-  d, t, v = c.width, c.context, text.load_corpus(c.corpus).vocab_size
+  return _transformer_counts(c, text.load_corpus(c.corpus).vocab_size)
+
+
+def _transformer_counts(c, v: int) -> tuple[int, int, int]:
+  """A pre-LN LM of ``c``'s width, depth, heads, context, batch and MLP ratio."""
+  d, t = c.width, c.context
   block = (4 + 2 * c.mlp_ratio) * d * d
   macs = t * (c.depth * (block + 2 * t * d) + d * v)
   elements = t * (c.depth * ((8 + c.mlp_ratio) * d + 2 * c.heads * t) + d + v)
@@ -97,6 +108,70 @@ def _user(c: user.UserModelConfig) -> tuple[int, int, int]:
   return b * macs, params, b * (64 * 16 + 16 * 10 * 32 + 4 * 32 + w + 10)
 
 
+def _dense_counts(dims: list[int], batch: int, extra_params: int = 0,
+                 extra_units: int = 0) -> tuple[int, int, int]:
+  """A chain of dense layers ``dims[0] -> dims[1] -> ...`` (plus block extras)."""
+  weights = sum(a * z for a, z in zip(dims, dims[1:])) + extra_params
+  units = sum(dims[1:]) + extra_units
+  return batch * weights, weights + units, batch * units
+
+
+def _sp_autoencoder(c: sp_autoencoder.SPAutoencoderConfig) -> tuple[int, int, int]:
+  sizes = sp_autoencoder.hidden_sizes(c.width, c.depth)
+  return _dense_counts([c.input_dim, *sizes, c.input_dim], c.batch_size,
+                       extra_units=sum(sizes) if c.layer_norm else 0)
+
+
+def _sp_resmlp(c: sp_resmlp.SPResMLPConfig) -> tuple[int, int, int]:
+  w, x = c.width, c.expansion
+  return _dense_counts([math.prod(c.data.input_shape), w, c.data.num_outputs],
+                       c.batch_size, extra_params=c.depth * 2 * x * w * w,
+                       extra_units=c.depth * (x + 2) * w)
+
+
+def _sp_regression(c: sp_regression.SPRegressionConfig) -> tuple[int, int, int]:
+  return _dense_counts([c.input_dim, *[c.width] * c.depth, 1],
+                       min(c.batch_size, c.num_train))
+
+
+def _sp_transformer(c: sp_transformer.SPTransformerLMConfig) -> tuple[int, int, int]:
+  return _transformer_counts(c, c.vocab_size)
+
+
+def _sp_recurrent(c: sp_recurrent.SPRecurrentConfig) -> tuple[int, int, int]:
+  """Per step ``gates * width * (input + width)``; the per-step work counted as elements."""
+  gates, w, t = (3 if c.cell == "gru" else 4), c.width, c.length
+  lm = c.problem == "language_model"
+  d_in, out = (w, c.vocab_size) if lm else (2, 1)
+  cell = gates * w * (d_in + w) + (c.depth - 1) * gates * w * 2 * w
+  readout = w * out * (t if lm else 1)
+  params = cell + c.depth * gates * w + w * out + (c.vocab_size * w if lm else 0)
+  return c.batch_size * (t * cell + readout), params, c.batch_size * t * c.depth * 3 * gates * w
+
+
+def _sp_convnet(c: sp_convnet.SPConvNetConfig) -> tuple[int, int, int]:
+  """3x3 convs layer by layer (im2col patches and outputs as elements)."""
+  side, _, c_in = sp_convnet.dataset_shape(c)
+  macs, params, elements = side * side * 9 * c_in * c.width, 9 * c_in * c.width, 0
+  channels = c.width
+  for i in range(c.stages):
+    f = c.width * 2 ** i
+    convs = [(channels, f, 1)] + ([(f, f, 2)] if c.downsample == "stride" else [])
+    for a, z, stride in convs:
+      out_side = -(-side // stride)
+      macs += out_side * out_side * 9 * a * z
+      params += 9 * a * z + z
+      elements += out_side * out_side * (9 * a + z)
+      side = out_side
+    if c.downsample != "stride":
+      side = -(-side // 2)
+    channels = f
+  classes = sp_convnet.dataset_classes(c)
+  head = (channels * classes if c.head == "global_pool"
+          else side * side * channels * 4 * c.width + 4 * c.width * classes)
+  return c.batch_size * (macs + head), params + head, c.batch_size * (elements + classes)
+
+
 _COSTS = {
     mlp.MLPConfig: _mlp,
     conv.ConvConfig: _conv,
@@ -104,6 +179,12 @@ _COSTS = {
     logistic.LogisticConfig: _logistic,
     quadratic.QuadraticConfig: _quadratic,
     user.UserModelConfig: _user,
+    sp_autoencoder.SPAutoencoderConfig: _sp_autoencoder,
+    sp_resmlp.SPResMLPConfig: _sp_resmlp,
+    sp_regression.SPRegressionConfig: _sp_regression,
+    sp_transformer.SPTransformerLMConfig: _sp_transformer,
+    sp_recurrent.SPRecurrentConfig: _sp_recurrent,
+    sp_convnet.SPConvNetConfig: _sp_convnet,
 }
 
 

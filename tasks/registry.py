@@ -19,6 +19,12 @@ from tasks.models import logistic
 from tasks.models import mlp
 from tasks.models import mlp_haiku
 from tasks.models import quadratic
+from tasks.models import sp_autoencoder
+from tasks.models import sp_convnet
+from tasks.models import sp_recurrent
+from tasks.models import sp_regression
+from tasks.models import sp_resmlp
+from tasks.models import sp_transformer
 from tasks.models import transformer
 from tasks.models import user
 
@@ -35,6 +41,12 @@ BUILDERS = {
     logistic.LogisticConfig: logistic.build,
     quadratic.QuadraticConfig: quadratic.build,
     user.UserModelConfig: user.build,
+    sp_transformer.SPTransformerLMConfig: sp_transformer.build,
+    sp_recurrent.SPRecurrentConfig: sp_recurrent.build,
+    sp_autoencoder.SPAutoencoderConfig: sp_autoencoder.build,
+    sp_resmlp.SPResMLPConfig: sp_resmlp.build,
+    sp_convnet.SPConvNetConfig: sp_convnet.build,
+    sp_regression.SPRegressionConfig: sp_regression.build,
 }
 
 CONFIG_TYPES = {cls.__name__: cls for cls in (*BUILDERS, *data_lib.LOADERS)}

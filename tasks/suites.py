@@ -23,12 +23,18 @@
   conv net with pooling, a Haiku residual MLP with LayerNorm, a full-batch Haiku
   regression; batches 8-512, 500-1500 steps, about ``heldout``'s evaluation cost. Never
   used for meta-training or for selecting checkpoints: a test set only.
+* ``validation-user``: one model per user-shaped family (``sp_*``, below), each with a
+  field value its family never samples: what ``user_shaped`` meta-training selects
+  checkpoints on beside ``validation``.
 * ``widths``: one muP MLP on digits at widths 64..8192 (:func:`widths_suite` builds it
   for any widths; use ``mup=False`` for the SP twin).
 
 :func:`tfds_suite` builds MLP and conv tasks on MNIST, Fashion-MNIST and CIFAR-10 from
 a prepared TFDS ``data_dir``; :func:`get_family` names :class:`TaskFamily` distributions
-(``mlp``, ``conv``, ``transformer_lm``, ``logistic``, ``quadratic``) for sampling.
+(``mlp``, ``conv``, ``transformer_lm``, ``logistic``, ``quadratic``, and the user-shaped
+``sp_transformer_lm``, ``sp_recurrent``, ``sp_autoencoder``, ``sp_resmlp``,
+``sp_convnet``, ``sp_regression``: standard-initialization flax.linen models whose roles
+are inferred, as a user's are) for sampling.
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ from tasks.models.conv import ConvConfig
 from tasks.models.logistic import LogisticConfig
 from tasks.models.mlp import MLPConfig
 from tasks.models.quadratic import QuadraticConfig
+from tasks.models.sp_autoencoder import SPAutoencoderConfig
+from tasks.models.sp_convnet import SPConvNetConfig
+from tasks.models.sp_recurrent import SPRecurrentConfig
+from tasks.models.sp_regression import SPRegressionConfig
+from tasks.models.sp_resmlp import SPResMLPConfig
+from tasks.models.sp_transformer import SPTransformerLMConfig
 from tasks.models.transformer import TransformerLMConfig
 from tasks.models.user import UserModelConfig
 
@@ -165,6 +177,29 @@ def _validation() -> list[SuiteEntry]:
   ]
 
 
+def _validation_user() -> list[SuiteEntry]:
+  """One user-shaped model per user-shaped family, each outside its family's support.
+
+  Every entry has a field value no family samples (a width, length, data seed or
+  dimension off the grid), so selection never scores a configuration meta-training
+  trained on; none is a ``heldout-user`` model.
+  """
+  gmm = GaussianMixtureData(num_classes=10, dim=40, seed=31)
+  return [
+      entry(SPTransformerLMConfig(width=48, depth=2, heads=4, context=32, batch_size=16,
+                                  norm="rmsnorm", vocab_size=48, seed=7), 600),
+      entry(SPRecurrentConfig("gru", "adding", width=48, length=30, batch_size=32), 600),
+      entry(SPAutoencoderConfig(width=96, depth=2, activation="gelu", layer_norm=True,
+                                batch_size=64, input_dim=24, latent_dim=3, seed=7), 600),
+      entry(SPResMLPConfig(gmm, width=96, depth=6, expansion=2, norm="rmsnorm",
+                           activation="silu", batch_size=32), 600),
+      entry(SPConvNetConfig("gratings", width=12, stages=2, downsample="stride",
+                            batch_size=32, seed=5), 600),
+      entry(SPRegressionConfig(width=96, depth=3, activation="silu", batch_size=300,
+                               input_dim=3, num_train=300, seed=7), 600),
+  ]
+
+
 def scale_up(config: Any, width_factor: int = 8, depth_factor: int = 2) -> Any:
   """The same task ``width_factor`` x wider and ``depth_factor`` x deeper.
 
@@ -212,6 +247,7 @@ SUITES: dict[str, Callable[[], list[SuiteEntry]]] = {
     "heldout-full": _heldout_full,
     "heldout-user": _heldout_user,
     "validation": _validation,
+    "validation-user": _validation_user,
     "widths": widths_suite,
 }
 
@@ -240,11 +276,69 @@ def _families() -> dict[str, TaskFamily]:
       "quadratic": TaskFamily(QuadraticConfig(), {
           "dim": (8, 16, 64), "condition_number": (10.0, 100.0, 1e3, 1e4),
           "rotate": (False, True), "noise_std": (0.0, 0.05, 0.1)}),
+      **_user_shaped_families(),
   }
 
 
+def _user_shaped_families() -> dict[str, TaskFamily]:
+  """Standard-initialization models with inferred roles, shaped like what users bring.
+
+  Each is a flax.linen model with the framework's default initializers whose roles
+  :func:`metaopt.mup.infer_roles` guesses, as for a drop-in user of the muP LO; each
+  differs in kind from the ``heldout-user`` models (other data, other architecture
+  variants: see each model's module). Batch sizes span 16-512 across the families;
+  horizons (100-3000) are the meta-training run's episode lengths
+  (``MetaConfig.min_horizon`` / ``horizon``, drawn log-uniformly per episode).
+  """
+  seeds = (0, 1, 2, 3)
+  acts = ("relu", "gelu", "tanh", "silu")
+  norms = ("layernorm", "rmsnorm")
+  return {
+      # Pre-LN LMs on Markov-chain tokens: attention, embeddings, norms.
+      "sp_transformer_lm": TaskFamily(SPTransformerLMConfig(), {
+          "width": (32, 64, 128), "depth": (1, 2, 3), "heads": (2, 4),
+          "context": (16, 32, 64), "batch_size": (16, 32, 64), "norm": norms,
+          "mlp_ratio": (2, 4), "activation": ("gelu", "relu", "silu"),
+          "attention_bias": (True, False), "vocab_size": (16, 32, 64),
+          "markov_order": (1, 2), "seed": seeds}),
+      # GRU/LSTM on long-memory regression and next-token prediction.
+      "sp_recurrent": TaskFamily(SPRecurrentConfig(), {
+          "cell": ("gru", "lstm"), "problem": ("adding", "language_model"),
+          "width": (32, 64, 128), "depth": (1, 2), "length": (10, 20, 40),
+          "batch_size": (16, 64, 256), "vocab_size": (16, 32), "markov_order": (1, 2),
+          "seed": seeds}),
+      # Bottleneck reconstruction of manifold data: deep chains of Dense layers.
+      "sp_autoencoder": TaskFamily(SPAutoencoderConfig(), {
+          "width": (64, 128, 256), "depth": (1, 2, 3), "activation": acts,
+          "layer_norm": (False, True), "batch_size": (32, 128, 512),
+          "input_dim": (16, 32, 64), "latent_dim": (2, 4, 8), "seed": seeds}),
+      # Deep pre-norm residual MLPs (the residual stream grows under SP init).
+      "sp_resmlp": TaskFamily(SPResMLPConfig(), {
+          "data": (DigitsData(), GaussianMixtureData(num_classes=16, dim=48, seed=21),
+                   TeacherStudentData(input_dim=16, output_dim=2, teacher_width=32,
+                                      seed=9)),
+          "width": (32, 64, 128), "depth": (2, 4, 8), "expansion": (1, 2, 4),
+          "norm": norms, "activation": acts, "batch_size": (16, 64, 256)}),
+      # Conv nets with stride / max / average pooling, global-pool or flatten heads.
+      "sp_convnet": TaskFamily(SPConvNetConfig(), {
+          "data": ("digits", "gratings"), "width": (8, 16, 32), "stages": (1, 2),
+          "downsample": ("stride", "maxpool", "avgpool"), "layer_norm": (False, True),
+          "head": ("global_pool", "flatten"), "batch_size": (16, 32, 128),
+          "seed": (0, 1)}),
+      # Small-data regression, mini-batch or full-batch (batch 512 >= every train set).
+      "sp_regression": TaskFamily(SPRegressionConfig(), {
+          "width": (32, 64, 128), "depth": (2, 3, 4), "activation": acts,
+          "batch_size": (16, 64, 512), "input_dim": (2, 4, 8),
+          "num_train": (128, 256, 512), "seed": seeds}),
+  }
+
+
+USER_SHAPED_FAMILY_NAMES = tuple(sorted(_user_shaped_families()))
+
+
 def get_family(name: str) -> TaskFamily:
-  """A named family of small tasks (the meta_train_default scale) to sample from."""
+  """A named family to sample from: the muP families (the meta_train_default scale)
+  and the user-shaped ``sp_*`` ones (:data:`USER_SHAPED_FAMILY_NAMES`)."""
   families = _families()
   if name not in families:
     raise ValueError(f"unknown family {name!r}; expected one of {sorted(families)}.")

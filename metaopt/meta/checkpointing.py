@@ -29,7 +29,7 @@ from metaopt.meta.config import MetaConfig
 FORMAT_VERSION = 1
 # Fields that may change when a run is resumed (they do not change the computation).
 RESUMABLE_FIELDS = ("outer_steps", "validation_every", "validation_seeds",
-                    "checkpoint_every", "keep_checkpoints", "log_every")
+                    "checkpoint_every", "keep_checkpoints", "log_every", "selection_suites")
 
 
 class CheckpointError(RuntimeError):
@@ -83,8 +83,11 @@ def check_metadata(saved: dict[str, Any], expected: dict[str, Any], where: str) 
                           f"{saved.get('format_version')!r}; this code reads "
                           f"{FORMAT_VERSION}.")
   diffs = []
+  defaults = MetaConfig().to_dict()  # fields added since a checkpoint kept their default
   for key in ("config", "lo_config"):
     a, b = saved.get(key, {}), expected[key]
+    if key == "config":
+      a = {**{f: v for f, v in defaults.items() if f not in a}, **a}
     for field in sorted(set(a) | set(b)):
       if key == "config" and field in RESUMABLE_FIELDS:
         continue

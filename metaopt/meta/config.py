@@ -16,6 +16,10 @@ from typing import Any
 ESTIMATOR_NAMES = ("pes", "es", "tbptt")
 HORIZON_SCHEDULES = ("constant", "log_uniform")
 META_OBJECTIVES = ("linear", "log")
+# Per-tensor reparametrization scales 10^U(-a, a) with a <= 6: a gradient s * g and its
+# square (s^2 g^2, in the LO's second moments) stay far inside float32's range
+# (1e-38..3e38) for any g a bounded loss produces; divergence is the loss bound's job.
+MAX_AUGMENT_SCALE = 6.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +34,15 @@ class MetaConfig:
       each may also be the JSON object itself.
     families: ``tasks.get_family`` names; ``family_samples`` configs are drawn from each
       (from ``seed``) when the run starts. ``tasks`` and ``families`` together, when
-      either is given, replace the suite.
-    family_samples: configs drawn per family.
+      either is given, replace the suite (unless ``keep_suite``).
+    family_samples: configs drawn per family; with ``family_pool``, the configs of each
+      family trained at once.
+    keep_suite: with ``tasks`` or ``families``, train the suite's tasks as well (first).
+    family_pool: K > 0 draws K configs per family when the run starts and trains
+      ``family_samples`` of them at a time, redrawn every ``family_window`` outer steps
+      (:func:`metaopt.meta.outer.active_tasks`); 0 trains every drawn config every step.
+    family_window: outer steps between redraws of the families' active configs (0: the
+      longest episode, ``ceil(horizon / truncation_length)`` truncations).
     task_factories: ``"package.module:factory"`` strings, each a function of no
       arguments returning a ``tasks.Task`` (``tasks.from_factory``); these tasks come
       after the suite's (or ``tasks``/``families``), and a resumed run rebuilds them.
@@ -57,7 +68,7 @@ class MetaConfig:
     loss_bound: cap on the normalized loss (loss / the episode's initial loss); an
       inner run that goes NaN/inf contributes this value and is reset.
     augment_scale: a, reparametrize each tensor as ``w * 10^U(-a, a)`` per episode
-      (0: off).
+      (0: off; at most :data:`MAX_AUGMENT_SCALE`; Celo's range is a = 3).
     outer_steps: meta-gradient steps.
     outer_learning_rate, outer_weight_decay, outer_clip_norm: the outer AdamW with
       global-norm clipping; its weight decay pulls theta toward the warm start.
@@ -70,6 +81,8 @@ class MetaConfig:
     resample_every: outer steps between drawing the next tasks (``tasks_per_step > 0``).
     validation_task: suite task name evaluated every ``validation_every`` steps
       ("" : the first task).
+    selection_suites: the ``tasks.get_suite`` names ``meta_train.py --score`` scores
+      checkpoints on (release selection; not used while training).
     validation_every, validation_seeds: how often (0: never, not even for the summary)
       and on how many seeds.
     checkpoint_every, keep_checkpoints: orbax checkpoint period and retention.
@@ -82,6 +95,9 @@ class MetaConfig:
   tasks: tuple[str, ...] = ()
   families: tuple[str, ...] = ()
   family_samples: int = 4
+  keep_suite: bool = False
+  family_pool: int = 0
+  family_window: int = 0
   task_factories: tuple[str, ...] = ()
   warm_start: str = "adamw"
   hidden_size: int = 0
@@ -105,6 +121,7 @@ class MetaConfig:
   tasks_per_step: int = 0
   resample_every: int = 10
   validation_task: str = ""
+  selection_suites: tuple[str, ...] = ("validation",)
   validation_every: int = 100
   validation_seeds: int = 4
   checkpoint_every: int = 50
@@ -113,7 +130,7 @@ class MetaConfig:
   seed: int = 0
 
   def __post_init__(self):
-    for name in ("task_names", "tasks", "families", "task_factories"):
+    for name in ("task_names", "tasks", "families", "task_factories", "selection_suites"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     object.__setattr__(self, "tasks", tuple(
         t if isinstance(t, str) else json.dumps(t, sort_keys=True) for t in self.tasks))
@@ -129,11 +146,21 @@ class MetaConfig:
                  "checkpoint_every", "keep_checkpoints", "log_every", "family_samples"):
       _check_int(name, getattr(self, name), 1)
     for name in ("num_blind_pairs", "validation_every", "outer_decay_steps",
-                 "tasks_per_step"):
+                 "tasks_per_step", "family_pool", "family_window"):
       _check_int(name, getattr(self, name), 0)
     _check_int("hidden_size", self.hidden_size, 0)
-    if not isinstance(self.mup, bool):
-      raise ValueError(f"MetaConfig.mup={self.mup!r}; expected true or false.")
+    for name in ("mup", "keep_suite"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"MetaConfig.{name}={getattr(self, name)!r}; expected true or "
+                         "false.")
+    if self.family_pool and self.family_samples > self.family_pool:
+      raise ValueError(f"MetaConfig.family_samples={self.family_samples} > family_pool="
+                       f"{self.family_pool}: a family cannot train more configs at once "
+                       "than its pool holds.")
+    if float(self.augment_scale) > MAX_AUGMENT_SCALE:
+      raise ValueError(f"MetaConfig.augment_scale={self.augment_scale!r}; expected at most "
+                       f"{MAX_AUGMENT_SCALE} (per-tensor scales 10^+-{MAX_AUGMENT_SCALE:g} "
+                       "keep float32 gradients and their squares in range).")
     _check_int("seed", self.seed, 0)
     for name in ("sigma", "loss_bound", "outer_learning_rate", "outer_clip_norm"):
       if not float(getattr(self, name)) > 0:
@@ -170,6 +197,7 @@ class MetaConfig:
     d["task_names"] = list(self.task_names)
     d["families"] = list(self.families)
     d["task_factories"] = list(self.task_factories)
+    d["selection_suites"] = list(self.selection_suites)
     d["tasks"] = [json.loads(t) for t in self.tasks]
     return d
 
@@ -200,6 +228,12 @@ def _check_int(name: str, value: Any, low: int) -> None:
 # transformer LM of the suite is left out (~20x slower per step than the other tasks).
 # `smoke` is for a first try and CI: well under a minute.
 _DEFAULT_STEPS = 500
+# `user_shaped` is sized for a GPU (an H200: hours, not minutes): the muP suite plus
+# the six user-shaped families, 8 configs each in the pool, 2 of each trained at a
+# time, horizons 100-3000, per-tensor scales 10^U(-3, 3) (Celo's range).
+USER_SHAPED_FAMILIES = ("sp_autoencoder", "sp_convnet", "sp_recurrent", "sp_regression",
+                        "sp_resmlp", "sp_transformer_lm")
+_USER_SHAPED_STEPS = 5000
 PRESETS: dict[str, MetaConfig] = {
     "default": MetaConfig(
         task_names=("mlp_digits_w32_d2_relu_b64_mup", "mlp_digits_w128_d1_gelu_b128_mup",
@@ -214,6 +248,15 @@ PRESETS: dict[str, MetaConfig] = {
         num_blind_pairs=2, truncation_length=10, horizon=50, min_horizon=20,
         outer_steps=30, outer_learning_rate=3e-2, validation_every=15,
         validation_seeds=2, checkpoint_every=10, log_every=5),
+    "user_shaped": MetaConfig(
+        suite="meta_train_default", keep_suite=True, families=USER_SHAPED_FAMILIES,
+        family_pool=8, family_samples=2, augment_scale=3.0, num_pairs=8,
+        num_blind_pairs=2, truncation_length=25, horizon=3000, min_horizon=100,
+        meta_objective="log", outer_learning_rate=1e-3, outer_weight_decay=0.3,
+        outer_steps=_USER_SHAPED_STEPS, outer_decay_steps=_USER_SHAPED_STEPS,
+        validation_task="mlp_digits_w32_d2_relu_b64_mup",
+        selection_suites=("validation", "validation-user"), validation_every=250,
+        checkpoint_every=100, keep_checkpoints=20, log_every=10),
 }
 
 

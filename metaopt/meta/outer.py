@@ -3,7 +3,9 @@
 Per outer step ``s`` (all in jitted, sharded programs):
 
 1. the active tasks are those of window ``s // resample_every`` (drawn from the run's
-   seed, so every host and every resumed run agrees);
+   seed, so every host and every resumed run agrees), plus, with
+   ``MetaConfig.family_pool``, ``family_samples`` configs of each family's pool,
+   redrawn every ``family_window`` steps (:func:`active_tasks`);
 2. for each active task, its populations (``num_pairs`` informed pairs passing
    ``value=``/``num_steps=``, ``num_blind_pairs`` pairs passing neither) run one
    truncation through the estimator; the task's meta-gradient is the member-weighted
@@ -136,16 +138,20 @@ def resolve_tasks(config: MetaConfig) -> list:
 
 
 def _task_configs(config: MetaConfig) -> list:
-  """The task configs of ``tasks``/``families``, else of the suite (none for ``""``)."""
+  """The task configs of ``tasks``/``families`` (after the suite's with ``keep_suite``),
+  else of the suite (none for ``""``)."""
   import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   if config.tasks or config.families:
-    configs = [tasks_lib.config_from_json(t) for t in config.tasks]
-    for f, name in enumerate(config.families):
-      family = tasks_lib.get_family(name)
-      key = jax.random.fold_in(jax.random.PRNGKey(config.seed), f)
-      configs += [family.sample(jax.random.fold_in(key, i))
-                  for i in range(config.family_samples)]
+    configs = _suite_configs(config) if config.keep_suite else []
+    configs += [tasks_lib.config_from_json(t) for t in config.tasks]
+    for pool in family_configs(config):
+      configs += pool
     return list(dict.fromkeys(configs))  # a family may draw the same config twice
+  return _suite_configs(config)
+
+
+def _suite_configs(config: MetaConfig) -> list:
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   if not config.suite:
     if config.task_names:
       raise ValueError(f"task_names {list(config.task_names)} need a suite; "
@@ -162,14 +168,81 @@ def _task_configs(config: MetaConfig) -> list:
   return [e.config for e in entries]
 
 
-def active_tasks(config: MetaConfig, num_tasks: int, step: int) -> tuple[int, ...]:
-  """Task indices trained at outer step ``step`` (fixed within a window)."""
-  count = min(config.tasks_per_step or num_tasks, num_tasks)
-  if count == num_tasks:
-    return tuple(range(num_tasks))
-  window = step // config.resample_every
-  rng = np.random.default_rng([config.seed, window])
-  return tuple(sorted(int(i) for i in rng.choice(num_tasks, count, replace=False)))
+def family_configs(config: MetaConfig) -> list[list]:
+  """Per family of ``config.families``, the configs drawn from it when the run starts:
+  ``family_pool`` of them (or ``family_samples`` without a pool), deterministic in the
+  seed; the first ``family_samples`` of a pool are the configs a run without one draws."""
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  count = config.family_pool or config.family_samples
+  pools = []
+  for f, name in enumerate(config.families):
+    family = tasks_lib.get_family(name)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), f)
+    pools.append([family.sample(jax.random.fold_in(key, i)) for i in range(count)])
+  return pools
+
+
+def family_pools(config: MetaConfig, task_configs: list) -> tuple[tuple[int, ...], ...]:
+  """Task indices (into ``task_configs``, the run's tasks' configs) of each family's
+  pool; empty without ``family_pool`` (then every task is trained as a fixed one). A
+  suite or ``tasks`` config that a family also drew is one task, in the pool."""
+  if not config.family_pool:
+    return ()
+
+  def index(c):
+    for i, t in enumerate(task_configs):
+      if t == c:
+        return i
+    raise ValueError(f"family config {c.name} is not among the run's tasks; pass "
+                     "task_list=None or include outer.resolve_tasks(config).")
+
+  return tuple(tuple(dict.fromkeys(index(c) for c in pool))
+               for pool in family_configs(config))
+
+
+def family_window(config: MetaConfig) -> int:
+  """Outer steps between redraws of the families' active configs."""
+  return config.family_window or -(-config.horizon // config.truncation_length)
+
+
+def active_tasks(config: MetaConfig, num_tasks: int, step: int,
+                 pools: tuple[tuple[int, ...], ...] = ()) -> tuple[int, ...]:
+  """Task indices trained at outer step ``step``, sorted; a pure function of the config,
+  the step and the pools, so every host and every resumed run agrees.
+
+  Tasks outside ``pools`` (the suite's, ``tasks``, factories) are all active or, with
+  ``tasks_per_step``, that many of them redrawn every ``resample_every`` steps. Each
+  pool (one per family, :func:`family_pools`) adds ``family_samples`` of its configs,
+  redrawn every :func:`family_window` outer steps.
+
+  Why a fixed pool of K configs per family, redrawn per window, rather than a fresh
+  config per episode: a population's members share one config (the arrays of its
+  parameters and optimizer states have that config's shapes, and one compiled program
+  steps them), so the config can only change for a whole population, and a new shape
+  is a new compilation (tens of seconds, then used for one episode). A bounded cache of
+  fresh samples would also drop the populations of evicted configs mid-episode (a bias
+  against long horizons) and make the checkpointed state's shapes depend on the step.
+  With a pool, compilations are bounded (K per family, all compiled up front), the state
+  has fixed shapes (bit-exact resume), and a paused config keeps its populations, so
+  its episodes resume where they stopped and always reach their horizons. The window
+  defaults to the longest episode (``ceil(horizon / K)`` truncations): an active
+  population runs about one episode per draw, so the configs a family trains change
+  about once per episode.
+  """
+  pooled = {i for pool in pools for i in pool}
+  fixed = [i for i in range(num_tasks) if i not in pooled]
+  count = min(config.tasks_per_step or len(fixed), len(fixed))
+  if count == len(fixed):
+    chosen = list(fixed)
+  else:
+    rng = np.random.default_rng([config.seed, step // config.resample_every])
+    chosen = [fixed[int(i)] for i in rng.choice(len(fixed), count, replace=False)]
+  window = step // family_window(config) if pools else 0
+  for f, pool in enumerate(pools):
+    rng = np.random.default_rng([config.seed, window, 1 + f])
+    k = min(config.family_samples, len(pool))
+    chosen += [pool[int(i)] for i in rng.choice(len(pool), k, replace=False)]
+  return tuple(sorted(chosen))
 
 
 class MetaTrainer:
@@ -204,6 +277,7 @@ class MetaTrainer:
         config.truncation_length, config.horizon, config.min_horizon,
         config.horizon_schedule)
     self.groups = self._group_specs()
+    self.pools = family_pools(config, [t.config for t in self.tasks])
     self._rep = shard_lib.replicated(self.mesh)
     self._pop_sharding = shard_lib.population_sharding(self.mesh)
     self._programs: dict[int, Any] = {}
@@ -231,7 +305,7 @@ class MetaTrainer:
                               log_loss=self.config.log_loss)
 
   def active_tasks(self, step: int) -> tuple[int, ...]:
-    return active_tasks(self.config, len(self.tasks), step)
+    return active_tasks(self.config, len(self.tasks), step, self.pools)
 
   # ------------------------------------------------------------------ state
   def _init_state(self) -> MetaState:

@@ -105,9 +105,17 @@ def _theta_fn(spec: UnrollSpec):
 
 
 def _shard(fn, mesh: Mesh | None, in_specs, out_specs):
+  """``fn`` under ``shard_map`` over the population axis (no collectives inside).
+
+  ``check_vma=False``: a task's own scans may start from a constant carry (``nn.RNN``'s
+  zero state, a user's ``lax.scan``) that becomes member-varying in the body; with the
+  varying-axes check on, JAX rejects such a scan inside ``shard_map``. Nothing here
+  reduces over the mesh, so the check has nothing to protect.
+  """
   if mesh is None:
     return fn
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)
 
 
 def unroll_population(spec: UnrollSpec, thetas: jax.Array, pop: Population

@@ -51,6 +51,14 @@ def make_evaluator(lo_config: lopt.LOConfig, task, *, num_steps: int, seeds: int
   return jax.jit(evaluate)
 
 
+def selection_entries(suites=("validation",)) -> list:
+  """The suite entries checkpoints are selected on: those of every named suite, in
+  order (``MetaConfig.selection_suites``; ``user_shaped`` adds ``validation-user``, one
+  out-of-support model per user-shaped family)."""
+  import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  return [e for name in suites for e in tasks_lib.get_suite(name)]
+
+
 def score_thetas(lo_config: lopt.LOConfig, thetas: dict[str, dict], entries, *,
                  seeds: int = 2, log_loss: bool = True) -> dict[str, dict[str, float]]:
   """``{task name: {label: meta-objective}}`` of each theta on suite ``entries``.

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
 
 import haiku as hk
 import jax
@@ -34,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from metaopt import mup
 from tasks import base
 from tasks import data as data_lib
 from tasks.data import text
+from tasks.models import _common
 from tasks.models import conv
+from tasks.models._common import user_roles
 
 USER_MODELS = ("autoencoder", "transformer_lm", "lstm", "cnn", "resmlp", "regression")
 
@@ -104,26 +104,6 @@ def _smooth_function(seed: int) -> data_lib.ArrayDataset:
   x, y = x.astype(np.float32), y.astype(np.float32)
   k = REGRESSION_TRAIN
   return data_lib.ArrayDataset("smooth_function", x[:k], y[:k], x[k:], y[k:], 0)
-
-
-def _sampler(dataset: data_lib.ArrayDataset, batch_size: int, target: Callable | None):
-  """Batches with replacement, or the whole train split when it fits in one batch."""
-  sample = data_lib.batch_sampler(dataset, batch_size)
-  full = {s: {"x": jnp.asarray(dataset.split(s)[0]), "y": jnp.asarray(dataset.split(s)[1])}
-          for s in data_lib.dataset.SPLITS}
-
-  def sample_batch(key: jax.Array, split: str = "train") -> dict[str, Any]:
-    if batch_size >= dataset.train_x.shape[0]:
-      batch = full["train"] if split == "train" else sample(key, split)
-    else:
-      batch = sample(key, split)
-    return {"x": batch["x"], "y": target(batch["x"])} if target else batch
-
-  def eval_batch() -> dict[str, Any]:
-    batch = data_lib.fixed_batch(dataset)
-    return {"x": batch["x"], "y": target(batch["x"])} if target else batch
-
-  return sample_batch, eval_batch
 
 
 # --------------------------------------------------------------------------- models
@@ -223,30 +203,6 @@ def _haiku_mlp(width: int, depth: int, num_outputs: int):
 # -------------------------------------------------------------------------- builders
 
 
-def _shapes_in_order(tree: Any) -> Any:
-  """ShapeDtypeStructs of ``tree`` keeping every dict's insertion order.
-
-  ``jax.eval_shape`` (like ``jax.jit``) returns dicts with sorted keys; a user's eager
-  ``model.init`` keeps the call order, which :func:`metaopt.mup.infer_roles` reads.
-  """
-  if isinstance(tree, Mapping):
-    return {k: _shapes_in_order(v) for k, v in tree.items()}
-  return jax.ShapeDtypeStruct(jnp.shape(tree), jnp.result_type(tree))
-
-
-def user_roles(init: Callable[[jax.Array], Any]) -> Any:
-  """The roles :func:`metaopt.mup.infer_roles` gives the tree ``init`` builds eagerly."""
-  captured = {}
-
-  def traced(key):
-    params = init(key)
-    captured["shapes"] = _shapes_in_order(params)
-    return params
-
-  jax.eval_shape(traced, jax.random.key(0))
-  return mup.infer_roles(captured["shapes"])
-
-
 def _spec(config: UserModelConfig):
   """``(init, apply, num_classes, sample_batch, eval_batch)`` of ``config``'s model."""
   w, d = config.width, config.depth
@@ -259,7 +215,8 @@ def _spec(config: UserModelConfig):
     else:
       model = RowLSTM(w, 10) if config.model == "lstm" else CNN(w, 10)
       classes, target = 10, None
-    sample_batch, eval_batch = _sampler(digits, config.batch_size, target)
+    sample_batch, eval_batch = _common.minibatch_or_full_sampler(digits, config.batch_size,
+                                                                 target)
     init = lambda key: model.init(key, dummy)["params"]
     apply = lambda params, x: model.apply({"params": params}, x)
     return init, apply, classes, sample_batch, eval_batch
@@ -277,7 +234,7 @@ def _spec(config: UserModelConfig):
   make = _haiku_resmlp if config.model == "resmlp" else _haiku_mlp
   model = make(w, d, dataset.num_outputs)
   dummy = jnp.zeros((1, *dataset.input_shape), jnp.float32)
-  sample_batch, eval_batch = _sampler(dataset, config.batch_size, None)
+  sample_batch, eval_batch = _common.minibatch_or_full_sampler(dataset, config.batch_size)
   return (lambda key: model.init(key, dummy), model.apply, dataset.num_classes,
           sample_batch, eval_batch)
 
