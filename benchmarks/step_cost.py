@@ -142,11 +142,16 @@ def train_step_cost(opt, params, tokens, loss, repeats):
   return compile_s, time_fn(compiled, params, state, tokens, repeats=repeats), temp
 
 
+def print_header(before: str, *columns: str) -> None:
+  """A Markdown table's header and separator rows."""
+  print(f"{before}| {' | '.join(columns)} |")
+  print("|" + "---|" * len(columns))
+
+
 def transformer_table(layer_counts, repeats):
   import warnings  # pylint: disable=g-import-not-at-top
-  print("\n| layers | leaves | params | compile adamw | compile LO | ratio | step adamw "
-        "| step LO | ratio | temp adamw | temp LO |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print_header("\n", "layers", "leaves", "params", "compile adamw", "compile LO", "ratio",
+               "step adamw", "step LO", "ratio", "temp adamw", "temp LO")
   for layers in layer_counts:
     params, tokens, loss = transformer_lm(layers)
     with warnings.catch_warnings():
@@ -169,9 +174,8 @@ def muon_table(layer_counts, repeats, rounds):
   import os  # pylint: disable=g-import-not-at-top
   import warnings  # pylint: disable=g-import-not-at-top
   print(f"\nload before (uptime): {os.getloadavg()}")
-  print("\n| layers | leaves | params | what | adamw | muon | LO muon off | LO muon on | "
-        "on / muon | off / adamw |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print_header("\n", "layers", "leaves", "params", "what", "adamw", "muon", "LO muon off",
+               "LO muon on", "on / muon", "off / adamw")
   for layers in layer_counts:
     params, tokens, loss = transformer_lm(layers)
     with warnings.catch_warnings():
@@ -230,8 +234,8 @@ def main():
     muon_table(args.muon or [2], args.repeats, args.rounds)
     return
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-  print("| params | adam update | LO update | ratio | adam state B/param | LO state B/param |")
-  print("|---|---|---|---|---|---|")
+  print_header("", "params", "adam update", "LO update", "ratio", "adam state B/param",
+               "LO state B/param")
   for size in args.sizes:
     params = mlp_params(int(size))
     n = sum(p.size for p in jax.tree.leaves(params))
