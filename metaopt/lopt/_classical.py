@@ -143,8 +143,5 @@ def classical_config_and_mix(name: str, hparams: dict):
   if name != "muon":
     return config, mix, log_lr, None
   config["muon"] = True
-  if parts["adam_lr"] is not None and not parts["adam_lr"] > 0:
-    raise ValueError(f"from_classical('muon'): adam_learning_rate={parts['adam_lr']!r}; "
-                     "expected > 0.")
   mix, hidden_mix = _muon_mix(names, parts["wd"], parts["adam_wd"], parts["adam_lr"], lr)
   return config, mix, log_lr, hidden_mix

@@ -12,9 +12,9 @@ import numpy as np
 import optax
 
 from metaopt import mup as mup_lib
+from metaopt import optimizers
 from metaopt.lopt import _network, _update
 from metaopt.lopt._config import CANDIDATE_NAMES, LOConfig
-from metaopt import optimizers
 from metaopt.optimizers import _validation
 
 Tree = Any
