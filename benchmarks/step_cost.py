@@ -8,9 +8,15 @@ Measures, side by side in one process:
 4. ``--transformers``: compile time, step time and XLA temp memory of the jitted train
    step of pre-LN Flax transformer LMs (d=256, batch 16 x 64 tokens) with 2, 6 and 24
    layers (26, 102 and 390 leaves), the released LO vs ``optax.adamw``.
+5. ``--muon``: on the same transformer LMs, ``metaopt.optimizers.muon`` vs the LO with
+   the orthogonalized candidate on (``LOConfig(muon=True)``; target: the LO's step at
+   most 1.5x Muon's) and off (the released LO, whose numbers the switch must not
+   change), beside ``optax.adamw``: whole train step and the update alone, timed in
+   interleaved rounds (each optimizer once per round, ``--rounds`` rounds of
+   ``--repeats`` calls; medians), for shared, noisy machines.
 
 Usage: python benchmarks/step_cost.py [--sizes 1e4 1e5 1e6 1e7] [--repeats 20]
-       [--transformers 2 6 24]
+       [--transformers 2 6 24] [--muon 2 6] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -36,15 +42,20 @@ def mlp_params(num_params: int):
                       is_leaf=lambda s: isinstance(s, tuple))
 
 
-def time_fn(fn, *args, repeats: int) -> float:
-  out = fn(*args)
-  jax.block_until_ready(out)
+def _timings(fn, args, repeats: int) -> list[float]:
+  """Seconds of each of ``repeats`` calls ``fn(*args)`` (results awaited)."""
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return times
+
+
+def time_fn(fn, *args, repeats: int) -> float:
+  """Median seconds of a call, after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  return float(np.median(_timings(fn, args, repeats)))
 
 
 def update_cost(opt, params, repeats):
@@ -131,11 +142,16 @@ def train_step_cost(opt, params, tokens, loss, repeats):
   return compile_s, time_fn(compiled, params, state, tokens, repeats=repeats), temp
 
 
+def print_header(before: str, *columns: str) -> None:
+  """A Markdown table's header and separator rows."""
+  print(f"{before}| {' | '.join(columns)} |")
+  print("|" + "---|" * len(columns))
+
+
 def transformer_table(layer_counts, repeats):
   import warnings  # pylint: disable=g-import-not-at-top
-  print("\n| layers | leaves | params | compile adamw | compile LO | ratio | step adamw "
-        "| step LO | ratio | temp adamw | temp LO |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print_header("\n", "layers", "leaves", "params", "compile adamw", "compile LO", "ratio",
+               "step adamw", "step LO", "ratio", "temp adamw", "temp LO")
   for layers in layer_counts:
     params, tokens, loss = transformer_lm(layers)
     with warnings.catch_warnings():
@@ -153,16 +169,73 @@ def transformer_table(layer_counts, repeats):
           f"{b[1] / a[1]:.2f}x | {a[2]:.0f} MiB | {b[2]:.0f} MiB |", flush=True)
 
 
+def muon_table(layer_counts, repeats, rounds):
+  """Muon vs the LO with the orthogonalized candidate on/off, interleaved (see 5.)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  print(f"\nload before (uptime): {os.getloadavg()}")
+  print_header("\n", "layers", "leaves", "params", "what", "adamw", "muon", "LO muon off",
+               "LO muon on", "on / muon", "off / adamw")
+  for layers in layer_counts:
+    params, tokens, loss = transformer_lm(layers)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      lo_on = metaopt.LearnedOptimizer.random(
+          jax.random.key(0), metaopt.LOConfig(muon=True, horizon_decay="linear"),
+          output_scale=0.05)
+      opts = {"adamw": optax.adamw(1e-3), "muon": metaopt.optimizers.muon(0.02),
+              "off": metaopt.pretrained().as_optax(num_steps=1000),
+              "on": lo_on.as_optax(num_steps=1000)}
+      states = {k: o.init(params) for k, o in opts.items()}
+    grads = jax.grad(loss)(params, tokens)
+    programs = {}
+    for k, opt in opts.items():
+      def step(p, s, tok, opt=opt):
+        value, g = jax.value_and_grad(loss)(p, tok)
+        updates, s = opt.update(g, s, p, value=value)
+        return optax.apply_updates(p, updates), s, value
+      update = lambda g, s, p, opt=opt: opt.update(g, s, p, value=jnp.float32(1.0))
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        programs[k] = (jax.jit(step).lower(params, states[k], tokens).compile(),
+                       jax.jit(update).lower(grads, states[k], params).compile())
+    times = {(k, w): [] for k in opts for w in ("step", "update")}
+    for _ in range(rounds):  # interleaved: every optimizer once per round
+      for k, (step_fn, update_fn) in programs.items():
+        times[k, "step"].append(np.median(_timings(step_fn, (params, states[k], tokens),
+                                                   repeats)))
+        times[k, "update"].append(np.median(_timings(update_fn, (grads, states[k], params),
+                                                     repeats)))
+    n = sum(p.size for p in jax.tree.leaves(params))
+    for what in ("step", "update"):
+      ms = {k: float(np.median(times[k, what])) * 1e3 for k in opts}
+      # Ratios: the median of the per-round ratios (both timed within one round).
+      ratio = lambda a, b: float(np.median(np.divide(times[a, what], times[b, what])))
+      print(f"| {layers} | {len(jax.tree.leaves(params))} | {n:.2e} | {what} | "
+            f"{ms['adamw']:.2f} ms | {ms['muon']:.2f} ms | {ms['off']:.2f} ms | "
+            f"{ms['on']:.2f} ms | {ratio('on', 'muon'):.2f}x | "
+            f"{ratio('off', 'adamw'):.2f}x |", flush=True)
+  print(f"\nload after (uptime): {os.getloadavg()}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--transformers", type=int, nargs="*", default=[],
                       help="layer counts of the Flax transformer compile/step table")
+  parser.add_argument("--muon", type=int, nargs="*", default=None,
+                      help="layer counts of the Muon vs LO(muon on/off) table (only it runs)")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="interleaved timing rounds of the --muon table")
   args = parser.parse_args()
+  if args.muon is not None:
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    muon_table(args.muon or [2], args.repeats, args.rounds)
+    return
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-  print("| params | adam update | LO update | ratio | adam state B/param | LO state B/param |")
-  print("|---|---|---|---|---|---|")
+  print_header("", "params", "adam update", "LO update", "ratio", "adam state B/param",
+               "LO state B/param")
   for size in args.sizes:
     params = mlp_params(int(size))
     n = sum(p.size for p in jax.tree.leaves(params))

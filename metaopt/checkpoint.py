@@ -30,7 +30,7 @@ import numpy as np
 from metaopt import _resources
 from metaopt._version import __version__
 from metaopt.lopt import _network
-from metaopt.lopt._config import CANDIDATE_NAMES, FEATURE_NAMES, LOConfig
+from metaopt.lopt._config import LOConfig
 from metaopt.lopt._learned import LearnedOptimizer
 
 FORMAT_VERSION = 1
@@ -87,8 +87,8 @@ def save(lo: LearnedOptimizer, path: str | os.PathLike, *,
       "package_version": __version__,
       "kind": ARTIFACT_KIND,
       "config": lo.config.to_dict(),
-      "features": list(FEATURE_NAMES),
-      "candidates": list(CANDIDATE_NAMES),
+      "features": list(lo.config.feature_names),
+      "candidates": list(lo.config.candidate_names),
       "theta_shapes": {k: list(v) for k, v in _network.theta_shapes(lo.config).items()},
       "meta_training": meta_training if meta_training is not None else
                        lo.metadata.get("meta_training", {}),
@@ -199,7 +199,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   if type(version) is not int or version != FORMAT_VERSION:  # pylint: disable=unidiomatic-typecheck
     raise ArtifactError(f"{path}: artifact format_version={version!r}, but this metaopt "
                         f"{__version__} reads format_version={FORMAT_VERSION}.")
-  for key, expected in (("features", FEATURE_NAMES), ("candidates", CANDIDATE_NAMES)):
+  try:
+    config = LOConfig.from_dict(metadata["config"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ArtifactError(f"{path}: invalid config in {METADATA_FILE}: {e}") from e
+  for key, expected in (("features", config.feature_names),
+                        ("candidates", config.candidate_names)):
     got = tuple(metadata.get(key, ()))
     if got != tuple(expected):
       missing = [f for f in expected if f not in got]
@@ -208,10 +213,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
           f"{path}: the artifact's {key} differ from this code's: missing {missing}, "
           f"unexpected {extra}" + ("" if missing or extra else ", different order") +
           f". It was written by metaopt {metadata.get('package_version')!r}.")
-  try:
-    config = LOConfig.from_dict(metadata["config"])
-  except (KeyError, TypeError, ValueError) as e:
-    raise ArtifactError(f"{path}: invalid config in {METADATA_FILE}: {e}") from e
   shapes = {k: list(v) for k, v in _network.theta_shapes(config).items()}
   if metadata.get("theta_shapes") != shapes:
     raise ArtifactError(f"{path}: theta_shapes {metadata.get('theta_shapes')} do not match "

@@ -14,14 +14,17 @@ import pytest
 import metaopt.optimizers as mo
 from metaopt.eval import baselines
 from metaopt.lopt import CANDIDATE_NAMES
+from metaopt.lopt import LOConfig
 from metaopt.lopt import _classical
 
 # Exported functions that are parts of optimizers, not optimizers.
-BUILDING_BLOCKS = {"adamp_projection", "muon_labels", "proximal_decay_step",
+BUILDING_BLOCKS = {"adamp_projection", "muon_fan_ins", "muon_labels", "proximal_decay_step",
                    "schedule_free_eval_params"}
 # The LO's candidate for decoupled weight decay: a term every classical entry mixes in
 # (its "wd" mapping), not an optimizer of its own.
 DECAY_CANDIDATE = "weight_decay"
+# Every candidate an LO can have: the switchable ones (LOConfig.muon) included.
+ALL_CANDIDATES = LOConfig(muon=True).candidate_names
 
 
 def _exported_factories() -> set[str]:
@@ -53,7 +56,8 @@ def test_evaluation_names_come_from_the_table():
 def test_classical_table_maps_optimizers_of_the_table(name):
   assert name in mo.OPTIMIZER_NAMES
   candidate, mapping = _classical.CLASSICAL[name]
-  assert candidate in CANDIDATE_NAMES
+  assert candidate in ALL_CANDIDATES
+  assert _classical.OTHER_CANDIDATE.get(name, candidate) in ALL_CANDIDATES
   parameters = inspect.signature(getattr(mo, name)).parameters
   # Hyperparameters the table does not map must default to None (from_classical skips
   # those), or from_classical(name) with defaults would fail.
@@ -62,7 +66,9 @@ def test_classical_table_maps_optimizers_of_the_table(name):
 
 
 def test_every_candidate_maps_to_an_optimizer():
-  classical_candidates = {candidate for candidate, _ in _classical.CLASSICAL.values()}
-  assert set(CANDIDATE_NAMES) - classical_candidates == {DECAY_CANDIDATE}
+  classical_candidates = ({candidate for candidate, _ in _classical.CLASSICAL.values()} |
+                          set(_classical.OTHER_CANDIDATE.values()))
+  assert set(ALL_CANDIDATES) - classical_candidates == {DECAY_CANDIDATE}
+  assert set(CANDIDATE_NAMES) < set(ALL_CANDIDATES)
   assert all(mapping.get("weight_decay") in (("wd",), ("fixed", 0.0))
              for _, mapping in _classical.CLASSICAL.values())

@@ -403,6 +403,10 @@ PER_LEAF_MASKED = {
     "adan": lambda wd, m: optimizers.adan(0.05, weight_decay=wd, mask=m),
     "adamp": lambda wd, m: optimizers.adamp(0.05, weight_decay=wd, mask=m),
     "sgdp": lambda wd, m: optimizers.sgdp(0.05, weight_decay=wd, mask=m),
+    # The conv kernel in the Muon part, the matrix (an input layer) in the AdamW part.
+    "muon": lambda wd, m: optimizers.muon(
+        0.02, weight_decay=wd, adam_weight_decay=wd, mask=m,
+        labels={"scalar": "vector", "vector": "vector", "matrix": "input", "conv": "hidden"}),
 }
 
 

@@ -3,6 +3,15 @@
 Defaults are read from the signatures of :mod:`metaopt.optimizers` so the two never
 drift; each hyperparameter maps to an LO config field, a mixing weight or the global
 step size, or must keep a value the LO's state represents.
+
+Muon (Jordan et al, "Muon: An optimizer for hidden layers in neural networks", 2024)
+treats two kinds of tensors differently, so its theta uses the ``muon`` switch's
+per-role gate: ``mix`` is Nesterov AdamW's (every tensor but the hidden matrices) and
+``mix + hidden_mix`` Muon's (hidden matrices), with the AdamW part's learning rate and
+decay as mixing weights relative to Muon's learning rate:
+
+  hidden:  -eta (s NS(mu_hat) + lambda x),   others:  -eta (r c_nadam + r lambda_A x),
+  r = eta_A / eta.
 """
 
 from __future__ import annotations
@@ -10,7 +19,8 @@ from __future__ import annotations
 import inspect
 import math
 
-from metaopt.lopt._config import CANDIDATE_NAMES
+from metaopt.features import NEWTON_SCHULZ_COEFFS
+from metaopt.lopt._config import CANDIDATE_NAMES, MUON_CANDIDATES
 
 _NOT_GIVEN = inspect.Parameter.empty
 
@@ -26,6 +36,13 @@ _ADAM = {"learning_rate": ("lr",), "b1": ("decay", 0),
 _TAM = {"learning_rate": ("lr",), "beta": ("config", "tam_beta"),
         "gamma": ("config", "tam_gamma"), "eps": ("config", "tam_eps"),
         "weight_decay": ("wd",)}
+_MUON = {"learning_rate": ("lr",), "ns_coeffs": ("fixed", NEWTON_SCHULZ_COEFFS),
+         "ns_steps": ("config", "muon_ns_steps"), "beta": ("config", "muon_beta"),
+         "eps": ("config", "muon_eps", "adam_eps"), "weight_decay": ("wd",),
+         "nesterov": ("fixed", True), "adaptive": ("fixed", False),
+         "adam_b1": ("decay", 0), "adam_b2": ("config", "second_moment_decay"),
+         "adam_eps_root": ("fixed", 0.0), "adam_weight_decay": ("adam_wd",),
+         "adam_learning_rate": ("adam_lr",)}
 CLASSICAL = {
     "sgdm": ("sgdm", {"learning_rate": ("lr",), "momentum": ("decay", 0),
                       "nesterov": ("fixed", False),
@@ -54,11 +71,27 @@ CLASSICAL = {
     "laprop": ("laprop", {"learning_rate": ("lr",), "b1": ("config", "laprop_b1"),
                           "b2": ("config", "second_moment_decay"),
                           "eps": ("config", "laprop_eps"), "weight_decay": ("wd",)}),
+    "muon": ("muon", _MUON),
 }
+# The candidate of the tensors an optimizer does not give its own candidate (Muon's
+# AdamW part): the mix of the non-hidden tensors.
+OTHER_CANDIDATE = {"muon": "nadam"}
+
+
+def _muon_mix(names, wd: float, adam_wd: float, adam_lr: float | None, lr: float):
+  """(mix, hidden_mix) of Muon: Nesterov AdamW on ``mix``, Muon on ``mix + hidden_mix``."""
+  ratio = 1.0 if adam_lr is None else adam_lr / lr
+  mix, hidden = [0.0] * len(names), [0.0] * len(names)
+  mix[names.index("nadam")] = ratio
+  mix[names.index("weight_decay")] = ratio * adam_wd
+  hidden[names.index("muon")] = 1.0
+  hidden[names.index("weight_decay")] = wd
+  return mix, [h - m for h, m in zip(hidden, mix)]
 
 
 def classical_config_and_mix(name: str, hparams: dict):
-  """Returns (LOConfig kwargs, mixing weights, log step size) equal to ``name``."""
+  """Returns (LOConfig kwargs, mixing weights, log step size, hidden-matrix mixing
+  offsets or None) equal to ``name``."""
   import metaopt.optimizers as optimizers  # pylint: disable=g-import-not-at-top
   if name not in CLASSICAL:
     raise ValueError(f"from_classical: unknown optimizer {name!r}; the LO subsumes "
@@ -72,9 +105,10 @@ def classical_config_and_mix(name: str, hparams: dict):
   values = {k: p.default for k, p in signature.parameters.items()}
   values.update(hparams)
   config, decays = {}, [0.9, 0.99, 0.9999]
-  mix = [0.0] * len(CANDIDATE_NAMES)
-  mix[CANDIDATE_NAMES.index(candidate)] = 1.0
-  log_lr = 0.0
+  names = CANDIDATE_NAMES + (MUON_CANDIDATES if name == "muon" else ())
+  mix = [0.0] * len(names)
+  mix[names.index(candidate)] = 1.0
+  log_lr, lr, parts = 0.0, 1.0, {"wd": 0.0, "adam_wd": 0.0, "adam_lr": None}
   for key, value in values.items():
     if key not in mapping:
       if key in hparams or value is not None:
@@ -95,13 +129,19 @@ def classical_config_and_mix(name: str, hparams: dict):
     elif kind == "lr":
       if not value > 0:
         raise ValueError(f"from_classical({name!r}): learning_rate={value!r}; expected > 0.")
-      log_lr = math.log(value)
-    elif kind == "wd":
-      mix[CANDIDATE_NAMES.index("weight_decay")] = float(value)
+      log_lr, lr = math.log(value), float(value)
+    elif kind in ("wd", "adam_wd", "adam_lr"):
+      parts[kind] = None if value is None else float(value)
+      if kind == "wd":
+        mix[names.index("weight_decay")] = float(value)
     elif kind == "decay":
       decays[mapping[key][1]] = float(value)
     else:
       for field in mapping[key][1:]:
-        config[field] = float(value)
+        config[field] = int(value) if field == "muon_ns_steps" else float(value)
   config["momentum_decays"] = tuple(decays)
-  return config, mix, log_lr
+  if name != "muon":
+    return config, mix, log_lr, None
+  config["muon"] = True
+  mix, hidden_mix = _muon_mix(names, parts["wd"], parts["adam_wd"], parts["adam_lr"], lr)
+  return config, mix, log_lr, hidden_mix

@@ -67,6 +67,13 @@ CANDIDATE_NAMES = (
     "laprop",
     "weight_decay",
 )
+# With ``LOConfig.muon``: Muon's two directions (Jordan et al 2024), appended to the
+# candidates -- the orthogonalized Nesterov momentum (hidden matrices only) and the
+# Nesterov Adam Muon applies to every other tensor -- and the orthogonalized momentum
+# appended to the features (after the time features: the rows of an LO without the
+# switch keep their places).
+MUON_CANDIDATES = ("muon", "nadam")
+MUON_FEATURES = ("muon",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +113,18 @@ class LOConfig:
     mup: scale hidden-layer updates by base_fan_in / fan_in.
     base_fan_in: the hidden width the LO was meta-trained at; used as the base of
       hidden/output roles given by labels or guessed by the fallback.
+    muon: the orthogonalized-momentum switch (off by default; artifacts without it
+      read as off). On: the candidates :data:`MUON_CANDIDATES` -- Muon's direction
+      ``s NS(mu_hat)`` on hidden matrices (zero on other tensors) and Nesterov Adam --
+      and the feature :data:`MUON_FEATURES` join the mix and the MLP, and on hidden
+      matrices the mix is ``theta["mix"] + theta["hidden_mix"]`` (the per-role gate
+      that lets the LO equal Muon, which applies AdamW to everything else). Hidden
+      matrices are those :func:`metaopt.optimizers.muon_labels` selects by muP role.
+    muon_beta: Muon's momentum decay. The LO reuses the momentum EMA of
+      ``momentum_decays`` with this decay, or keeps one more buffer (hidden matrices
+      only) when none has it.
+    muon_ns_steps: Newton-Schulz iterations.
+    muon_eps: added to the Frobenius norm before Newton-Schulz.
   """
 
   hidden_size: int = 8
@@ -131,16 +150,21 @@ class LOConfig:
   horizon_decay: str = "none"
   mup: bool = True
   base_fan_in: int = 64
+  muon: bool = False
+  muon_beta: float = 0.95
+  muon_ns_steps: int = 5
+  muon_eps: float = 1e-8
 
   def __post_init__(self):
     # Types first (a config read from JSON may hold anything), then ranges: the same
     # checks for construction and for metaopt.load, which builds the config from JSON.
-    for name in ("hidden_size", "base_fan_in"):
+    for name in ("hidden_size", "base_fan_in", "muon_ns_steps"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}; expected a positive int.")
-    if not isinstance(self.mup, bool):
-      raise ValueError(f"mup={self.mup!r}; expected True or False.")
+    for name in ("mup", "muon"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name}={getattr(self, name)!r}; expected True or False.")
     if not isinstance(self.horizon_decay, str) or self.horizon_decay not in HORIZON_DECAYS:
       raise ValueError(f"horizon_decay={self.horizon_decay!r}; expected one of "
                        f"{HORIZON_DECAYS}.")
@@ -154,12 +178,12 @@ class LOConfig:
       if f.type in ("float", float):
         _check_real(f.name, getattr(self, f.name))
     for name in ("second_moment_decay", "factored_decay", "lion_b1", "tam_beta",
-                 "tam_gamma", "laprop_b1"):
+                 "tam_gamma", "laprop_b1", "muon_beta"):
       _check_unit(name, getattr(self, name))
     for i, d in enumerate(decays):
       _check_unit(f"momentum_decays[{i}]", d)
     for name in ("adam_eps", "tam_eps", "adatam_eps", "grams_eps", "laprop_eps",
-                 "momo_alpha", "max_log_step", "feature_clip"):
+                 "momo_alpha", "max_log_step", "feature_clip", "muon_eps"):
       if not getattr(self, name) > 0:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in (0, inf).")
     for name in ("ademamix_alpha", "step_mult", "log_step_mult"):
@@ -167,12 +191,38 @@ class LOConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in [0, inf).")
 
   @property
+  def feature_names(self) -> tuple[str, ...]:
+    """The MLP's inputs, in the order of the rows of ``theta["w1"]``."""
+    return FEATURE_NAMES + (MUON_FEATURES if self.muon else ())
+
+  @property
+  def candidate_names(self) -> tuple[str, ...]:
+    """The classical directions, in the order of ``theta["mix"]``."""
+    return CANDIDATE_NAMES + (MUON_CANDIDATES if self.muon else ())
+
+  @property
   def num_features(self) -> int:
-    return len(FEATURE_NAMES)
+    return len(self.feature_names)
+
+  @property
+  def muon_momentum(self) -> int | None:
+    """Index of the momentum EMA Muon reads: that of ``momentum_decays`` equal to
+    ``muon_beta``, else 3 (a buffer of its own); None with the switch off."""
+    if not self.muon:
+      return None
+    return self.momentum_decays.index(self.muon_beta) if (
+        self.muon_beta in self.momentum_decays) else 3
 
   def to_dict(self) -> dict[str, Any]:
+    """The fields as JSON values. The muon fields are left out while the switch is
+    off and they hold their defaults: such a config writes the JSON it wrote before
+    the switch existed (and reads back the same)."""
     d = dataclasses.asdict(self)
     d["momentum_decays"] = list(self.momentum_decays)
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    if all(d[k] == defaults[k] for k in _MUON_FIELDS):
+      for k in _MUON_FIELDS:
+        del d[k]
     return d
 
   @classmethod
@@ -189,6 +239,9 @@ class LOConfig:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_MUON_FIELDS = ("muon", "muon_beta", "muon_ns_steps", "muon_eps")
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -52,10 +52,12 @@ class Packed(NamedTuple):
   tensors: tuple
 
 
-def partition(shapes: Sequence[tuple[int, ...]]) -> tuple[list[int], list[int]]:
-  """(indices of the tensors in the flat buffer, indices of the others); no flat
-  buffer for fewer than two small tensors."""
-  small = [i for i, s in enumerate(shapes) if math.prod(s) <= MAX_FLAT]
+def partition(shapes: Sequence[tuple[int, ...]], apart=frozenset()
+              ) -> tuple[list[int], list[int]]:
+  """(indices of the tensors in the flat buffer, indices of the others); ``apart``:
+  indices that keep their own buffers whatever their size. No flat buffer for fewer
+  than two small tensors."""
+  small = [i for i, s in enumerate(shapes) if math.prod(s) <= MAX_FLAT and i not in apart]
   if len(small) < 2:
     return [], list(range(len(shapes)))
   return small, [i for i in range(len(shapes)) if i not in set(small)]

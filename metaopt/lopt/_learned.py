@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from metaopt import mup as mup_lib
+from metaopt import optimizers
 from metaopt.lopt import _network, _update
 from metaopt.lopt._config import CANDIDATE_NAMES, LOConfig
 from metaopt.optimizers import _validation
@@ -61,10 +62,12 @@ class LearnedOptimizer:
 
     Exact up to floating-point rounding with ``mup=False``; with ``mup=True`` it is
     the muP version (e.g. muAdamW), the warm start for meta-training. Hyperparameters
-    the LO's state cannot represent raise ``ValueError`` naming them.
+    the LO's state cannot represent raise ``ValueError`` naming them. ``"muon"`` turns
+    the ``muon`` switch on; its roles are given to :meth:`as_optax` (``roles=``,
+    ``labels=``, ``base_params=`` or inferred), as to ``metaopt.optimizers.muon``.
     """
     from metaopt.lopt._classical import classical_config_and_mix  # pylint: disable=g-import-not-at-top
-    config_kwargs, mix, log_lr = classical_config_and_mix(name, hparams)
+    config_kwargs, mix, log_lr, hidden_mix = classical_config_and_mix(name, hparams)
     config = LOConfig(mup=mup, **config_kwargs)
     key = jax.random.key(0) if key is None else key
     dtype = jnp.result_type(float)  # float64 when x64 is enabled: exact parity tests.
@@ -72,6 +75,8 @@ class LearnedOptimizer:
     theta = jax.tree.map(lambda a: a.astype(dtype), theta)
     theta["log_lr"] = jnp.asarray(log_lr, dtype)
     theta["mix"] = jnp.asarray(mix, dtype)
+    if hidden_mix is not None:
+      theta["hidden_mix"] = jnp.asarray(hidden_mix, dtype)
     return cls(config, theta, {"from_classical": name, "hparams": _jsonable(hparams)})
 
   def with_theta(self, theta: dict) -> "LearnedOptimizer":
@@ -110,7 +115,9 @@ class LearnedOptimizer:
       sp: turn muP scaling off (standard parametrization).
 
     Without roles, labels or base_params, :func:`metaopt.mup.infer_roles` guesses
-    (and warns when unsure).
+    (and warns when unsure). With ``config.muon`` the roles also decide which tensors
+    get the orthogonalized candidate (hidden matrices, as in
+    :func:`metaopt.optimizers.muon`), with muP on or off.
 
     A step whose gradients or ``value`` hold a NaN or inf is skipped, as by
     ``optax.apply_if_finite``: the updates are zero, the state (and so the step count)
@@ -122,22 +129,23 @@ class LearnedOptimizer:
     config, theta = self.config, self.theta
     use_mup = config.mup and not sp
 
-    def resolve_scales(params):
-      if not use_mup:
-        return jax.tree.map(lambda _: 1.0, params)
+    def resolve_roles(params, warn=True):
       if roles is not None:
-        r = mup_lib.check_roles(params, roles)  # masked leaves (optax.masked) dropped
-      elif labels is not None:
-        r = mup_lib.roles_from_labels(params, labels, base_fan_in=config.base_fan_in)
-      elif base_params is not None:
-        r = mup_lib.roles_from_base(params, base_params)
-      else:
-        r = mup_lib.infer_roles(params, base_fan_in=config.base_fan_in)
-      return mup_lib.update_scales(r)
+        return mup_lib.check_roles(params, roles)  # masked leaves (optax.masked) dropped
+      if labels is not None:
+        return mup_lib.roles_from_labels(params, labels, base_fan_in=config.base_fan_in)
+      if base_params is not None:
+        return mup_lib.roles_from_base(params, base_params)
+      return mup_lib.infer_roles(params, base_fan_in=config.base_fan_in, warn=warn)
+
+    def muon_fan_in(params, r):
+      return optimizers.muon_fan_ins(params, r) if config.muon else None
 
     def init_fn(params):
       _check_float_leaves(params, "params")
-      return _update.init_state(params, resolve_scales(params))
+      r = resolve_roles(params) if use_mup or config.muon else None
+      scales = mup_lib.update_scales(r) if use_mup else jax.tree.map(lambda _: 1.0, params)
+      return _update.init_state(params, scales, config, muon_fan_in(params, r))
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
       del extra_args
@@ -148,8 +156,11 @@ class LearnedOptimizer:
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
       # A step with non-finite gradients or loss is skipped and counted (see
       # _update.update): the containment optax.apply_if_finite gives, built in.
+      fan_in = muon_fan_in(params, resolve_roles(params, warn=False)) if (
+          config.muon) else None  # static: shapes and paths only (init warned)
       return _update.update(config, theta, updates, state, params, value=value,
-                            num_steps=num_steps, learning_rate=lr, skip_nonfinite=True)
+                            num_steps=num_steps, learning_rate=lr, skip_nonfinite=True,
+                            muon_fan_in=fan_in)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -3,8 +3,11 @@
 theta = {
   "log_lr":  ()        global log step size,
   "mix":     (C,)      weights of the classical candidate directions,
+  "hidden_mix": (C,)   only with ``LOConfig.muon``: added to ``mix`` on hidden matrices,
   "w1": (F, H), "b1": (H,), "w2": (H, 2), "b2": (2,)   the residual MLP,
 }
+
+C and F are ``len(config.candidate_names)`` and ``len(config.feature_names)``.
 
 The MLP maps F features to a direction ``d`` and a log-magnitude ``m`` per parameter.
 Its output layer starts at zero, so a fresh LO is exactly its classical mix.
@@ -22,33 +25,44 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from metaopt.lopt._config import CANDIDATE_NAMES, FEATURE_NAMES, LOConfig
+from metaopt.lopt._config import LOConfig
 
 Theta = dict
 
 
 def init_theta(config: LOConfig, key: jax.Array, *, mix=None, log_lr: float = 0.0,
-               hidden_scale: float = 1.0) -> Theta:
-  """A fresh theta: random first layer (N(0, hidden_scale^2 / F)), zero output layer."""
-  num_f, hidden = len(FEATURE_NAMES), config.hidden_size
+               hidden_scale: float = 1.0, hidden_mix=None) -> Theta:
+  """A fresh theta: random first layer (N(0, hidden_scale^2 / F)), zero output layer.
+
+  ``mix`` and ``hidden_mix`` default to zeros; ``hidden_mix`` is only kept with the
+  ``muon`` switch on.
+  """
+  num_f, hidden = config.num_features, config.hidden_size
   w1 = jax.random.normal(key, (num_f, hidden), jnp.float32) * (hidden_scale / num_f**0.5)
-  if mix is None:
-    mix = jnp.zeros((len(CANDIDATE_NAMES),), jnp.float32)
-  return {
+  zeros = jnp.zeros((len(config.candidate_names),), jnp.float32)
+  theta = {
       "log_lr": jnp.asarray(log_lr, jnp.float32),
-      "mix": jnp.asarray(mix, jnp.float32),
+      "mix": zeros if mix is None else jnp.asarray(mix, jnp.float32),
       "w1": w1,
       "b1": jnp.zeros((hidden,), jnp.float32),
       "w2": jnp.zeros((hidden, 2), jnp.float32),
       "b2": jnp.zeros((2,), jnp.float32),
   }
+  if config.muon:
+    theta["hidden_mix"] = zeros if hidden_mix is None else jnp.asarray(hidden_mix,
+                                                                        jnp.float32)
+  return theta
 
 
 def theta_shapes(config: LOConfig) -> dict[str, tuple[int, ...]]:
   """Shapes of every theta entry for ``config`` (used to validate artifacts)."""
-  num_f, hidden = len(FEATURE_NAMES), config.hidden_size
-  return {"log_lr": (), "mix": (len(CANDIDATE_NAMES),), "w1": (num_f, hidden),
-          "b1": (hidden,), "w2": (hidden, 2), "b2": (2,)}
+  num_f, hidden = config.num_features, config.hidden_size
+  num_c = len(config.candidate_names)
+  shapes = {"log_lr": (), "mix": (num_c,), "w1": (num_f, hidden), "b1": (hidden,),
+            "w2": (hidden, 2), "b2": (2,)}
+  if config.muon:
+    shapes["hidden_mix"] = (num_c,)
+  return shapes
 
 
 def hidden_bias(theta: Theta, tensor_features: jax.Array, offset: int) -> jax.Array:
@@ -62,19 +76,22 @@ def hidden_bias(theta: Theta, tensor_features: jax.Array, offset: int) -> jax.Ar
 
 
 def mlp_outputs_elementwise(theta: Theta, features: Sequence[jax.Array], bias: jax.Array,
-                            dtype) -> tuple[jax.Array, jax.Array]:
+                            dtype, rows: Sequence[int] | None = None
+                            ) -> tuple[jax.Array, jax.Array]:
   """(direction, log_magnitude) per element from per-parameter feature arrays.
 
-  ``features[f]`` is the f-th elementwise feature (all of one shape); the per-tensor
-  features enter through ``bias`` (see :func:`hidden_bias`). Computes
-  ``relu(sum_f features[f] w1[f] + bias) @ w2 + b2`` one hidden unit at a time.
+  ``features[f]`` is an elementwise feature (all of one shape) whose weights are row
+  ``rows[f]`` of ``w1`` (default: row f); the per-tensor features enter through
+  ``bias`` (see :func:`hidden_bias`). Computes
+  ``relu(sum_f features[f] w1[rows[f]] + bias) @ w2 + b2`` one hidden unit at a time.
   """
   w1, w2 = theta["w1"].astype(dtype), theta["w2"].astype(dtype)
   b2, bias = theta["b2"].astype(dtype), bias.astype(dtype)
+  rows = range(len(features)) if rows is None else rows
   out = [b2[0], b2[1]]
   for j in range(w1.shape[1]):
     pre = bias[j]
-    for f, feat in enumerate(features):
+    for f, feat in zip(rows, features):
       pre = pre + feat * w1[f, j]
     hidden = jax.nn.relu(pre)
     out = [out[0] + hidden * w2[j, 0], out[1] + hidden * w2[j, 1]]

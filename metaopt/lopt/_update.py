@@ -16,6 +16,20 @@ One step, for every tensor (leaf) W with gradient g and parameter x:
    max(1 - (t - 1) / num_steps, 1 / num_steps) at step t (1-based): past the horizon
    the last scheduled step size holds.
 
+With ``config.muon`` (Jordan et al, "Muon: An optimizer for hidden layers in neural
+networks", 2024) two candidates join: on each hidden matrix W (by muP role, conv
+kernels as one ``[fan_in, fan_out]`` matrix) Muon's direction
+
+   c_muon = s NS_5(mu_hat),  mu_t = beta mu_{t-1} + (1 - beta) g_t,
+   mu_hat = beta mu_t / (1 - beta^(t+1)) + (1 - beta) g_t / (1 - beta^t),
+   s = sqrt(max(1, fan_out / fan_in)),
+
+(zero on other tensors; NS_5 the quintic Newton-Schulz iteration of
+:func:`metaopt.features.newton_schulz_orthogonalize`), which is also an MLP feature,
+and Nesterov Adam ``c_nadam = m_hat_nesterov / (sqrt(v_hat) + eps)`` on every tensor;
+on hidden matrices the weights are ``mix + hidden_mix``. ``mu`` is the momentum EMA
+of ``momentum_decays`` with decay beta, or a buffer of its own (hidden matrices only).
+
 How it computes (the engine). No per-parameter feature matrix is built and nothing runs
 serially over chunks. Per tensor: one fused pass advances the moments and gives the raw
 sums (TAM's torque cosine, MoMo's inner products); then, with the cross-tensor scalars
@@ -29,8 +43,13 @@ sharded parameter keeps its sharding and no parameter is gathered. Small tensors
 equal shape and dtype are stacked and processed by one vmapped program (XLA:CPU's
 compile time is per distinct fused program).
 
+The orthogonalized candidate is per-matrix work (matmuls): it runs per hidden matrix
+between the first pass and the statistics pass, once per step, and hands the direction
+and its sum of squares to the later passes. With the switch off none of it is traced.
+
 The state holds six parameter-shaped buffers (three momenta, v, TAM and LaProp
-momenta), small factored accumulators and scalars; never the parameters.
+momenta; with ``muon`` and a Muon decay none of the three has, a fourth momentum on
+hidden matrices), small factored accumulators and scalars; never the parameters.
 """
 
 from __future__ import annotations
@@ -46,8 +65,9 @@ import optax
 from metaopt import features as F
 from metaopt.lopt import _layout
 from metaopt.lopt import _network
-from metaopt.lopt._config import (BOUNDED_FEATURES, CANDIDATE_NAMES, NORMALIZED_FEATURES,
-                                  TENSOR_FEATURES, TIME_TAUS, LOConfig)
+from metaopt.lopt._config import (BOUNDED_FEATURES, CANDIDATE_NAMES, MUON_CANDIDATES,
+                                  NORMALIZED_FEATURES, TENSOR_FEATURES, TIME_TAUS,
+                                  LOConfig)
 
 Tree = Any
 
@@ -56,7 +76,9 @@ class LOState(NamedTuple):
   """State of the learned optimizer (arrays only; never the parameters)."""
 
   count: jax.Array  # int32 scalar: updates applied so far.
-  momenta: tuple  # (fast, mid, slow) EMAs of g, each shaped like params.
+  momenta: tuple  # (fast, mid, slow) EMAs of g, each shaped like params; with
+  # LOConfig.muon and a Muon decay of its own, a fourth (Muon's; scalar placeholders on
+  # the tensors Muon does not orthogonalize).
   second_moment: Tree  # EMA of g^2.
   factored: Tree  # Adafactor FactoredMoment per leaf.
   tam_momentum: Tree  # TAM's m_t = beta m + (eps + d_t) g.
@@ -82,22 +104,30 @@ def _zeros_like(leaf, dtype):
   return jnp.zeros(jnp.shape(leaf), dtype)
 
 
-def init_state(params: Tree, mup_scale: Tree, *, flat: bool | None = None) -> LOState:
+def init_state(params: Tree, mup_scale: Tree, config: LOConfig | None = None,
+               muon_fan_in: Tree | None = None, *, flat: bool | None = None) -> LOState:
   """A fresh state; works on arrays, sharded arrays and ``jax.ShapeDtypeStruct`` trees.
 
   An unsharded (or replicated) tree of two tensors or more gets the flat layout
-  (:mod:`metaopt.lopt._layout`): each parameter-shaped buffer is one ``[rows, 128]``
-  array holding every tensor. Otherwise each buffer is a tree shaped like the params,
-  and a sharded parameter's buffers take its sharding. The factored accumulators are
-  per tensor in both: reductions of a parameter-shaped buffer, sharded like the axes
-  they keep. ``flat=False`` forces the per-tensor layout (``True`` cannot force the
-  flat one where it does not apply).
+  (:mod:`metaopt.lopt._layout`): each parameter-shaped buffer is a ``_layout.Packed``,
+  one ``[rows, 128]`` array holding the tensors of up to ``_layout.MAX_FLAT`` elements
+  and the larger tensors' own buffers. Otherwise each buffer is a tree shaped like the
+  params, and a sharded parameter's buffers take its sharding. The factored
+  accumulators are per tensor in both: reductions of a parameter-shaped buffer, sharded
+  like the axes they keep. ``flat=False`` forces the per-tensor layout (``True``
+  cannot force the flat one where it does not apply). ``config`` and ``muon_fan_in``
+  (see :func:`update`) are needed only with ``config.muon``; the matrices Muon
+  orthogonalizes keep their own buffers.
   """
   leaves = jax.tree.leaves(params)
   dtypes = [state_dtype(x) for x in leaves]
   zeros = jax.tree.map(lambda x: _zeros_like(x, state_dtype(x)), params)
+  fan_in = None
+  if config is not None and config.muon:
+    fan_in = _check_muon_fan_in(params, muon_fan_in)
+  apart = _muon_tensors(fan_in)
   can_flatten, sharding = _layout.flat_sharding(leaves, dtypes)
-  small, large = _layout.partition([jnp.shape(a) for a in leaves])
+  small, large = _layout.partition([jnp.shape(a) for a in leaves], apart)
   flat = can_flatten and flat is not False and bool(small)
   if flat:
     zero_leaves = jax.tree.leaves(zeros)
@@ -106,10 +136,14 @@ def init_state(params: Tree, mup_scale: Tree, *, flat: bool | None = None) -> LO
                       dtypes[0], sharding), tuple(zero_leaves[i] for i in large))
   else:
     buffer = zeros
+  momenta = (buffer, buffer, buffer)
+  if config is not None and config.muon_momentum == 3:  # per tensor in both layouts.
+    momenta += (jax.tree.map(lambda x, z, f: z if f else jnp.zeros([], state_dtype(x)),
+                             params, zeros, fan_in),)
   scalar_dtype = jnp.result_type(*dtypes or [jnp.float32])
   return LOState(
       count=jnp.zeros([], jnp.int32),
-      momenta=(buffer, buffer, buffer),
+      momenta=momenta,
       second_moment=buffer,
       factored=jax.tree.map(F.factored_init, zeros),
       tam_momentum=buffer,
@@ -147,6 +181,7 @@ class StepContext(NamedTuple):
   bc_laprop: jax.Array  # 1 - b_laprop^t
   momo_tau: jax.Array  # MoMo-Adam's step (its cap alpha / bc_fast without a loss).
   learning_rate: jax.Array  # the user's multiplier, with the horizon decay applied.
+  count: jax.Array  # t, the 1-based step (Nesterov Adam's bias corrections).
 
 
 class LeafInputs(NamedTuple):
@@ -162,6 +197,7 @@ class LeafInputs(NamedTuple):
   laprop_m: jax.Array
   rsqrt_fact: jax.Array  # 1 / sqrt(Adafactor's V_hat).
   mup_scale: jax.Array
+  muon: Any = None  # Muon's direction on a hidden matrix (LOConfig.muon), else None.
 
 
 class Moments(NamedTuple):
@@ -177,12 +213,13 @@ class TensorScalars(NamedTuple):
   """Per-tensor statistics the elementwise pass reads."""
 
   cautious_norm: jax.Array  # 1 / max(mean(cautious mask), 1e-3)
-  inv_rms: jax.Array  # [len(NORMALIZED_FEATURES)] 1 / RMS of each feature.
+  inv_rms: jax.Array  # [len(NORMALIZED_FEATURES) (+ 1: the muon feature)] 1 / RMS.
   bias: jax.Array  # [hidden] the MLP's first-layer bias with per-tensor features.
 
 
 class Candidates(NamedTuple):
-  """The classical directions of one tensor, in :data:`CANDIDATE_NAMES` order."""
+  """The classical directions of one tensor, in ``LOConfig.candidate_names`` order
+  (None: a candidate absent from this tensor, or with the muon switch off)."""
 
   sgdm: jax.Array
   adam: jax.Array
@@ -195,9 +232,11 @@ class Candidates(NamedTuple):
   grams: jax.Array
   laprop: jax.Array
   weight_decay: jax.Array
+  muon: Any = None
+  nadam: Any = None
 
 
-assert Candidates._fields == CANDIDATE_NAMES
+assert Candidates._fields == CANDIDATE_NAMES + MUON_CANDIDATES
 
 
 def candidate_directions(config: LOConfig, ctx: StepContext, inp: LeafInputs,
@@ -237,6 +276,12 @@ def candidate_directions(config: LOConfig, ctx: StepContext, inp: LeafInputs,
       laprop=inp.laprop_m * (1 / ctx.bc_laprop),
       weight_decay=inp.x,
   )
+  if config.muon:
+    b_fast = config.momentum_decays[0]
+    cands = cands._replace(
+        muon=inp.muon,
+        nadam=F.nesterov_momentum(inp.m_fast, g, b_fast, ctx.count) *
+        inverse_denominator(config.adam_eps))
   return cands, inverse_denominator
 
 
@@ -307,15 +352,24 @@ class _Blocks:
   there is one), then the other tensors in tree order.
   """
 
-  def __init__(self, keys: list, flat: bool, count: jax.Array):
+  def __init__(self, keys: list, flat: bool, count: jax.Array, apart: set = frozenset()):
     self.keys = keys
-    small, large = _layout.partition([k[0] for k in keys]) if flat else ([], list(range(len(keys))))
+    small, large = (_layout.partition([k[0] for k in keys], apart) if flat else
+                    ([], list(range(len(keys)))))
     self.small, self.large = small, large
     self.layout = _layout.FlatLayout(tuple(keys[i][0] for i in small)) if small else None
     # min(count, 0) is 0 (counts are non-negative) but not provably so for XLA.
     self.ids = None if self.layout is None else _layout.row_tensor_ids(
         self.layout, jnp.minimum(count, 0).astype(jnp.int32))
     self.order = np.argsort(np.asarray(small + large, np.int64))  # blocks -> tensor order
+
+  def tensor_of_blocks(self) -> list:
+    """Per block: its tensor's index (tree order), None for the flat block."""
+    return ([None] if self.layout is not None else []) + list(self.large)
+
+  def block_of(self, i: int) -> int:
+    """The block of tensor ``i``, which keeps its own buffer."""
+    return self.tensor_of_blocks().index(i)
 
   def _flat_sums(self, terms: list, masked: bool = False) -> jax.Array:
     if masked:
@@ -425,6 +479,40 @@ def _tam_laprop_pass(config: LOConfig, bc_v, damping, tam_m, laprop_m, g, v):
   return tam_m, laprop_m
 
 
+def _muon_pass(config: LOConfig, count, fan_in: int, with_ema: bool, mu, g):
+  """Muon's momentum, direction and the direction's sum of squares for one hidden
+  matrix (Jordan et al 2024): ``mu`` is this step's EMA, or with ``with_ema`` the
+  previous one, advanced here (Muon's own buffer)."""
+  if with_ema:
+    mu = F.update_ema(updates=g, moments=mu, decay=config.muon_beta)
+  m_hat = F.nesterov_momentum(mu, g, config.muon_beta, count)
+  direction = F.muon_direction(m_hat, fan_in, config.muon_ns_steps,
+                               F.NEWTON_SCHULZ_COEFFS, config.muon_eps)
+  return mu, direction, jnp.sum(jnp.square(direction))
+
+
+def _check_muon_fan_in(params: Tree, muon_fan_in: Tree | None) -> Tree:
+  """``muon_fan_in`` checked against ``params``' shapes, as a tree of ints."""
+  if muon_fan_in is None:
+    raise ValueError("LOConfig.muon needs muon_fan_in=: per leaf the fan-in of the 2-D "
+                     "view Muon orthogonalizes, 0 elsewhere (metaopt.optimizers."
+                     "muon_fan_ins(params, roles)).")
+  leaves = jax.tree.structure(params).flatten_up_to(muon_fan_in)
+  for shape, f in zip((jnp.shape(p) for p in jax.tree.leaves(params)), leaves):
+    if f and (len(shape) < 2 or math.prod(shape) % f):
+      raise ValueError(f"muon_fan_in={f} does not give a 2-D view of a tensor of shape "
+                       f"{shape}.")
+  return jax.tree.unflatten(jax.tree.structure(params), [int(f) for f in leaves])
+
+
+def _muon_tensors(fan_in: Tree | None) -> set[int]:
+  """Indices (tree order) of the tensors Muon orthogonalizes: they keep their own
+  buffers in the flat layout (Newton-Schulz needs each matrix)."""
+  if fan_in is None:
+    return set()
+  return {i for i, f in enumerate(jax.tree.leaves(fan_in)) if f}
+
+
 def _statistics_pass(config: LOConfig, ctx: StepContext, sums, inp: LeafInputs):
   """Every per-tensor sum the features need: each normalized feature's sum of squares
   (the cautious one before its renormalization), then the cautious mask's count."""
@@ -432,15 +520,19 @@ def _statistics_pass(config: LOConfig, ctx: StepContext, sums, inp: LeafInputs):
   return sums([jnp.square(f) for f in raw] + bounded, masked=True)
 
 
-def _tensor_scalars(theta: dict, sums, sizes, tensor_features, time) -> TensorScalars:
+def _tensor_scalars(theta: dict, sums, sizes, tensor_features, time,
+                    muon_sum_sq=None) -> TensorScalars:
   """Per-tensor statistics of every tensor at once (rows: tensors).
 
   ``tensor_features``: the first per-tensor features (damping, Polyak ratio, has-loss),
   to which the two log-RMS features and the time features are appended, as in
-  :data:`metaopt.lopt.FEATURE_NAMES`.
+  :data:`metaopt.lopt.FEATURE_NAMES`. ``muon_sum_sq``: the muon feature's sums of
+  squares (0 where it is absent), with the switch on.
   """
   cautious_norm = 1 / jnp.maximum(sums[:, -1] / sizes, 1e-3)
   sum_sq = sums[:, :-1].at[:, _CAUTIOUS].multiply(jnp.square(cautious_norm))
+  if muon_sum_sq is not None:
+    sum_sq = jnp.concatenate([sum_sq, muon_sum_sq[:, None]], axis=1)
   inv_rms = jax.lax.rsqrt(sum_sq / sizes[:, None] + 1e-8)
   idx_x, idx_g = NORMALIZED_FEATURES.index("param"), NORMALIZED_FEATURES.index("grad")
   log_rms = [_log_rms(sum_sq[:, idx_x], sizes), _log_rms(sum_sq[:, idx_g], sizes)]
@@ -462,11 +554,16 @@ def _tensor_update(config: LOConfig, theta: dict, ctx: StepContext, inp: LeafInp
   raw[_CAUTIOUS] = raw[_CAUTIOUS] * cautious_norm
   clip = config.feature_clip
   inv_rms = scalars.inv_rms.astype(dtype)
-  feats = [jnp.clip(f * inv_rms[i], -clip, clip) for i, f in enumerate(raw)]
-  direction, log_mag = _network.mlp_outputs_elementwise(theta, feats + bounded,
-                                                         scalars.bias, dtype)
-  mix = theta["mix"].astype(dtype)
-  classical = sum(mix[k] * c for k, c in enumerate(cands))
+  feats = [jnp.clip(f * inv_rms[i], -clip, clip) for i, f in enumerate(raw)] + bounded
+  rows, mix = None, theta["mix"]
+  if inp.muon is not None:  # a hidden matrix: the muon feature and the hidden mix
+    feats.append(jnp.clip(inp.muon * inv_rms[len(raw)], -clip, clip))
+    rows = list(range(len(feats) - 1)) + [config.feature_names.index("muon")]
+    mix = mix + theta["hidden_mix"]
+  direction, log_mag = _network.mlp_outputs_elementwise(theta, feats, scalars.bias,
+                                                         dtype, rows)
+  mix = mix.astype(dtype)
+  classical = sum(mix[k] * c for k, c in enumerate(cands) if c is not None)
   step = classical + config.step_mult * direction
   log_mag = jnp.clip(config.log_step_mult * log_mag, -config.max_log_step,
                      config.max_log_step)
@@ -475,8 +572,13 @@ def _tensor_update(config: LOConfig, theta: dict, ctx: StepContext, inp: LeafInp
 
 
 def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: Tree, *,
-           value=None, num_steps=None, learning_rate=1.0, skip_nonfinite: bool = False):
+           value=None, num_steps=None, learning_rate=1.0, skip_nonfinite: bool = False,
+           muon_fan_in: Tree | None = None):
   """One learned-optimizer step; returns (updates, new_state). Pure and jittable.
+
+  ``muon_fan_in`` (needed with ``config.muon`` only; static Python ints): per leaf,
+  the fan-in of the ``[fan_in, size / fan_in]`` view Muon orthogonalizes, 0 for the
+  tensors it does not (:func:`metaopt.optimizers.muon_fan_ins`).
 
   With ``skip_nonfinite``, a step whose gradients (or ``value``) hold a NaN or inf gives
   zero updates, leaves the state bitwise unchanged and adds one to
@@ -497,14 +599,16 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   bc_fast, bc_v = bc(config.momentum_decays[0]), bc(config.second_moment_decay)
   with_loss = value is not None
   keys = [(a.shape, a.dtype) for a in g]
-  blocks = _Blocks(keys, is_flat(state), state.count)
+  fan_in = flat(_check_muon_fan_in(params, muon_fan_in)) if config.muon else None
+  blocks = _Blocks(keys, is_flat(state), state.count,
+                   _muon_tensors(fan_in))
   buffers = (lambda packed: [packed.flat, *packed.tensors]) if is_flat(state) else flat
   g_b, x_b = blocks.pack(g), blocks.pack(x)
 
   # Pass 1: moments and the raw sums of every tensor.
   first = lambda sums, *a: _first_pass(config, bc_v, with_loss, sums, *a)
   moments, sums1 = zip(*blocks.map(first, *(buffers(tree) for tree in (
-      *state.momenta, state.second_moment, state.tam_momentum)), g_b, x_b))
+      *state.momenta[:3], state.second_moment, state.tam_momentum)), g_b, x_b))
   sums1 = blocks.per_tensor(sums1, scalar_dt)
   if skip_nonfinite:  # keep(new, old): new on a finite step, old on a skipped one.
     finite = jnp.all(jnp.isfinite(sums1))
@@ -516,7 +620,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
     keep = lambda new, old: new
     skipped = 0
   moments = [keep(m, Moments(*prev)) for m, *prev in zip(
-      moments, *(buffers(tree) for tree in (*state.momenta, state.second_moment)))]
+      moments, *(buffers(tree) for tree in (*state.momenta[:3], state.second_moment)))]
 
   # Adafactor's accumulators, tensor by tensor (they need each matrix's rows/columns).
   decay = jnp.asarray(config.factored_decay, scalar_dt)
@@ -549,7 +653,26 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
     learning_rate = learning_rate * jnp.clip(
         1 - (count.astype(jnp.float32) - 1) / num_steps, 1 / num_steps, 1.0)
   ctx = StepContext(bc_fast=bc_fast, bc_v=bc_v, bc_laprop=bc(config.laprop_b1),
-                    momo_tau=momo_tau, learning_rate=jnp.asarray(learning_rate))
+                    momo_tau=momo_tau, learning_rate=jnp.asarray(learning_rate),
+                    count=count)
+
+  # Muon's direction on each hidden matrix (per matrix: Newton-Schulz matmuls).
+  muon_dir, muon_sum_sq, muon_momenta = [None] * len(g), None, None
+  if config.muon:
+    own = config.muon_momentum == 3
+    mu = flat(state.momenta[3]) if own else [
+        getattr(moments[blocks.block_of(i)], Moments._fields[config.muon_momentum])
+        if f else None for i, f in enumerate(fan_in)]
+    muon_sum_sq, new_mu = [jnp.zeros([], scalar_dt)] * len(g), list(mu)
+    for f in sorted({f for f in fan_in if f}):  # one program per (fan-in, shape, dtype)
+      idx = [i for i, fi in enumerate(fan_in) if fi == f]
+      muon = lambda m_i, g_i, f=f: _muon_pass(config, count, f, own, m_i, g_i)
+      for i, (m_i, d_i, sq_i) in zip(idx, _map_grouped(muon, [keys[i] for i in idx],
+                                                       [(mu[i], g[i]) for i in idx])):
+        new_mu[i], muon_dir[i], muon_sum_sq[i] = m_i, d_i, sq_i
+    muon_sum_sq = jnp.stack([a.astype(scalar_dt) for a in muon_sum_sq])
+    if own:
+      muon_momenta = keep(new_mu, flat(state.momenta[3]))
 
   # TAM and LaProp momenta.
   tam_laprop = lambda _, *a: _tam_laprop_pass(config, bc_v, *a)
@@ -570,12 +693,16 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   # Pass 2: the feature statistics of every tensor, then per-tensor scalars at once.
   statistics = lambda sums, inp: _statistics_pass(config, ctx, sums, inp)
   sums2 = blocks.per_tensor(blocks.map(statistics, inputs), scalar_dt)
+  if config.muon:  # hidden matrices (with Muon's direction) are programs of their own
+    inputs = [inp if i is None else inp._replace(muon=muon_dir[i])
+              for inp, i in zip(inputs, blocks.tensor_of_blocks())]
+    blocks.keys = [k + (d is not None,) for k, d in zip(blocks.keys, muon_dir)]
   time = jnp.concatenate([F.time_features(count, num_steps, TIME_TAUS),
                           jnp.float32([num_steps is not None])]).astype(scalar_dt)
   per_tensor = jnp.stack([damping, jnp.broadcast_to(momo_tau / momo_cap, damping.shape),
                           jnp.full(damping.shape, with_loss, scalar_dt)], axis=1)
   sizes = jnp.asarray([a.size for a in g], scalar_dt)
-  scalars = _tensor_scalars(theta, sums2, sizes, per_tensor, time)
+  scalars = _tensor_scalars(theta, sums2, sizes, per_tensor, time, muon_sum_sq)
 
   # Pass 3: the updates.
   third = lambda _, inp, row: _tensor_update(config, theta, ctx, inp, row)
@@ -591,7 +718,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   new_state = LOState(
       count=keep(count, state.count),
       momenta=tuple(assemble(getattr(m, f) for m in moments)
-                    for f in ("m_fast", "m_mid", "m_slow")),
+                    for f in ("m_fast", "m_mid", "m_slow")) + (
+                        () if muon_momenta is None else (unflat(muon_momenta),)),
       second_moment=assemble(m.v for m in moments),
       factored=unflat(factored),
       tam_momentum=assemble(tam),
@@ -612,7 +740,7 @@ _MAX_STACKED = 1 << 16
 
 
 def _map_grouped(fn, keys: list, args: list) -> list:
-  """``[fn(*a) for a in args]``, batching entries of one key (shape, dtype) by vmap.
+  """``[fn(*a) for a in args]``, batching entries of one key (shape, dtype, ...) by vmap.
 
   Each group compiles once however many tensors it holds, so compile time grows with
   the number of distinct shapes, not of tensors.
@@ -621,7 +749,8 @@ def _map_grouped(fn, keys: list, args: list) -> list:
   for i, key in enumerate(keys):
     groups.setdefault(key, []).append(i)
   out = [None] * len(args)
-  for (shape, _), idx in groups.items():
+  for key, idx in groups.items():
+    shape = key[0]
     if len(idx) == 1 or math.prod(shape) > _MAX_STACKED:
       for i in idx:
         out[i] = fn(*args[i])

@@ -21,6 +21,7 @@ import optax
 
 from metaopt import lopt
 from metaopt import mup
+from metaopt import optimizers
 
 Theta = dict
 
@@ -72,13 +73,16 @@ def lo_problem(task, lo_config: lopt.LOConfig, *, informed: bool = True,
   """
   update_scales = mup.update_scales(task.roles) if lo_config.mup else jax.tree.map(
       lambda _: 1.0, task.param_shapes())
+  muon_fan_in = optimizers.muon_fan_ins(task.param_shapes(), task.roles) if (
+      lo_config.muon) else None
 
   def init(key):
     k_params, k_scales = jax.random.split(key)
     params = task.init(k_params)
     scales = sample_scales(k_scales, params, augment_scale)
     w = jax.tree.map(jnp.divide, params, scales)
-    return LOInnerState(w, lopt.init_state(w, update_scales), scales)
+    return LOInnerState(w, lopt.init_state(w, update_scales, lo_config, muon_fan_in),
+                        scales)
 
   def step(theta, state, key, t, horizon):
     del t  # the LO counts its own steps
@@ -87,7 +91,7 @@ def lo_problem(task, lo_config: lopt.LOConfig, *, informed: bool = True,
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     kwargs = dict(value=loss, num_steps=horizon) if informed else {}
     updates, opt_state = lopt.update(lo_config, theta, grads, state.opt_state,
-                                     state.params, **kwargs)
+                                     state.params, muon_fan_in=muon_fan_in, **kwargs)
     params = optax.apply_updates(state.params, updates)
     return LOInnerState(params, opt_state, state.scales), loss
 

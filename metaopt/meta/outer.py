@@ -124,7 +124,8 @@ def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
   if config.hidden_size and config.hidden_size != lo.config.hidden_size:
     lo_config = dataclasses.replace(lo.config, hidden_size=config.hidden_size)
     fresh = lopt.init_theta(lo_config, jax.random.PRNGKey(config.seed),
-                            mix=theta["mix"], log_lr=theta["log_lr"])
+                            mix=theta["mix"], log_lr=theta["log_lr"],
+                            hidden_mix=theta.get("hidden_mix"))
     return metaopt.LearnedOptimizer(lo_config, fresh, lo.metadata)
   return lo.with_theta(theta)
 

@@ -46,6 +46,7 @@ from metaopt.optimizers._momentum import scale_by_momentum
 from metaopt.optimizers._momentum import ScaleByMomentumState
 from metaopt.optimizers._momentum import sgdm
 from metaopt.optimizers._muon import muon
+from metaopt.optimizers._muon import muon_fan_ins
 from metaopt.optimizers._muon import muon_labels
 from metaopt.optimizers._muon import scale_by_muon
 from metaopt.optimizers._muon import ScaleByMuonState
@@ -130,6 +131,7 @@ __all__ = [
     "momo_adam",
     "mu_adamw",
     "muon",
+    "muon_fan_ins",
     "muon_labels",
     "nesterov",
     "proximal_decay_step",

@@ -23,8 +23,12 @@ both parts, ``eps`` is shared) on the other leaves. What differs, on purpose:
 * **bfloat16**: the Newton-Schulz iteration runs in float32 and is cast back (optax
   iterates in bfloat16).
 
-optax's ``preconditioning`` variants other than ``"frobenius"``, its ``"dion"`` preset
-name and ``weight_decay_mask`` are not provided.
+* **``mask``** selects the decayed leaves of both parts (optax's ``weight_decay_mask``
+  acts on the Muon part only; the two agree when ``adam_weight_decay`` is 0, the
+  default).
+
+optax's ``preconditioning`` variants other than ``"frobenius"`` and its ``"dion"``
+preset name are not provided.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import optax
 from metaopt import features
 from metaopt import mup
 from metaopt.optimizers import _adam
+from metaopt.optimizers import _factory
 from metaopt.optimizers import _validation
 
 Tree = Any
@@ -205,6 +210,20 @@ def muon_labels(params, roles=None, labels=None, *, warn: bool = False) -> Tree:
                       jnp.ndim(leaf) >= 2 else ADAM, params, r, is_leaf=mup.is_role)
 
 
+def muon_fan_ins(params, roles=None, labels=None, *, warn: bool = False) -> Tree:
+  """Per leaf, the fan-in of the ``[fan_in, size / fan_in]`` matrix Muon orthogonalizes
+  (:func:`metaopt.mup.default_fan_in` of its path), or 0 for the AdamW leaves.
+
+  The leaves are those :func:`muon_labels` selects (same arguments); the learned
+  optimizer's orthogonalized candidate reads this tree (``LOConfig.muon``).
+  """
+  which = muon_labels(params, roles, labels, warn=warn)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return jax.tree.unflatten(treedef, [
+      mup.default_fan_in(jnp.shape(leaf), jax.tree_util.keystr(path)) if label == MUON
+      else 0 for (path, leaf), label in zip(flat, treedef.flatten_up_to(which))])
+
+
 def _checked_roles(roles, labels) -> optax.GradientTransformation:
   """Stateless: at ``init`` checks explicit roles, or lets role inference warn."""
 
@@ -230,7 +249,8 @@ def muon(learning_rate: optax.ScalarOrSchedule,
          adam_b1: float = 0.9, adam_b2: float = 0.999, adam_eps_root: float = 0.0,
          adam_weight_decay: optax.ScalarOrSchedule = 0.0,
          adam_learning_rate: optax.ScalarOrSchedule | None = None,
-         consistent_rms=None) -> optax.GradientTransformationExtraArgs:
+         consistent_rms=None, mask: _factory.Mask = None
+         ) -> optax.GradientTransformationExtraArgs:
   r"""Muon on hidden matrices (by muP role), AdamW on every other leaf.
 
   .. math::
@@ -244,7 +264,8 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   :func:`scale_by_muon`; conv kernels ``[*spatial, in, out]`` are orthogonalized as one
   ``[prod(spatial) * in, out]`` matrix. :math:`\eta` = ``learning_rate``,
   :math:`\lambda` = ``weight_decay``, :math:`\eta^A` = ``adam_learning_rate`` (default
-  :math:`\eta`), :math:`\lambda^A` = ``adam_weight_decay``; :math:`\hat m_t, \hat v_t`
+  :math:`\eta`), :math:`\lambda^A` = ``adam_weight_decay`` (both decays only on the
+  leaves ``mask`` selects); :math:`\hat m_t, \hat v_t`
   are Adam's moments (``adam_b1``, ``adam_b2``), Nesterov too when ``nesterov``, as in
   optax. Weight decay is decoupled and multiplied by the learning rate, as in optax.
   "Hidden" means muP role ``hidden`` (:func:`muon_labels`): embeddings, the input
@@ -273,6 +294,8 @@ def muon(learning_rate: optax.ScalarOrSchedule,
     adam_learning_rate: learning rate of the AdamW leaves (None: ``learning_rate``).
     consistent_rms: if given, Muon's scale is ``sqrt(max(fan_in, fan_out)) *
       consistent_rms`` (Liu et al; 0.2 makes the update RMS AdamW-like).
+    mask: the leaves to decay (both parts), as ``optax.masked`` reads it: a tree of
+      bools (or a prefix of one) or a callable ``params -> such a tree``; None: all.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -292,25 +315,22 @@ def muon(learning_rate: optax.ScalarOrSchedule,
   _validation.check_learning_rate(learning_rate)
   if adam_learning_rate is not None:
     _validation.check_learning_rate(adam_learning_rate, "adam_learning_rate")
-  _validation.check_nonnegative("weight_decay", weight_decay)
   _validation.check_nonnegative("adam_weight_decay", adam_weight_decay)
   _validation.check_beta("adam_b1", adam_b1)
   _validation.check_beta("adam_b2", adam_b2)
   _validation.check_nonnegative("adam_eps_root", adam_eps_root)
   if roles is not None and labels is not None:
     raise ValueError("muon: pass roles= or labels=, not both.")
-  muon_part = optax.chain(
+  # Each part sees the whole tree with optax.MaskedNode on the other part's leaves, so
+  # ``mask`` (a tree or a callable of the params, as in optax.masked) reads alike in both.
+  muon_part = _factory.decayed_descent(
       scale_by_muon(ns_coeffs, ns_steps, beta, eps, mu_dtype, nesterov=nesterov,
                     adaptive=adaptive, consistent_rms=consistent_rms),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
-  adam_part = optax.chain(
+      learning_rate, weight_decay, mask)
+  adam_part = _factory.decayed_descent(
       _scale_by_adam(adam_b1, adam_b2, eps, adam_eps_root, mu_dtype, nesterov),
-      optax.add_decayed_weights(adam_weight_decay),
-      optax.scale_by_learning_rate(
-          learning_rate if adam_learning_rate is None else adam_learning_rate),
-  )
+      learning_rate if adam_learning_rate is None else adam_learning_rate,
+      adam_weight_decay, mask)
   return optax.chain(
       _checked_roles(roles, labels),
       optax.partition({MUON: muon_part, ADAM: adam_part},
