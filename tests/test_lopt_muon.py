@@ -5,6 +5,7 @@ networks", 2024) on a Flax and a Haiku tree in float64, the switch's state and t
 layout, the candidate and feature on hidden matrices only, and old artifacts unchanged.
 """
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -86,8 +87,12 @@ MUON_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", MUON_CASES)
-@pytest.mark.parametrize("problem", PROBLEMS)
+# Fast: each problem once and each case once; the crossed pairs run with the slow tests.
+_SLOW = pytest.mark.slow
+@pytest.mark.parametrize("problem, case", [
+    ("flax", "defaults"), ("haiku", "decays, adam lr, beta shared with adam_b1"),
+    pytest.param("haiku", "defaults", marks=_SLOW),
+    pytest.param("flax", "decays, adam lr, beta shared with adam_b1", marks=_SLOW)])
 def test_from_classical_muon_equals_muon_float64(x64, problem, case):
   """100 steps on the optimizer's own trajectory, updates within rtol 1e-8.
 
@@ -167,9 +172,16 @@ def _extended(lo_off: LearnedOptimizer, **config) -> LearnedOptimizer:
   return LearnedOptimizer(cfg, theta)
 
 
+_STEPS = {}  # one compiled step per (config, tree, roles): theta is an argument.
+
+
 def _updates(lo, params, roles, steps=4, value=True):
   opt = lo.as_optax(num_steps=10, roles=roles)
-  step = jax.jit(lambda g, s, p: opt.update(g, s, p, value=jnp.float32(0.5) if value else None))
+  key = (lo.config, jax.tree.structure(params), str(roles), value)
+  if key not in _STEPS:
+    _STEPS[key] = jax.jit(lambda theta, g, s, p: lo.with_theta(theta).as_optax(
+        num_steps=10, roles=roles).update(g, s, p, value=jnp.float32(0.5) if value else None))
+  step = functools.partial(_STEPS[key], lo.theta)
   state, out = opt.init(params), []
   for t in range(steps):
     grads = jax.tree.map(lambda p: jnp.sin((t + 1) * jnp.arange(p.size).reshape(p.shape)
@@ -211,8 +223,11 @@ def test_muon_feature_and_hidden_mix_act_on_hidden_matrices_only():
       assert changed == (leaf in ("hidden", "conv")), (name, leaf)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("beta", [0.95, 0.9])
+# Fast: each dtype once and each momentum case (own buffer, shared) once.
+@pytest.mark.parametrize("dtype, beta", [
+    (jnp.float32, 0.95), (jnp.bfloat16, 0.9),
+    pytest.param(jnp.bfloat16, 0.95, marks=pytest.mark.slow),
+    pytest.param(jnp.float32, 0.9, marks=pytest.mark.slow)])
 def test_random_lo_with_switch_finite_and_keeps_dtypes(dtype, beta):
   params, roles = _roles_tree()
   params = jax.tree.map(lambda p: p.astype(dtype), params)

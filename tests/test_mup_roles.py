@@ -378,8 +378,8 @@ def test_labels_and_roles_under_optax_masked_with_an_integer_leaf():
   lo = metaopt.pretrained()
   reference = lo.as_optax(labels={k: v for k, v in labels.items() if k != "step"})
   ref_params = {k: v for k, v in params.items() if k != "step"}
-  ref_updates, _ = reference.update({k: grads[k] for k in ref_params},
-                                    reference.init(ref_params), ref_params)
+  ref_updates, _ = jax.jit(reference.update)({k: grads[k] for k in ref_params},
+                                             reference.init(ref_params), ref_params)
   roles = mup.roles_from_labels({k: v for k, v in params.items() if k != "step"},
                                 {k: v for k, v in labels.items() if k != "step"})
   roles = {**roles, "step": mup.vector_role()}

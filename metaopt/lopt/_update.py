@@ -38,14 +38,21 @@ statistic (the cautious mask's mean, the feature sums of squares, the parameter 
 gradient RMS); and one fused elementwise pass builds the features, runs the MLP as
 per-output multiply-adds (a ``[n, 27] @ [27, 8]`` matmul on skinny operands is not what
 XLA fuses) and writes the update. The per-tensor scalar math runs once for all tensors,
-as ``[num_tensors, k]`` arrays. Every pass works on each tensor's own shape, so a
-sharded parameter keeps its sharding and no parameter is gathered. Small tensors of
-equal shape and dtype are stacked and processed by one vmapped program (XLA:CPU's
-compile time is per distinct fused program).
+as ``[num_tensors, k]`` arrays.
+
+Where the passes run (:class:`_Blocks`). In the flat layout (unsharded trees,
+:mod:`metaopt.lopt._layout`) every tensor of up to 2^18 elements lives in one
+``[rows, 128]`` buffer: each pass runs once over it and its per-tensor sums are
+segment sums, so compile time does not grow with the number of tensors (XLA:CPU
+compiles each fused program separately). Larger tensors, and all tensors of a sharded
+tree, run each in its own shape, so a sharded parameter keeps its sharding and no
+parameter is gathered; small ones of equal shape and dtype are then batched by one
+vmapped program. Adafactor's factored accumulators always run per tensor.
 
 The orthogonalized candidate is per-matrix work (matmuls): it runs per hidden matrix
 between the first pass and the statistics pass, once per step, and hands the direction
-and its sum of squares to the later passes. With the switch off none of it is traced.
+and its sum of squares to the later passes (in the flat layout those matrices keep their
+own buffers). With the switch off none of it is traced.
 
 The state holds six parameter-shaped buffers (three momenta, v, TAM and LaProp
 momenta; with ``muon`` and a Muon decay none of the three has, a fourth momentum on
