@@ -86,7 +86,7 @@ def test_pack_unpack_round_trip_and_row_ids():
   shapes = [(), (5,), (128,), (129,), (3, 100), (2, 2, 64)]
   leaves = [jnp.arange(np.prod(s), dtype=jnp.float32).reshape(s) + i for i, s in
             enumerate(shapes)]
-  layout = _layout.layout_of(leaves)
+  layout = _layout.FlatLayout(tuple(shapes))
   assert layout.rows == (1, 1, 1, 2, 3, 2)
   buf = _layout.pack(layout, leaves)
   assert buf.shape == (10, _layout.ROW)

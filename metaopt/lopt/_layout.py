@@ -86,10 +86,6 @@ class FlatLayout(NamedTuple):
     return sum(self.rows)
 
 
-def layout_of(leaves: Sequence) -> FlatLayout:
-  return FlatLayout(tuple(tuple(jnp.shape(a)) for a in leaves))
-
-
 def _sharding(leaf):
   if isinstance(leaf, jax.core.Tracer):
     return None

@@ -607,9 +607,10 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   with_loss = value is not None
   keys = [(a.shape, a.dtype) for a in g]
   fan_in = flat(_check_muon_fan_in(params, muon_fan_in)) if config.muon else None
-  blocks = _Blocks(keys, is_flat(state), state.count,
+  flat_layout = is_flat(state)
+  blocks = _Blocks(keys, flat_layout, state.count,
                    _muon_tensors(fan_in))
-  buffers = (lambda packed: [packed.flat, *packed.tensors]) if is_flat(state) else flat
+  buffers = (lambda packed: [packed.flat, *packed.tensors]) if flat_layout else flat
   g_b, x_b = blocks.pack(g), blocks.pack(x)
 
   # Pass 1: moments and the raw sums of every tensor.
@@ -634,11 +635,11 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   factored_pass = lambda acc, gr: _factored_pass(decay, finite if skip_nonfinite else None,
                                                  acc, gr)
   factored, rsqrt_fact = zip(*(
-      [factored_pass(*a) for a in zip(flat(state.factored), g)] if is_flat(state) else
+      [factored_pass(*a) for a in zip(flat(state.factored), g)] if flat_layout else
       _map_grouped(factored_pass, keys, list(zip(flat(state.factored), g)))))
 
   # Cross-tensor scalars: TAM's damping per tensor, MoMo-Adam's global step.
-  prev_torque = (state.torque_ema if is_flat(state) else
+  prev_torque = (state.torque_ema if flat_layout else
                  jnp.stack([a.astype(scalar_dt) for a in flat(state.torque_ema)]))
   torque = keep(F.update_torque_ema(prev_torque,
                                     F.torque_cosine_from_sums(*sums1[:, :_TORQUE_SUMS].T),
@@ -689,13 +690,15 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                                 [m.v for m in moments]))
   tam = keep(list(tam), buffers(state.tam_momentum))
   laprop = keep(list(laprop), buffers(state.laprop_momentum))
-  mup_scale = jnp.stack([a.astype(scalar_dt) for a in flat(state.mup_scale)])  # flat
+  # Flat: one state dtype, the scales reach the flat buffer's rows like any per-tensor
+  # value; per tensor: each tensor's own scalar in its own dtype.
+  mup_scales = (blocks.split(jnp.stack(flat(state.mup_scale))) if flat_layout else
+                flat(state.mup_scale))
   inputs = [LeafInputs(g=gr, x=xx, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow, v=m.v,
                        tam_m=tm, laprop_m=lp, rsqrt_fact=rf, mup_scale=s)
             for gr, xx, m, mid, tm, lp, rf, s in zip(
                 g_b, x_b, moments, buffers(state.momenta[1]), tam, laprop,
-                blocks.pack(rsqrt_fact),
-                blocks.split(mup_scale) if is_flat(state) else flat(state.mup_scale))]
+                blocks.pack(rsqrt_fact), mup_scales)]
 
   # Pass 2: the feature statistics of every tensor, then per-tensor scalars at once.
   statistics = lambda sums, inp: _statistics_pass(config, ctx, sums, inp)
@@ -720,7 +723,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
 
   unflat = lambda leaves: jax.tree.unflatten(treedef, list(leaves))
   packed = lambda bs: _layout.Packed(bs[0], tuple(bs[1:]))
-  assemble = (lambda bs: packed(list(bs))) if is_flat(state) else unflat
+  assemble = (lambda bs: packed(list(bs))) if flat_layout else unflat
   loss_ema, gp_ema = keep((loss_ema, gp_ema), (state.loss_ema, state.grad_param_ema))
   new_state = LOState(
       count=keep(count, state.count),
@@ -730,7 +733,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
       second_moment=assemble(m.v for m in moments),
       factored=unflat(factored),
       tam_momentum=assemble(tam),
-      torque_ema=(torque if is_flat(state) else
+      torque_ema=(torque if flat_layout else
                   unflat(torque[i].astype(d) for i, d in enumerate(sdt))),
       laprop_momentum=assemble(laprop),
       loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale,
