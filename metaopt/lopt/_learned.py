@@ -124,7 +124,8 @@ class LearnedOptimizer:
     if config.muon:
       theta["hidden_mix"] = (jnp.zeros_like(theta["mix"]) if not self.config.muon else
                              theta["hidden_mix"])
-    assert {k: tuple(jnp.shape(v)) for k, v in theta.items()} == _network.theta_shapes(config)
+    shapes = {k: tuple(jnp.shape(v)) for k, v in theta.items()}
+    assert shapes == _network.theta_shapes(config), shapes
     return dataclasses.replace(self, config=config, theta=theta)
 
   # ------------------------------------------------------------------ optax

@@ -37,7 +37,7 @@ hidden bias: the signals the learning-rate-free D-Adaptation (Defazio & Mishchen
 arXiv:2306.06101, 2023) set their step from, whose estimate of the distance to the
 solution is ``d_hat = sum_k lambda_k <g_k, x_0 - x_k> / ||sum_k lambda_k g_k||``
 (Prodigy Alg. 1). With x_0 the parameters at ``init``, x = x_{t-1} the parameters the
-step is given, m the fast momentum after this step's gradient and n the tensor's size:
+step is given and m the fast momentum after this step's gradient, per tensor:
 
    log_distance        = log10(r + 1e-8) / 4,
                          r = RMS(x - x_0) / max(RMS(x_0), RMS(x))   (0 if both are 0),
@@ -50,13 +50,15 @@ Each is scale-free per tensor (unchanged when a tensor and its initialization ar
 multiplied by s > 0, as meta-training's 10^U(-3, 3) reparametrization does; the
 loss trend when the loss is multiplied by a constant), finite at step 1 (x = x_0:
 -2, 0, 0) and bounded: [-2, 0.08], [-1, 1], [-1, 1]. r compares the distance with
-the tensor's own size; the max keeps it finite for zero-initialized tensors (biases), whose r is 1 once they move (no scale of their own
-to compare with). The cosine is Prodigy's numerator <g, x_0 - x> normalized: positive
-while the momentum keeps pointing along the path travelled (the step may grow),
-negative once it points back to x_0 (overshoot). A rising loss is the classic sign of a
-step too large. Their three sums (||x - x_0||^2, ||x_0||^2, <m, x_0 - x>; ||x||^2 and
-||m||^2 are the param and momentum features' sums already) are taken by the
-statistics pass: no extra pass over the buffers, one more buffer (x_0) in the state.
+the tensor's own size; the max keeps it finite for zero-initialized tensors (biases),
+whose r is 1 once they move (they have no scale of their own to compare with; a fixed
+floor would not be scale-free). The cosine is Prodigy's numerator <g, x_0 - x>
+normalized: positive while the momentum keeps pointing along the path travelled (the
+step may grow), negative once it points back to x_0 (overshoot). A rising loss is the
+classic sign of a step too large. Their three sums (||x - x_0||^2, ||x_0||^2,
+<m, x_0 - x>; ||x||^2 and ||m||^2 are the param and momentum features' sums already)
+are taken by the statistics pass: no extra pass over the buffers, one more buffer
+(x_0) in the state.
 
 How it computes (the engine). No per-parameter feature matrix is built and nothing runs
 serially over chunks. Per tensor: one fused pass advances the moments and gives the raw
@@ -629,6 +631,7 @@ def _tensor_scalars(config: LOConfig, theta: dict, sums, sizes, tensor_features,
                     num_elementwise + len(TENSOR_FEATURES) + len(TIME_TAUS) + 2))
   if config.step_size_features:
     idx_m = NORMALIZED_FEATURES.index("momentum_fast")
+    assert step_size_sums.shape[1] == _STEP_SIZE_SUMS
     disp_sq, x0_sq, m_dot_disp = step_size_sums.T
     scalars.append(step_size_features(disp_sq, x0_sq, sum_sq[:, idx_x], m_dot_disp,
                                       sum_sq[:, idx_m], trend))
