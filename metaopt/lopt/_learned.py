@@ -122,8 +122,7 @@ class LearnedOptimizer:
     theta["mix"] = by_name(theta["mix"], self.config.candidate_names,
                            config.candidate_names)
     if config.muon:
-      theta["hidden_mix"] = (jnp.zeros_like(theta["mix"]) if not self.config.muon else
-                             theta["hidden_mix"])
+      theta.setdefault("hidden_mix", jnp.zeros_like(theta["mix"]))
     shapes = {k: tuple(jnp.shape(v)) for k, v in theta.items()}
     assert shapes == _network.theta_shapes(config), shapes
     return dataclasses.replace(self, config=config, theta=theta)
