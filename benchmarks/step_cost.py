@@ -14,9 +14,12 @@ Measures, side by side in one process:
    change), beside ``optax.adamw``: whole train step and the update alone, timed in
    interleaved rounds (each optimizer once per round, ``--rounds`` rounds of
    ``--repeats`` calls; medians), for shared, noisy machines.
+6. ``--step-size``: the LO update alone on the MLP trees of ``--sizes`` with the
+   step-size features off and on (``LOConfig.step_size_features``; the same random
+   LO, the new rows nonzero), in interleaved rounds as in 5. (only it runs).
 
 Usage: python benchmarks/step_cost.py [--sizes 1e4 1e5 1e6 1e7] [--repeats 20]
-       [--transformers 2 6 24] [--muon 2 6] [--rounds 5]
+       [--transformers 2 6 24] [--muon 2 6] [--rounds 5] [--step-size]
 """
 
 from __future__ import annotations
@@ -218,6 +221,36 @@ def muon_table(layer_counts, repeats, rounds):
   print(f"\nload after (uptime): {os.getloadavg()}")
 
 
+def step_size_table(sizes, repeats, rounds):
+  """The LO update with the step-size features off vs on, interleaved (see 6.)."""
+  import os  # pylint: disable=g-import-not-at-top
+  print(f"\nload before (uptime): {os.getloadavg()}")
+  print_header("\n", "params", "LO update off", "LO update on", "on / off")
+  off = metaopt.LearnedOptimizer.random(jax.random.key(0), output_scale=0.05)
+  on = off.extended(step_size_features=True)
+  rows = np.arange(off.config.num_features, on.config.num_features)  # the new rows
+  on = on.with_theta({**on.theta, "w1": on.theta["w1"].at[rows].set(0.3)})
+  for size in sizes:
+    params = mlp_params(int(size))
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    programs = {}
+    for k, lo in (("off", off), ("on", on)):
+      opt = lo.as_optax(num_steps=1000, sp=True)
+      state = opt.init(params)
+      update = jax.jit(lambda g, s, p, opt=opt: opt.update(g, s, p, value=jnp.float32(1.0)))
+      programs[k] = (update.lower(grads, state, params).compile(), state)
+    times = {k: [] for k in programs}
+    for _ in range(rounds):  # interleaved: each once per round
+      for k, (fn, state) in programs.items():
+        jax.block_until_ready(fn(grads, state, params))
+        times[k].append(np.median(_timings(fn, (grads, state, params), repeats)))
+    n = sum(p.size for p in jax.tree.leaves(params))
+    ratio = float(np.median(np.divide(times["on"], times["off"])))
+    print(f"| {n:.2e} | {np.median(times['off']) * 1e3:.2f} ms | "
+          f"{np.median(times['on']) * 1e3:.2f} ms | {ratio:.3f}x |", flush=True)
+  print(f"\nload after (uptime): {os.getloadavg()}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
@@ -227,8 +260,16 @@ def main():
   parser.add_argument("--muon", type=int, nargs="*", default=None,
                       help="layer counts of the Muon vs LO(muon on/off) table (only it runs)")
   parser.add_argument("--rounds", type=int, default=5,
-                      help="interleaved timing rounds of the --muon table")
+                      help="interleaved timing rounds of the --muon and --step-size "
+                      "tables")
+  parser.add_argument("--step-size", action="store_true",
+                      help="the LO update with the step-size features off vs on, at "
+                      "--sizes (only it runs)")
   args = parser.parse_args()
+  if args.step_size:
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    step_size_table(args.sizes, args.repeats, args.rounds)
+    return
   if args.muon is not None:
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     muon_table(args.muon or [2], args.repeats, args.rounds)

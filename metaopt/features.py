@@ -156,8 +156,13 @@ def torque_cosine(m_prev: jax.Array, g: jax.Array, eps: float = 1e-12) -> jax.Ar
 
 def torque_cosine_from_sums(m_dot_g, m_sq, g_sq, eps: float = 1e-12):
   """:func:`torque_cosine` from <m, g>, ||m||^2 and ||g||^2 (for fused reductions)."""
-  denom = jnp.sqrt(m_sq) * jnp.sqrt(g_sq)
-  return jnp.where(denom > eps, m_dot_g / jnp.maximum(denom, eps), 0.0)
+  return cosine_from_sums(m_dot_g, m_sq, g_sq, eps)
+
+
+def cosine_from_sums(a_dot_b, a_sq, b_sq, eps: float = 1e-12):
+  """<a, b> / (||a|| ||b||) from <a, b>, ||a||^2 and ||b||^2; 0 where ||a|| ||b|| <= eps."""
+  denom = jnp.sqrt(a_sq) * jnp.sqrt(b_sq)
+  return jnp.where(denom > eps, a_dot_b / jnp.maximum(denom, eps), 0.0)
 
 
 def update_torque_ema(s_hat, s, gamma):
@@ -401,6 +406,49 @@ def muon_direction(m: jax.Array, fan_in: int, steps: int = 5,
     o = o * jnp.sum(m * o).astype(o.dtype)
   scale = muon_shape_scale(fan_in, fan_out, consistent_rms)
   return (o * jnp.asarray(scale, o.dtype)).astype(m.dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Distance from the initialization (the step-size estimate of D-Adaptation, Defazio &
+# Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", arXiv:2301.07733, 2023,
+# and Prodigy, Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive
+# Parameter-Free Learner", arXiv:2306.06101, 2023). Both grow the step size d as long
+# as the gradients keep pointing away from x_0: their estimate is
+#   d_hat = sum_k lambda_k <g_k, x_0 - x_k> / ||sum_k lambda_k g_k||   (Prodigy Alg. 1),
+# the distance travelled along the averaged gradient. Per tensor and scale-free, the
+# same information is the distance travelled relative to the tensor's own size and
+# the cosine between the momentum and the displacement x_0 - x_k.
+
+
+def distance_ratio(x: jax.Array, x0: jax.Array) -> jax.Array:
+  """RMS(x - x_0) / max(RMS(x_0), RMS(x)) of one tensor (0 where both are 0)."""
+  return distance_ratio_from_sums(jnp.sum(jnp.square(x - x0)), jnp.sum(jnp.square(x0)),
+                                  jnp.sum(jnp.square(x)))
+
+
+def distance_ratio_from_sums(disp_sq, x0_sq, x_sq, tiny: float = 1e-30):
+  """:func:`distance_ratio` from ||x - x_0||^2, ||x_0||^2 and ||x||^2 (one size, so
+  the RMS ratio is the ratio of norms). In [0, 2]; 0 where ``max(||x_0||^2, ||x||^2)``
+  is at most ``tiny`` (a zero tensor that has not moved)."""
+  ref = jnp.maximum(x0_sq, x_sq)
+  return jnp.where(ref > tiny, jnp.sqrt(disp_sq / jnp.maximum(ref, tiny)), 0.0)
+
+
+def log_distance(ratio, eps: float = 1e-8):
+  """log10(ratio + eps) / 4: a :func:`distance_ratio` on an O(1) scale, in
+  [-2, 0.08] (-2: not moved; 0: moved by the tensor's own size)."""
+  return jnp.log10(ratio + eps) / 4.0
+
+
+def loss_trend(fast, slow):
+  """(f_fast - f_slow) / (|f_fast| + |f_slow|) of two loss EMAs, in [-1, 1].
+
+  For positive losses it is tanh(log(f_fast / f_slow) / 2): negative while the loss
+  falls, positive while it rises; it does not change when the loss is multiplied by a
+  constant. 0 where both EMAs are 0.
+  """
+  denom = jnp.abs(fast) + jnp.abs(slow)
+  return jnp.where(denom > 0, (fast - slow) / jnp.where(denom > 0, denom, 1), 0.0)
 
 
 # ----------------------------------------------------------------------------------

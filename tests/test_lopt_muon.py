@@ -162,16 +162,6 @@ def test_state_layout_unchanged_off_and_one_buffer_on_hidden_matrices_only():
       "in": 0, "hidden": 8, "conv": 36, "bias": 0, "out": 0}
 
 
-def _extended(lo_off: LearnedOptimizer, **config) -> LearnedOptimizer:
-  """``lo_off`` with the switch on and every new weight zero."""
-  cfg = LOConfig(**{**lo_off.config.to_dict(), "muon": True, **config})
-  theta = dict(lo_off.theta)
-  theta["mix"] = jnp.concatenate([theta["mix"], jnp.zeros(2)])
-  theta["hidden_mix"] = jnp.zeros_like(theta["mix"])
-  theta["w1"] = jnp.concatenate([theta["w1"], jnp.zeros((1, cfg.hidden_size))])
-  return LearnedOptimizer(cfg, theta)
-
-
 _STEPS = {}  # one compiled step per (config, tree, roles): theta is an argument.
 
 
@@ -200,13 +190,13 @@ def test_switch_with_zero_new_weights_equals_the_lo_without_it():
   params, roles = _roles_tree()
   lo = LearnedOptimizer.random(jax.random.key(1), output_scale=0.3)
   for a, b in zip(jax.tree.leaves(_updates(lo, params, roles)),
-                  jax.tree.leaves(_updates(_extended(lo), params, roles))):
+                  jax.tree.leaves(_updates(lo.extended(muon=True), params, roles))):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(np.max(np.abs(a))))
 
 
 def test_muon_feature_and_hidden_mix_act_on_hidden_matrices_only():
   params, roles = _roles_tree()
-  base = _extended(LearnedOptimizer.random(jax.random.key(2), output_scale=0.3))
+  base = LearnedOptimizer.random(jax.random.key(2), output_scale=0.3).extended(muon=True)
   row = base.config.feature_names.index("muon")
   assert row == len(FEATURE_NAMES)  # appended: the old rows keep their places
   k = base.config.candidate_names.index("muon")

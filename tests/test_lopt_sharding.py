@@ -57,6 +57,15 @@ _WORKER = textwrap.dedent("""
       assert buf.sharding.is_equivalent_to(shardings[name], buf.ndim), (
           name, buf.sharding, shardings[name])
 
+  # With the step-size features: x_0 is a copy of each parameter, with its sharding.
+  lo_on = metaopt.pretrained().extended(step_size_features=True)
+  opt_on = lo_on.as_optax(num_steps=100, labels=labels)
+  assert jax.tree.structure(jax.eval_shape(opt_on.init, abstract)) == jax.tree.structure(
+      opt_on.init(host))
+  for name, buf in opt_on.init(params).initial_params.items():
+    assert buf.sharding.is_equivalent_to(shardings[name], buf.ndim), (name, buf.sharding)
+    np.testing.assert_array_equal(np.asarray(buf), np.asarray(host[name]))
+
   grads = jax.tree.map(lambda a: jnp.cos(a) * 0.1, params)
   step = jax.jit(lambda g, s, p: opt.update(g, s, p, value=jnp.float32(1.5)))
   hlo = step.lower(grads, state, params).compile().as_text()

@@ -74,6 +74,13 @@ CANDIDATE_NAMES = (
 # switch keep their places).
 MUON_CANDIDATES = ("muon", "nadam")
 MUON_FEATURES = ("muon",)
+# With ``LOConfig.step_size_features``: per-tensor scalars that carry step-size
+# information (D-Adaptation/Prodigy's distance from the initialization and its alignment
+# with the momentum; the loss trend), appended after the muon feature (if any), so the
+# rows of an LO without the switch keep their places. They enter the MLP through its
+# per-tensor hidden bias (:func:`metaopt.lopt._network.hidden_bias`): no per-parameter
+# input. Their equations are in :mod:`metaopt.lopt._update`.
+STEP_SIZE_FEATURES = ("log_distance", "displacement_cosine", "loss_trend")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +132,12 @@ class LOConfig:
       only) when none has it.
     muon_ns_steps: Newton-Schulz iterations.
     muon_eps: added to the Frobenius norm before Newton-Schulz.
+    step_size_features: the step-size switch (off by default; artifacts without it
+      read as off). On: the state keeps the parameters at ``init`` (x_0, one more
+      parameter-shaped buffer) and a slow loss EMA, and the per-tensor features
+      :data:`STEP_SIZE_FEATURES` join the MLP (see :mod:`metaopt.lopt._update`).
+    loss_trend_decay: decay of the slow loss EMA the ``loss_trend`` feature compares
+      with MoMo's fast one (decay ``momentum_decays[0]``).
   """
 
   hidden_size: int = 8
@@ -154,6 +167,8 @@ class LOConfig:
   muon_beta: float = 0.95
   muon_ns_steps: int = 5
   muon_eps: float = 1e-8
+  step_size_features: bool = False
+  loss_trend_decay: float = 0.99
 
   def __post_init__(self):
     # Types first (a config read from JSON may hold anything), then ranges: the same
@@ -162,7 +177,7 @@ class LOConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}; expected a positive int.")
-    for name in ("mup", "muon"):
+    for name in ("mup", "muon", "step_size_features"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r}; expected True or False.")
     if not isinstance(self.horizon_decay, str) or self.horizon_decay not in HORIZON_DECAYS:
@@ -178,7 +193,7 @@ class LOConfig:
       if f.type in ("float", float):
         _check_real(f.name, getattr(self, f.name))
     for name in ("second_moment_decay", "factored_decay", "lion_b1", "tam_beta",
-                 "tam_gamma", "laprop_b1", "muon_beta"):
+                 "tam_gamma", "laprop_b1", "muon_beta", "loss_trend_decay"):
       _check_unit(name, getattr(self, name))
     for i, d in enumerate(decays):
       _check_unit(f"momentum_decays[{i}]", d)
@@ -193,7 +208,8 @@ class LOConfig:
   @property
   def feature_names(self) -> tuple[str, ...]:
     """The MLP's inputs, in the order of the rows of ``theta["w1"]``."""
-    return FEATURE_NAMES + (MUON_FEATURES if self.muon else ())
+    return (FEATURE_NAMES + (MUON_FEATURES if self.muon else ()) +
+            (STEP_SIZE_FEATURES if self.step_size_features else ()))
 
   @property
   def candidate_names(self) -> tuple[str, ...]:
@@ -214,15 +230,16 @@ class LOConfig:
         self.muon_beta in self.momentum_decays) else 3
 
   def to_dict(self) -> dict[str, Any]:
-    """The fields as JSON values. The muon fields are left out while the switch is
-    off and they hold their defaults: such a config writes the JSON it wrote before
-    the switch existed (and reads back the same)."""
+    """The fields as JSON values. Each switch's fields (muon, step size) are left out
+    while they all hold their defaults (the switch off): such a config writes the JSON
+    it wrote before the switch existed (and reads back the same)."""
     d = dataclasses.asdict(self)
     d["momentum_decays"] = list(self.momentum_decays)
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
-    if all(d[k] == defaults[k] for k in _MUON_FIELDS):
-      for k in _MUON_FIELDS:
-        del d[k]
+    for group in (_MUON_FIELDS, _STEP_SIZE_FIELDS):
+      if all(d[k] == defaults[k] for k in group):
+        for k in group:
+          del d[k]
     return d
 
   @classmethod
@@ -242,6 +259,7 @@ class LOConfig:
 
 
 _MUON_FIELDS = ("muon", "muon_beta", "muon_ns_steps", "muon_eps")
+_STEP_SIZE_FIELDS = ("step_size_features", "loss_trend_decay")
 
 
 def _short(value: Any, limit: int = 60) -> str:

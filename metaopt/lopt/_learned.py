@@ -93,6 +93,40 @@ class LearnedOptimizer:
                        "with LearnedOptimizer.random or from_classical instead.")
     return dataclasses.replace(self, config=config)
 
+  def extended(self, *, muon: bool = False, step_size_features: bool = False
+               ) -> "LearnedOptimizer":
+    """This LO with the named switches turned on and every weight they add zero.
+
+    What it is for: warm-starting the meta-training of a switch
+    (``MetaConfig.muon``, ``MetaConfig.step_size_features``) from an existing artifact.
+    The new candidates (``mix``, ``hidden_mix``) and feature rows (``w1``) start at
+    zero, so the extended LO gives this LO's updates (to float32 rounding: with
+    ``muon`` the hidden matrices keep their own buffers, summed per tensor instead of
+    in the flat buffer) until meta-training moves them. Existing rows keep their
+    values, matched by name (:attr:`LOConfig.feature_names`, ``candidate_names``). A
+    switch already on stays on (its weights unchanged); ``False`` changes nothing
+    (turning a switch off would drop trained weights: build a new LO instead).
+    Switch hyperparameters (``muon_beta``, ...) are then set with :meth:`with_config`.
+    """
+    config = dataclasses.replace(self.config, muon=self.config.muon or muon,
+                                 step_size_features=(self.config.step_size_features or
+                                                     step_size_features))
+    theta = dict(self.theta)
+
+    def by_name(values, old_names, new_names):  # rows of values, by name (new: zeros)
+      zero = jnp.zeros_like(values[0])
+      return jnp.stack([values[old_names.index(n)] if n in old_names else zero
+                        for n in new_names])
+
+    theta["w1"] = by_name(theta["w1"], self.config.feature_names, config.feature_names)
+    theta["mix"] = by_name(theta["mix"], self.config.candidate_names,
+                           config.candidate_names)
+    if config.muon:
+      theta.setdefault("hidden_mix", jnp.zeros_like(theta["mix"]))
+    shapes = {k: tuple(jnp.shape(v)) for k, v in theta.items()}
+    assert shapes == _network.theta_shapes(config), shapes
+    return dataclasses.replace(self, config=config, theta=theta)
+
   # ------------------------------------------------------------------ optax
   def as_optax(self, num_steps: int | None = None,
                learning_rate: float | Callable[[jax.Array], jax.Array] = 1.0, *,

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metaopt.lopt._config import LOConfig
 
@@ -65,14 +66,20 @@ def theta_shapes(config: LOConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def hidden_bias(theta: Theta, tensor_features: jax.Array, offset: int) -> jax.Array:
-  """b1 + tensor_features @ w1[offset:offset + k] for per-tensor features.
+def hidden_bias(theta: Theta, tensor_features: jax.Array, rows: Sequence[int]) -> jax.Array:
+  """b1 + tensor_features @ w1[rows] for per-tensor features.
 
-  ``tensor_features`` is ``[..., k]`` (one row per tensor); returns ``[..., hidden]``.
+  ``tensor_features`` is ``[..., k]`` (one row per tensor) and ``rows`` the ``k`` rows
+  of ``w1`` that weigh them; returns ``[..., hidden]``.
   """
   w1 = theta["w1"]
-  k = tensor_features.shape[-1]
-  return theta["b1"] + tensor_features.astype(w1.dtype) @ w1[offset:offset + k]
+  rows = tuple(rows)
+  assert tensor_features.shape[-1] == len(rows)
+  if rows == tuple(range(rows[0], rows[0] + len(rows))):  # contiguous: a slice.
+    weights = w1[rows[0]:rows[0] + len(rows)]
+  else:
+    weights = w1[np.asarray(rows)]
+  return theta["b1"] + tensor_features.astype(w1.dtype) @ weights
 
 
 def mlp_outputs_elementwise(theta: Theta, features: Sequence[jax.Array], bias: jax.Array,

@@ -30,6 +30,36 @@ and Nesterov Adam ``c_nadam = m_hat_nesterov / (sqrt(v_hat) + eps)`` on every te
 on hidden matrices the weights are ``mix + hidden_mix``. ``mu`` is the momentum EMA
 of ``momentum_decays`` with decay beta, or a buffer of its own (hidden matrices only).
 
+With ``config.step_size_features`` three per-tensor scalars join the MLP through its
+hidden bias: the signals the learning-rate-free D-Adaptation (Defazio & Mishchenko,
+"Learning-Rate-Free Learning by D-Adaptation", arXiv:2301.07733, 2023) and Prodigy
+(Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner",
+arXiv:2306.06101, 2023) set their step from, whose estimate of the distance to the
+solution is ``d_hat = sum_k lambda_k <g_k, x_0 - x_k> / ||sum_k lambda_k g_k||``
+(Prodigy Alg. 1). With x_0 the parameters at ``init``, x = x_{t-1} the parameters the
+step is given and m the fast momentum after this step's gradient, per tensor:
+
+   log_distance        = log10(r + 1e-8) / 4,
+                         r = RMS(x - x_0) / max(RMS(x_0), RMS(x))   (0 if both are 0),
+   displacement_cosine = <m, x_0 - x> / (||m|| ||x_0 - x||)         (0 if either is 0),
+   loss_trend          = (fbar - fslow) / (|fbar| + |fslow|)        (global; 0 without
+                         ``value``), fbar = MoMo's b_fast-EMA of the loss / (1 - b_fast^t),
+                         fslow = its ``loss_trend_decay``-EMA / (1 - decay^t).
+
+Each is scale-free per tensor (unchanged when a tensor and its initialization are
+multiplied by s > 0, as meta-training's 10^U(-3, 3) reparametrization does; the
+loss trend when the loss is multiplied by a constant), finite at step 1 (x = x_0:
+-2, 0, 0) and bounded: [-2, 0.08], [-1, 1], [-1, 1]. r compares the distance with
+the tensor's own size; the max keeps it finite for zero-initialized tensors (biases),
+whose r is 1 once they move (they have no scale of their own to compare with; a fixed
+floor would not be scale-free). The cosine is Prodigy's numerator <g, x_0 - x>
+normalized: positive while the momentum keeps pointing along the path travelled (the
+step may grow), negative once it points back to x_0 (overshoot). A rising loss is the
+classic sign of a step too large. Their three sums (||x - x_0||^2, ||x_0||^2,
+<m, x_0 - x>; ||x||^2 and ||m||^2 are the param and momentum features' sums already)
+are taken by the statistics pass: no extra pass over the buffers, one more buffer
+(x_0) in the state.
+
 How it computes (the engine). No per-parameter feature matrix is built and nothing runs
 serially over chunks. Per tensor: one fused pass advances the moments and gives the raw
 sums (TAM's torque cosine, MoMo's inner products); then, with the cross-tensor scalars
@@ -56,7 +86,8 @@ own buffers). With the switch off none of it is traced.
 
 The state holds six parameter-shaped buffers (three momenta, v, TAM and LaProp
 momenta; with ``muon`` and a Muon decay none of the three has, a fourth momentum on
-hidden matrices), small factored accumulators and scalars; never the parameters.
+hidden matrices; with ``step_size_features`` a copy of the initial parameters x_0),
+small factored accumulators and scalars; never the current parameters.
 """
 
 from __future__ import annotations
@@ -73,8 +104,8 @@ from metaopt import features as F
 from metaopt.lopt import _layout
 from metaopt.lopt import _network
 from metaopt.lopt._config import (BOUNDED_FEATURES, CANDIDATE_NAMES, MUON_CANDIDATES,
-                                  NORMALIZED_FEATURES, TENSOR_FEATURES, TIME_TAUS,
-                                  LOConfig)
+                                  NORMALIZED_FEATURES, STEP_SIZE_FEATURES,
+                                  TENSOR_FEATURES, TIME_TAUS, LOConfig)
 
 Tree = Any
 
@@ -95,6 +126,9 @@ class LOState(NamedTuple):
   grad_param_ema: jax.Array  # MoMo's gamma (b1-EMA of <g, x> from zero).
   mup_scale: Tree  # base_fan_in / fan_in per hidden leaf, 1 elsewhere (scalars).
   num_nonfinite: jax.Array  # int32 scalar: steps skipped for non-finite grads or loss.
+  # With LOConfig.step_size_features (None without):
+  initial_params: Any = None  # x_0, the parameters at init (a parameter-shaped buffer).
+  loss_ema_slow: Any = None  # loss_trend_decay-EMA of the loss from zero.
 
 
 def state_dtype(leaf) -> jnp.dtype:
@@ -111,6 +145,16 @@ def _zeros_like(leaf, dtype):
   return jnp.zeros(jnp.shape(leaf), dtype)
 
 
+def _copy_like(leaf, dtype):
+  """A fresh copy of ``leaf`` in ``dtype``, with its sharding (``_zeros_like`` plus the
+  values: never the parameter's own buffer, which a train step may donate). A
+  ``jax.ShapeDtypeStruct`` has no values: zeros stand in (shape-only uses)."""
+  zeros = _zeros_like(leaf, dtype)
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return zeros
+  return zeros + jnp.asarray(leaf).astype(dtype)
+
+
 def init_state(params: Tree, mup_scale: Tree, config: LOConfig | None = None,
                muon_fan_in: Tree | None = None, *, flat: bool | None = None) -> LOState:
   """A fresh state; works on arrays, sharded arrays and ``jax.ShapeDtypeStruct`` trees.
@@ -124,7 +168,8 @@ def init_state(params: Tree, mup_scale: Tree, config: LOConfig | None = None,
   like the axes they keep. ``flat=False`` forces the per-tensor layout (``True``
   cannot force the flat one where it does not apply). ``config`` and ``muon_fan_in``
   (see :func:`update`) are needed only with ``config.muon``; the matrices Muon
-  orthogonalizes keep their own buffers.
+  orthogonalizes keep their own buffers. With ``config.step_size_features`` the state
+  also holds a copy of ``params`` (x_0, in the same layout as the other buffers).
   """
   leaves = jax.tree.leaves(params)
   dtypes = [state_dtype(x) for x in leaves]
@@ -138,11 +183,18 @@ def init_state(params: Tree, mup_scale: Tree, config: LOConfig | None = None,
   flat = can_flatten and flat is not False and bool(small)
   if flat:
     zero_leaves = jax.tree.leaves(zeros)
-    buffer = _layout.Packed(
-        _layout.zeros(_layout.FlatLayout(tuple(jnp.shape(leaves[i]) for i in small)),
-                      dtypes[0], sharding), tuple(zero_leaves[i] for i in large))
+    layout = _layout.FlatLayout(tuple(jnp.shape(leaves[i]) for i in small))
+    buffer = _layout.Packed(_layout.zeros(layout, dtypes[0], sharding),
+                            tuple(zero_leaves[i] for i in large))
   else:
     buffer = zeros
+  initial = None
+  if config is not None and config.step_size_features:
+    initial = jax.tree.map(lambda x: _copy_like(x, state_dtype(x)), params)
+    if flat:
+      copies = jax.tree.leaves(initial)
+      packed = buffer.flat + _layout.pack(layout, [copies[i] for i in small])
+      initial = _layout.Packed(packed, tuple(copies[i] for i in large))
   momenta = (buffer, buffer, buffer)
   if config is not None and config.muon_momentum == 3:  # per tensor in both layouts.
     momenta += (jax.tree.map(lambda x, z, f: z if f else jnp.zeros([], state_dtype(x)),
@@ -162,6 +214,8 @@ def init_state(params: Tree, mup_scale: Tree, config: LOConfig | None = None,
       mup_scale=jax.tree.map(lambda x, s: jnp.asarray(s, state_dtype(x)), params,
                              mup_scale),
       num_nonfinite=jnp.zeros([], jnp.int32),
+      initial_params=initial,
+      loss_ema_slow=None if initial is None else jnp.zeros([], scalar_dtype),
   )
 
 
@@ -205,6 +259,7 @@ class LeafInputs(NamedTuple):
   rsqrt_fact: jax.Array  # 1 / sqrt(Adafactor's V_hat).
   mup_scale: jax.Array
   muon: Any = None  # Muon's direction on a hidden matrix (LOConfig.muon), else None.
+  x0: Any = None  # the initial parameters (LOConfig.step_size_features), else None.
 
 
 class Moments(NamedTuple):
@@ -522,33 +577,68 @@ def _muon_tensors(fan_in: Tree | None) -> set[int]:
 
 def _statistics_pass(config: LOConfig, ctx: StepContext, sums, inp: LeafInputs):
   """Every per-tensor sum the features need: each normalized feature's sum of squares
-  (the cautious one before its renormalization), then the cautious mask's count."""
+  (the cautious one before its renormalization), the cautious mask's count, then with
+  ``config.step_size_features`` the :data:`_STEP_SIZE_SUMS`."""
   _, raw, bounded = _elementwise_features(config, ctx, inp)
-  return sums([jnp.square(f) for f in raw] + bounded, masked=True)
+  terms = [jnp.square(f) for f in raw] + bounded
+  if config.step_size_features:
+    disp = inp.x - inp.x0
+    terms += [jnp.square(disp), jnp.square(inp.x0), -inp.m_fast * disp]
+  return sums(terms, masked=True)
 
 
-def _tensor_scalars(theta: dict, sums, sizes, tensor_features, time,
-                    muon_sum_sq=None) -> TensorScalars:
+# The statistics pass's step-size sums: ||x - x_0||^2, ||x_0||^2, <m_fast, x_0 - x>.
+_STEP_SIZE_SUMS = 3
+_NUM_STATISTICS = len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
+
+
+def step_size_features(disp_sq, x0_sq, x_sq, m_dot_disp, m_sq, trend) -> jax.Array:
+  """The :data:`metaopt.lopt._config.STEP_SIZE_FEATURES` of every tensor, ``[n, 3]``,
+  from per-tensor sums (``[n]`` each: ||x - x_0||^2, ||x_0||^2, ||x||^2,
+  <m_fast, x_0 - x>, ||m_fast||^2) and the global loss trend (a scalar).
+
+  The engine's only implementation of their equations (see the module docstring).
+  """
+  log_distance = F.log_distance(F.distance_ratio_from_sums(disp_sq, x0_sq, x_sq))
+  cosine = F.cosine_from_sums(m_dot_disp, m_sq, disp_sq, eps=1e-30)
+  feats = jnp.stack([log_distance, cosine, jnp.broadcast_to(trend, cosine.shape)], axis=1)
+  assert feats.shape[1] == len(STEP_SIZE_FEATURES)
+  return feats
+
+
+def _tensor_scalars(config: LOConfig, theta: dict, sums, sizes, tensor_features, time,
+                    muon_sum_sq=None, trend=None) -> TensorScalars:
   """Per-tensor statistics of every tensor at once (rows: tensors).
 
   ``tensor_features``: the first per-tensor features (damping, Polyak ratio, has-loss),
   to which the two log-RMS features and the time features are appended, as in
   :data:`metaopt.lopt.FEATURE_NAMES`. ``muon_sum_sq``: the muon feature's sums of
-  squares (0 where it is absent), with the switch on.
+  squares (0 where it is absent), with the switch on. ``trend``: the loss trend, with
+  ``config.step_size_features`` (whose features follow, at their rows).
   """
-  cautious_norm = 1 / jnp.maximum(sums[:, -1] / sizes, 1e-3)
-  sum_sq = sums[:, :-1].at[:, _CAUTIOUS].multiply(jnp.square(cautious_norm))
+  stats, step_size_sums = sums[:, :_NUM_STATISTICS], sums[:, _NUM_STATISTICS:]
+  cautious_norm = 1 / jnp.maximum(stats[:, -1] / sizes, 1e-3)
+  sum_sq = stats[:, :-1].at[:, _CAUTIOUS].multiply(jnp.square(cautious_norm))
   if muon_sum_sq is not None:
     sum_sq = jnp.concatenate([sum_sq, muon_sum_sq[:, None]], axis=1)
   inv_rms = jax.lax.rsqrt(sum_sq / sizes[:, None] + 1e-8)
   idx_x, idx_g = NORMALIZED_FEATURES.index("param"), NORMALIZED_FEATURES.index("grad")
   log_rms = [_log_rms(sum_sq[:, idx_x], sizes), _log_rms(sum_sq[:, idx_g], sizes)]
-  scalars = jnp.concatenate([tensor_features, jnp.stack(log_rms, axis=1),
-                             jnp.broadcast_to(time, (sizes.shape[0], time.shape[0]))], axis=1)
-  assert scalars.shape[1] == len(TENSOR_FEATURES) + len(TIME_TAUS) + 2
+  scalars = [tensor_features, jnp.stack(log_rms, axis=1),
+             jnp.broadcast_to(time, (sizes.shape[0], time.shape[0]))]
   num_elementwise = len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
-  return TensorScalars(cautious_norm, inv_rms,
-                       _network.hidden_bias(theta, scalars, offset=num_elementwise))
+  rows = list(range(num_elementwise,
+                    num_elementwise + len(TENSOR_FEATURES) + len(TIME_TAUS) + 2))
+  if config.step_size_features:
+    idx_m = NORMALIZED_FEATURES.index("momentum_fast")
+    assert step_size_sums.shape[1] == _STEP_SIZE_SUMS
+    disp_sq, x0_sq, m_dot_disp = step_size_sums.T
+    scalars.append(step_size_features(disp_sq, x0_sq, sum_sq[:, idx_x], m_dot_disp,
+                                      sum_sq[:, idx_m], trend))
+    first = config.feature_names.index(STEP_SIZE_FEATURES[0])
+    rows += list(range(first, first + len(STEP_SIZE_FEATURES)))
+  scalars = jnp.concatenate(scalars, axis=1)
+  return TensorScalars(cautious_norm, inv_rms, _network.hidden_bias(theta, scalars, rows))
 
 
 def _tensor_update(config: LOConfig, theta: dict, ctx: StepContext, inp: LeafInputs,
@@ -594,6 +684,11 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   (so does a gradient above ~1e19 in magnitude, whose square overflows float32), and
   the selection is applied where each buffer is produced: no extra pass.
   """
+  if config.step_size_features != (state.initial_params is not None):
+    raise ValueError(f"LOConfig.step_size_features={config.step_size_features} but the "
+                     "state was made " + ("without" if config.step_size_features else
+                                          "with") + " it: make it with init_state(params, "
+                     "mup_scale, config) for this config.")
   treedef = jax.tree.structure(params)
   flat = treedef.flatten_up_to
   sdt = [s.dtype for s in flat(state.mup_scale)]
@@ -657,6 +752,13 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                                   denom_eps=jnp.finfo(float).eps, max_step=momo_cap)
   else:
     loss_ema, gp_ema, momo_tau = state.loss_ema, state.grad_param_ema, momo_cap
+  loss_slow, trend = state.loss_ema_slow, None
+  if config.step_size_features:  # the loss trend: bias-corrected fast vs slow EMA.
+    trend = jnp.zeros([], scalar_dt)
+    if with_loss:
+      loss_slow = F.update_ema(updates=jnp.asarray(value, scalar_dt),
+                               moments=state.loss_ema_slow, decay=config.loss_trend_decay)
+      trend = F.loss_trend(loss_ema / bc_fast, loss_slow / bc(config.loss_trend_decay))
   if config.horizon_decay == "linear" and num_steps is not None:
     learning_rate = learning_rate * jnp.clip(
         1 - (count.astype(jnp.float32) - 1) / num_steps, 1 / num_steps, 1.0)
@@ -694,11 +796,13 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   # value; per tensor: each tensor's own scalar in its own dtype.
   mup_scales = (blocks.split(jnp.stack(flat(state.mup_scale))) if flat_layout else
                 flat(state.mup_scale))
+  x0_b = (buffers(state.initial_params) if config.step_size_features else
+          [None] * len(g_b))
   inputs = [LeafInputs(g=gr, x=xx, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow, v=m.v,
-                       tam_m=tm, laprop_m=lp, rsqrt_fact=rf, mup_scale=s)
-            for gr, xx, m, mid, tm, lp, rf, s in zip(
+                       tam_m=tm, laprop_m=lp, rsqrt_fact=rf, mup_scale=s, x0=x0)
+            for gr, xx, m, mid, tm, lp, rf, s, x0 in zip(
                 g_b, x_b, moments, buffers(state.momenta[1]), tam, laprop,
-                blocks.pack(rsqrt_fact), mup_scales)]
+                blocks.pack(rsqrt_fact), mup_scales, x0_b)]
 
   # Pass 2: the feature statistics of every tensor, then per-tensor scalars at once.
   statistics = lambda sums, inp: _statistics_pass(config, ctx, sums, inp)
@@ -712,7 +816,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   per_tensor = jnp.stack([damping, jnp.broadcast_to(momo_tau / momo_cap, damping.shape),
                           jnp.full(damping.shape, with_loss, scalar_dt)], axis=1)
   sizes = jnp.asarray([a.size for a in g], scalar_dt)
-  scalars = _tensor_scalars(theta, sums2, sizes, per_tensor, time, muon_sum_sq)
+  scalars = _tensor_scalars(config, theta, sums2, sizes, per_tensor, time, muon_sum_sq,
+                            trend)
 
   # Pass 3: the updates.
   third = lambda _, inp, row: _tensor_update(config, theta, ctx, inp, row)
@@ -725,6 +830,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   packed = lambda bs: _layout.Packed(bs[0], tuple(bs[1:]))
   assemble = (lambda bs: packed(list(bs))) if flat_layout else unflat
   loss_ema, gp_ema = keep((loss_ema, gp_ema), (state.loss_ema, state.grad_param_ema))
+  loss_slow = keep(loss_slow, state.loss_ema_slow)
   new_state = LOState(
       count=keep(count, state.count),
       momenta=tuple(assemble(getattr(m, f) for m in moments)
@@ -737,7 +843,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                   unflat(torque[i].astype(d) for i, d in enumerate(sdt))),
       laprop_momentum=assemble(laprop),
       loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale,
-      num_nonfinite=state.num_nonfinite + skipped)
+      num_nonfinite=state.num_nonfinite + skipped,
+      initial_params=state.initial_params, loss_ema_slow=loss_slow)
   return unflat(updates), new_state
 
 

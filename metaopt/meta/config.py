@@ -51,6 +51,10 @@ class MetaConfig:
     hidden_size: width of the LO's per-parameter MLP (0: the warm start's).
     mup: meta-train a muP LO (hidden updates scaled by base_fan_in / fan_in); False
       gives the SP LO of the widths comparison (with a classical warm start).
+    step_size_features, muon: turn these ``LOConfig`` switches on for the warm start
+      (:meth:`metaopt.LearnedOptimizer.extended`: the weights they add start at zero,
+      so the warm start's updates are unchanged); the exported artifact records them.
+      False leaves the warm start as it is (an artifact with a switch on keeps it).
     estimator: ``"pes"`` (antithetic PES), ``"es"`` (truncated antithetic ES) or
       ``"tbptt"`` (truncated backprop).
     num_pairs: antithetic pairs per task that pass ``value=`` and ``num_steps=``
@@ -102,6 +106,8 @@ class MetaConfig:
   warm_start: str = "adamw"
   hidden_size: int = 0
   mup: bool = True
+  step_size_features: bool = False
+  muon: bool = False
   estimator: str = "pes"
   num_pairs: int = 4
   num_blind_pairs: int = 2
@@ -149,7 +155,7 @@ class MetaConfig:
                  "tasks_per_step", "family_pool", "family_window"):
       _check_int(name, getattr(self, name), 0)
     _check_int("hidden_size", self.hidden_size, 0)
-    for name in ("mup", "keep_suite"):
+    for name in ("mup", "keep_suite", "step_size_features", "muon"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"MetaConfig.{name}={getattr(self, name)!r}; expected true or "
                          "false.")

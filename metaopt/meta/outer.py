@@ -112,7 +112,9 @@ def outer_optimizer(config: MetaConfig, anchor) -> optax.GradientTransformation:
 
 def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
   """The LO theta starts from (float32): a classical optimizer (its muP version unless
-  ``config.mup`` is off) or an artifact (whose muP setting must agree)."""
+  ``config.mup`` is off) or an artifact (whose muP setting must agree), with the
+  switches ``config.step_size_features`` and ``config.muon`` turned on (their new
+  weights zero: :meth:`metaopt.LearnedOptimizer.extended`)."""
   if config.warm_start in lopt.CLASSICAL:
     lo = metaopt.LearnedOptimizer.from_classical(config.warm_start, mup=config.mup)
   else:
@@ -120,6 +122,7 @@ def warm_start(config: MetaConfig) -> metaopt.LearnedOptimizer:
     if lo.config.mup != config.mup:
       raise ValueError(f"warm_start {config.warm_start!r} has mup={lo.config.mup} but "
                        f"MetaConfig.mup={config.mup}; set them alike.")
+  lo = lo.extended(muon=config.muon, step_size_features=config.step_size_features)
   theta = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), lo.theta)
   if config.hidden_size and config.hidden_size != lo.config.hidden_size:
     lo_config = dataclasses.replace(lo.config, hidden_size=config.hidden_size)
