@@ -302,7 +302,7 @@ def table(params, title: str, repeats: int, rounds: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6, 1e7])
+  parser.add_argument("--sizes", type=float, nargs="*", default=[1e5, 1e6, 1e7])
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--transformers", type=int, nargs="*", default=[],
