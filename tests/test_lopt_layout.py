@@ -82,6 +82,28 @@ def test_flat_layout_gives_the_per_tensor_layouts_updates(with_value):
   assert int(flat_state.count) == int(ref_state.count) == len(flat)
 
 
+def test_own_copy_passes_give_the_shared_passes_updates(monkeypatch):
+  """Blocks above _update._OWN_COPY_MIN elements read each pass's inputs on their own
+  copy (a runtime identity, so XLA keeps each pass's features in its own fusion); with
+  the bound at 0 every block does, flat buffer and the large tensor's own buffer alike.
+  Same math: the same updates and state to float32 rounding (fusion changes the order
+  of a few float32 operations)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    lo = metaopt.pretrained()
+  params = _tree()
+  ref, ref_state = _run(lo, params, True, True, steps=3)
+  monkeypatch.setattr(_update, "_OWN_COPY_MIN", 0)
+  got, got_state = _run(lo, params, True, True, steps=3)
+  for step_got, step_ref in zip(got, ref):
+    for name in params:
+      b = np.asarray(step_ref[name])
+      np.testing.assert_allclose(step_got[name], b, rtol=0,
+                                 atol=1e-5 * np.max(np.abs(b)) + 1e-12, err_msg=name)
+  for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(ref_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12)
+
+
 def test_pack_unpack_round_trip_and_row_ids():
   shapes = [(), (5,), (128,), (129,), (3, 100), (2, 2, 64)]
   leaves = [jnp.arange(np.prod(s), dtype=jnp.float32).reshape(s) + i for i, s in

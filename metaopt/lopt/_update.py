@@ -68,7 +68,10 @@ statistic (the cautious mask's mean, the feature sums of squares, the parameter 
 gradient RMS); and one fused elementwise pass builds the features, runs the MLP as
 per-output multiply-adds (a ``[n, 27] @ [27, 8]`` matmul on skinny operands is not what
 XLA fuses) and writes the update. The per-tensor scalar math runs once for all tensors,
-as ``[num_tensors, k]`` arrays.
+as ``[num_tensors, k]`` arrays. On blocks of over 2^20 elements the statistics and
+update passes each read their inputs through their own runtime identity
+(:func:`_on_own_copy`), so XLA does not merge their feature computations and write the
+shared features to memory.
 
 Where the passes run (:class:`_Blocks`). In the flat layout (unsharded trees,
 :mod:`metaopt.lopt._layout`) every tensor of up to 2^18 elements lives in one
@@ -256,7 +259,8 @@ class LeafInputs(NamedTuple):
   v: jax.Array
   tam_m: jax.Array
   laprop_m: jax.Array
-  rsqrt_fact: jax.Array  # 1 / sqrt(Adafactor's V_hat).
+  rsqrt_fact: Any  # 1 / sqrt(Adafactor's V_hat); on a tensor's own block its
+  # accumulators (F.FactoredMoment), from which each pass rebuilds it (_on_own_copy).
   mup_scale: jax.Array
   muon: Any = None  # Muon's direction on a hidden matrix (LOConfig.muon), else None.
   x0: Any = None  # the initial parameters (LOConfig.step_size_features), else None.
@@ -509,7 +513,7 @@ def _factored_pass(decay, finite, acc: F.FactoredMoment, g):
     decay = jnp.where(finite, decay, jnp.ones([], jnp.result_type(decay)))
     g = jnp.where(finite, g, jnp.zeros([], g.dtype))
   acc = F.update_factored(acc, g, decay)
-  return acc, jax.lax.rsqrt(F.factored_second_moment(acc, g) + 1e-30)
+  return acc, _factored_rsqrt(acc, g)
 
 
 def _first_pass(config: LOConfig, bc_v, with_loss: bool, sums, m_fast, m_mid, m_slow, v,
@@ -530,6 +534,57 @@ def _first_pass(config: LOConfig, bc_v, with_loss: bool, sums, m_fast, m_mid, m_
     direction = m_fast * F.inverse_adam_denominator(v * (1 / bc_v), config.adam_eps)
     terms += [g * x, m_fast * direction, m_fast * x]
   return moments, sums(terms)
+
+
+def _factored_rsqrt(acc: F.FactoredMoment, g):
+  """1 / sqrt(Adafactor's V_hat) of one tensor from its accumulators."""
+  return jax.lax.rsqrt(F.factored_second_moment(acc, g) + 1e-30)
+
+
+def _runtime_one(count, k: int):
+  """An int32 1 that XLA cannot prove to be 1 (counts are non-negative), a different
+  expression for each ``k``."""
+  return jnp.minimum(count, 0) * k + 1
+
+
+# Blocks of more elements than this read their inputs on their own copy in each of the
+# statistics and update passes (_on_own_copy); smaller ones share the features between
+# the passes. Measured on the whole update, old and new programs interleaved in one
+# process (2 shared cores): own copies everywhere made a 1e5-element flat block 1.34x
+# slower (its intermediates stay in cache, and the statistics pass then computes every
+# feature inside a row reduction, which XLA:CPU runs about 3x slower than the same
+# arithmetic in an elementwise loop) and 3.3e5-element tensors (a 1e6-param MLP) 1.02x;
+# 3.3e6-element tensors (1e7 params) 0.6-0.8x.
+_OWN_COPY_MIN = 1 << 20
+
+
+def _on_own_copy(inp: LeafInputs, one) -> LeafInputs:
+  """``inp`` with every parameter-shaped buffer multiplied by ``one`` (a
+  :func:`_runtime_one`, so bitwise the same values), Adafactor's 1 / sqrt(V_hat)
+  rebuilt from the accumulators where the block holds them. A block of at most
+  ``_OWN_COPY_MIN`` elements is returned as it is (its 1 / sqrt(V_hat) rebuilt).
+
+  Why. The statistics pass and the update pass compute the same features from the same
+  buffers; XLA merges the two computations (CSE) and then, as it does not duplicate an
+  expensive producer (sqrt, division) into two consumers, writes every shared feature
+  and candidate to memory and reads it back: about 15 extra parameter-sized buffers per
+  step (352 bytes/param at 1e7 parameters, where the buffers leave the cache). Each pass
+  reading its inputs through its own identity keeps its features in its own fusion. (An
+  optimization barrier does not do this on XLA:CPU: it is removed before CSE.)
+  """
+  if inp.g.size <= _OWN_COPY_MIN:
+    if isinstance(inp.rsqrt_fact, F.FactoredMoment):
+      inp = inp._replace(rsqrt_fact=_factored_rsqrt(inp.rsqrt_fact, inp.g))
+    return inp
+  times_one = lambda a: None if a is None else a * one.astype(a.dtype)
+  rsqrt = inp.rsqrt_fact
+  if isinstance(rsqrt, F.FactoredMoment):
+    rsqrt = _factored_rsqrt(jax.tree.map(times_one, rsqrt), inp.g)
+  else:
+    rsqrt = times_one(rsqrt)
+  fields = ("g", "x", "m_fast", "m_mid_prev", "m_slow", "v", "tam_m", "laprop_m", "muon",
+            "x0")
+  return inp._replace(rsqrt_fact=rsqrt, **{f: times_one(getattr(inp, f)) for f in fields})
 
 
 def _tam_laprop_pass(config: LOConfig, bc_v, damping, tam_m, laprop_m, g, v):
@@ -798,14 +853,22 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                 flat(state.mup_scale))
   x0_b = (buffers(state.initial_params) if config.step_size_features else
           [None] * len(g_b))
+  # Adafactor's 1 / sqrt(V_hat): packed once for the flat buffer; a tensor of its own
+  # hands its accumulators on (each pass rebuilds it, see _on_own_copy).
+  small = set(blocks.small)
+  rsqrt_fact = blocks.pack([r if i in small else acc for i, (r, acc) in enumerate(
+      zip(rsqrt_fact, factored))])
   inputs = [LeafInputs(g=gr, x=xx, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow, v=m.v,
                        tam_m=tm, laprop_m=lp, rsqrt_fact=rf, mup_scale=s, x0=x0)
             for gr, xx, m, mid, tm, lp, rf, s, x0 in zip(
                 g_b, x_b, moments, buffers(state.momenta[1]), tam, laprop,
-                blocks.pack(rsqrt_fact), mup_scales, x0_b)]
+                rsqrt_fact, mup_scales, x0_b)]
 
   # Pass 2: the feature statistics of every tensor, then per-tensor scalars at once.
-  statistics = lambda sums, inp: _statistics_pass(config, ctx, sums, inp)
+  # Passes 2 and 3 each read their inputs through their own identity (_on_own_copy).
+  one2, one3 = _runtime_one(count, 2), _runtime_one(count, 3)
+  statistics = lambda sums, inp: _statistics_pass(config, ctx, sums,
+                                                  _on_own_copy(inp, one2))
   sums2 = blocks.per_tensor(blocks.map(statistics, inputs), scalar_dt)
   if config.muon:  # hidden matrices (with Muon's direction) are programs of their own
     inputs = [inp if i is None else inp._replace(muon=muon_dir[i])
@@ -820,7 +883,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                             trend)
 
   # Pass 3: the updates.
-  third = lambda _, inp, row: _tensor_update(config, theta, ctx, inp, row)
+  third = lambda _, inp, row: _tensor_update(config, theta, ctx, _on_own_copy(inp, one3),
+                                             row)
   updates = [keep(u, jnp.zeros_like(u))
              for u in blocks.map(third, inputs, blocks.split(scalars))]
   updates = [u.astype(jnp.result_type(p)) for u, p in zip(blocks.unpack(updates),
