@@ -1,0 +1,66 @@
+"""Scores a run's warm start (as step 0) and checkpoints on its selection suites.
+
+Usage::
+
+  python benchmarks/ablations/score_run.py RUN STEPS [--json OUT.json]
+
+The same scores as ``meta_train.py --out RUN --score STEPS`` (``validation.score_thetas``
+on ``MetaConfig.selection_suites``: informed runs, 2 seeds, log meta-objective, lower is
+better), with the warm start added as step 0 (a run keeps no checkpoint of it). Every
+theta is scored in one call, so each task compiles once. Prints the per-task table and,
+per step, the mean over tasks (the selection rule: the lowest mean wins) and the mean and
+worst difference to step 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+from metaopt.meta import config as config_lib
+from metaopt.meta import outer
+from metaopt.meta import run
+from metaopt.meta import validation
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("run_dir")
+  parser.add_argument("steps", help="comma-separated checkpoint steps (0: the warm start)")
+  parser.add_argument("--json", default=None, help="also write {task: {step: score}} here")
+  args = parser.parse_args()
+  run_dir = pathlib.Path(args.run_dir)
+  config = config_lib.MetaConfig.from_dict(
+      json.loads((run_dir / run.CONFIG_FILE).read_text()))
+  warm = outer.warm_start(config)
+  thetas = {}
+  for step in (int(s) for s in args.steps.split(",")):
+    if step == 0:
+      thetas["0"] = warm.theta
+      continue
+    lo, _ = run.checkpoint_lo(run_dir, step)
+    if lo.config != warm.config:
+      raise SystemExit(f"checkpoint {step} has another LOConfig than the warm start")
+    thetas[str(step)] = lo.theta
+  entries = validation.selection_entries(config.selection_suites)
+  scores = validation.score_thetas(warm.config, thetas, entries)
+  labels = list(thetas)
+  print("| task | " + " | ".join(f"step {k}" for k in labels) + " |")
+  print("|---" * (len(labels) + 1) + "|")
+  for name, row in scores.items():
+    print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in labels) + " |")
+  print("| **mean** | " + " | ".join(
+      f"**{np.mean([row[k] for row in scores.values()]):.4f}**" for k in labels) + " |")
+  first = labels[0]
+  for k in labels:
+    diffs = [row[k] - row[first] for row in scores.values()]
+    print(f"step {k}: mean {np.mean(diffs):+.4f}, worst {np.max(diffs):+.4f} vs step {first}")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(scores, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  main()
