@@ -45,7 +45,7 @@ def mlp_params(num_params: int):
                       is_leaf=lambda s: isinstance(s, tuple))
 
 
-def _timings(fn, args, repeats: int) -> list[float]:
+def timings(fn, args, repeats: int) -> list[float]:
   """Seconds of each of ``repeats`` calls ``fn(*args)`` (results awaited)."""
   times = []
   for _ in range(repeats):
@@ -58,7 +58,7 @@ def _timings(fn, args, repeats: int) -> list[float]:
 def time_fn(fn, *args, repeats: int) -> float:
   """Median seconds of a call, after one warm-up call."""
   jax.block_until_ready(fn(*args))
-  return float(np.median(_timings(fn, args, repeats)))
+  return float(np.median(timings(fn, args, repeats)))
 
 
 def update_cost(opt, params, repeats):
@@ -205,9 +205,9 @@ def muon_table(layer_counts, repeats, rounds):
     times = {(k, w): [] for k in opts for w in ("step", "update")}
     for _ in range(rounds):  # interleaved: every optimizer once per round
       for k, (step_fn, update_fn) in programs.items():
-        times[k, "step"].append(np.median(_timings(step_fn, (params, states[k], tokens),
+        times[k, "step"].append(np.median(timings(step_fn, (params, states[k], tokens),
                                                    repeats)))
-        times[k, "update"].append(np.median(_timings(update_fn, (grads, states[k], params),
+        times[k, "update"].append(np.median(timings(update_fn, (grads, states[k], params),
                                                      repeats)))
     n = sum(p.size for p in jax.tree.leaves(params))
     for what in ("step", "update"):
@@ -243,7 +243,7 @@ def step_size_table(sizes, repeats, rounds):
     for _ in range(rounds):  # interleaved: each once per round
       for k, (fn, state) in programs.items():
         jax.block_until_ready(fn(grads, state, params))
-        times[k].append(np.median(_timings(fn, (grads, state, params), repeats)))
+        times[k].append(np.median(timings(fn, (grads, state, params), repeats)))
     n = sum(p.size for p in jax.tree.leaves(params))
     ratio = float(np.median(np.divide(times["on"], times["off"])))
     print(f"| {n:.2e} | {np.median(times['off']) * 1e3:.2f} ms | "

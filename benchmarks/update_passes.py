@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import warnings
 
 import jax
@@ -43,16 +42,7 @@ import metaopt
 from metaopt import features as F
 from metaopt.lopt import _update as U
 
-from step_cost import mlp_params, transformer_lm  # pylint: disable=g-bad-import-order
-
-
-def _timings(fn, args, repeats: int) -> list[float]:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return times
+from step_cost import timings, mlp_params, transformer_lm  # pylint: disable=g-bad-import-order
 
 
 def _cost(compiled) -> dict:
@@ -188,7 +178,7 @@ class Setup:
     time_f = jnp.concatenate([F.time_features(self.count, 1000, U.TIME_TAUS),
                               jnp.float32([1.0])])
     sizes = jnp.asarray([a.size for a in self.g], jnp.float32)
-    self.scalars = U._tensor_scalars(self.theta, sums2, sizes, per_tensor, time_f)  # pylint: disable=protected-access
+    self.scalars = U._tensor_scalars(self.config, self.theta, sums2, sizes, per_tensor, time_f)  # pylint: disable=protected-access
     self.u_blocks = jax.jit(self.elementwise)(*self.stat_args, self.scalars)
 
   def programs(self) -> dict:
@@ -269,7 +259,7 @@ def table(params, title: str, repeats: int, rounds: int):
     p["times"] = []
   for _ in range(rounds):
     for p in programs.values():
-      p["times"].append(float(np.median(_timings(p["fn"], p["args"], repeats))))
+      p["times"].append(float(np.median(timings(p["fn"], p["args"], repeats))))
   ms = {k: float(np.median(p["times"])) * 1e3 for k, p in programs.items()}
   print(f"\n### {title}: {n:.2e} parameters ({len(setup.g)} tensors, "
         f"{len(setup.blocks(setup.count).large)} of their own); load {os.getloadavg()}")
