@@ -390,24 +390,22 @@ def _variadic_sums(arrays: list, axis: int) -> tuple:
   return jax.lax.reduce(tuple(arrays), zeros, add, (axis,))
 
 
-def _row_sums(arrays: list, halves: bool = False) -> tuple:
+def _row_sums(arrays: list) -> tuple:
   """Sums over the last axis of each array (all of one shape), in one pass.
 
   One variadic ``lax.reduce`` over all operands: one loop over the buffer into which
   XLA fuses the elementwise producers (separate ``jnp.sum`` calls each become their own
   reduction on XLA:CPU and force every operand to be written to memory first). That
   loop accumulates sequentially, so it only runs along rows, and XLA:CPU emits it as
-  scalar code. With ``halves`` (the flat buffer's rows: unsharded, ``_ROW`` wide) and
-  at most ``_HALVED_ROWS_MAX`` elements, the rows are first reduced as
-  ``[rows, 2, _ROW / 2]`` over the axis of two: LLVM unrolls that two-step loop and
-  vectorizes the producers' arithmetic along the 64 kept lanes; the second reduction
-  then only adds the half rows. (A sharded tensor's last axis must not be split: the
-  reshape would gather it.)
+  scalar code. Rows of ``_ROW`` elements in blocks of up to ``_HALVED_ROWS_MAX``
+  elements are first reduced as ``[rows, 2, _ROW / 2]`` over the axis of two: LLVM
+  unrolls that two-step loop and vectorizes the producers' arithmetic along the 64
+  kept lanes; the second reduction then only adds the half rows.
   """
   shape = arrays[0].shape
-  if halves and shape[-1] == _ROW and arrays[0].size <= _HALVED_ROWS_MAX:
-    split = [a.reshape(shape[:-1] + (2, _ROW // 2)) for a in arrays]
-    arrays = list(_variadic_sums(split, len(shape) - 1))
+  if shape[-1] == _ROW and arrays[0].size <= _HALVED_ROWS_MAX:
+    halves = [a.reshape(shape[:-1] + (2, _ROW // 2)) for a in arrays]
+    arrays = list(_variadic_sums(halves, len(shape) - 1))
   return _variadic_sums(arrays, len(shape) - 1)
 
 
@@ -462,8 +460,7 @@ class _Blocks:
     if masked:
       valid = _layout.valid_mask(self.layout, self.ids)
       terms = [jnp.where(valid, t, jnp.zeros([], t.dtype)) for t in terms]
-    return _layout.segment_sums(self.layout, self.ids,
-                                 jnp.stack(_row_sums(terms, halves=True)))
+    return _layout.segment_sums(self.layout, self.ids, jnp.stack(_row_sums(terms)))
 
   @staticmethod
   def _tensor_sums(terms: list, masked: bool = False) -> jax.Array:
