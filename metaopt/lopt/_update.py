@@ -377,36 +377,17 @@ _CAUTIOUS = NORMALIZED_FEATURES.index("cautious_adam")
 _ROW = _layout.ROW  # row length of the variadic reduction over long vectors.
 
 
-# Rows of blocks up to this many elements are first added in two halves (_row_sums):
-# measured on the statistics pass alone (one process, interleaved, load 4-5) 0.47-0.64x
-# the plain reduction's time from 6.6e4 to 3.9e5 flat elements, 1.2x at 5.3e5 and 2.4x
-# at 1e6 and 4.8e6, where the halves (k half-size buffers) no longer stay in cache.
-_HALVED_ROWS_MAX = 1 << 18
-
-
-def _variadic_sums(arrays: list, axis: int) -> tuple:
-  zeros = tuple(jnp.zeros([], a.dtype) for a in arrays)
-  add = lambda acc, x: tuple(u + w for u, w in zip(acc, x))
-  return jax.lax.reduce(tuple(arrays), zeros, add, (axis,))
-
-
 def _row_sums(arrays: list) -> tuple:
   """Sums over the last axis of each array (all of one shape), in one pass.
 
   One variadic ``lax.reduce`` over all operands: one loop over the buffer into which
   XLA fuses the elementwise producers (separate ``jnp.sum`` calls each become their own
   reduction on XLA:CPU and force every operand to be written to memory first). That
-  loop accumulates sequentially, so it only runs along rows, and XLA:CPU emits it as
-  scalar code. Rows of ``_ROW`` elements in blocks of up to ``_HALVED_ROWS_MAX``
-  elements are first reduced as ``[rows, 2, _ROW / 2]`` over the axis of two: LLVM
-  unrolls that two-step loop and vectorizes the producers' arithmetic along the 64
-  kept lanes; the second reduction then only adds the half rows.
+  loop accumulates sequentially, so it only runs along rows.
   """
-  shape = arrays[0].shape
-  if shape[-1] == _ROW and arrays[0].size <= _HALVED_ROWS_MAX:
-    halves = [a.reshape(shape[:-1] + (2, _ROW // 2)) for a in arrays]
-    arrays = list(_variadic_sums(halves, len(shape) - 1))
-  return _variadic_sums(arrays, len(shape) - 1)
+  zeros = tuple(jnp.zeros([], a.dtype) for a in arrays)
+  add = lambda acc, x: tuple(u + w for u, w in zip(acc, x))
+  return jax.lax.reduce(tuple(arrays), zeros, add, (arrays[0].ndim - 1,))
 
 
 def _sum_all(arrays: list) -> list:
