@@ -25,6 +25,7 @@ Usage: python benchmarks/step_cost.py [--sizes 1e4 1e5 1e6 1e7] [--repeats 20]
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -174,7 +175,6 @@ def transformer_table(layer_counts, repeats):
 
 def muon_table(layer_counts, repeats, rounds):
   """Muon vs the LO with the orthogonalized candidate on/off, interleaved (see 5.)."""
-  import os  # pylint: disable=g-import-not-at-top
   import warnings  # pylint: disable=g-import-not-at-top
   print(f"\nload before (uptime): {os.getloadavg()}")
   print_header("\n", "layers", "leaves", "params", "what", "adamw", "muon", "LO muon off",
@@ -223,7 +223,6 @@ def muon_table(layer_counts, repeats, rounds):
 
 def step_size_table(sizes, repeats, rounds):
   """The LO update with the step-size features off vs on, interleaved (see 6.)."""
-  import os  # pylint: disable=g-import-not-at-top
   print(f"\nload before (uptime): {os.getloadavg()}")
   print_header("\n", "params", "LO update off", "LO update on", "on / off")
   off = metaopt.LearnedOptimizer.random(jax.random.key(0), output_scale=0.05)
