@@ -185,6 +185,11 @@ def _train(config, out: pathlib.Path, args: argparse.Namespace) -> int:
   from tasks import TaskFactoryError  # pylint: disable=g-import-not-at-top
   main_thread = threading.current_thread() is threading.main_thread()
   previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+  # SIGINT raises KeyboardInterrupt even where it arrived ignored: a shell starts
+  # background jobs (`cmd &` without job control, nohup in scripts) with SIGINT set
+  # to SIG_IGN, and Python then installs no handler, so `kill -INT` did nothing.
+  previous_int = (signal.signal(signal.SIGINT, signal.default_int_handler)
+                  if main_thread else None)
   try:
     result = run.meta_train(config, out, resume=args.resume,
                             progress=not args.no_progress, plot=args.plot)
@@ -206,6 +211,7 @@ def _train(config, out: pathlib.Path, args: argparse.Namespace) -> int:
   finally:
     if main_thread:
       signal.signal(signal.SIGTERM, previous)
+      signal.signal(signal.SIGINT, previous_int)
   if sharding.is_primary():
     print(_done_line(result.out / run.FINAL_DIR, result.summary))
   return 0

@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pytest
 
+import metaopt
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -33,12 +35,16 @@ SMOKE_FLAGS = ["--suite", "smoke", "--seeds", "2", "--lr-grid-size", "3",
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-  """A freshly meta-trained smoke learned optimizer."""
-  out = tmp_path_factory.mktemp("meta") / "run"
-  meta_train = _module("meta_train")
-  assert meta_train.main(["--config", "smoke", "--set", "outer_steps=4", "--out", str(out),
-                          "--no-progress"]) == 0
-  return out / "final"
+  """A learned-optimizer artifact on disk, as ``--checkpoint`` takes it.
+
+  The muAdamW warm start, saved: what evaluate.py does with an artifact does not depend on
+  how its theta was trained, and a meta-trained run's ``final`` artifact loading through
+  ``metaopt.load`` is covered by tests/test_meta_distributed.py and test_meta_own_task.py
+  (meta-training one here cost the suite ~50 s).
+  """
+  out = tmp_path_factory.mktemp("artifact") / "lo"
+  metaopt.checkpoint.save(metaopt.LearnedOptimizer.from_classical("adamw", mup=True), out)
+  return out
 
 
 @pytest.fixture(scope="module")

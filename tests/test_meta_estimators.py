@@ -100,7 +100,7 @@ def _full_unroll_gradient():
     _, mean_loss, _ = unroll.truncate(problem, T, BOUND, UNRAVEL(flat), member)
     return mean_loss * (T // K)  # sum over truncations of their means
 
-  return np.asarray(jax.grad(loss)(FLAT))
+  return np.asarray(jax.jit(jax.grad(loss))(FLAT))  # eagerly, the scan's grad runs op by op
 
 
 def _cosine(a, b):

@@ -46,6 +46,14 @@ def _steps_logged(out: pathlib.Path) -> int:
               if '"train"' in l), default=0)
 
 
+def _ignore_sigint():
+  """Start the child as a shell starts a background job: SIGINT ignored (SIG_IGN is
+  inherited across exec, and Python then installs no KeyboardInterrupt handler).
+  meta_train.py must handle it anyway; a test runner started with `&` did this by
+  accident once, and SIGINT was silently ignored."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_checkpoints_and_exits_with_one_clean_line(tmp_path, sig, code):
   out = tmp_path / "run"
@@ -55,7 +63,8 @@ def test_signal_checkpoints_and_exits_with_one_clean_line(tmp_path, sig, code):
   proc = subprocess.Popen([sys.executable, REPO / "meta_train.py", "--config",
                            _config(tmp_path), "--out", out, "--no-progress",
                            "--compile-cache", ""], cwd=REPO, env=env,
-                          stdout=log.open("w"), stderr=subprocess.STDOUT)
+                          stdout=log.open("w"), stderr=subprocess.STDOUT,
+                          preexec_fn=_ignore_sigint)
   deadline = time.time() + TIMEOUT_S
   while _steps_logged(out) < 2:
     assert proc.poll() is None, log.read_text()[-3000:]
