@@ -452,6 +452,33 @@ def test_linear_horizon_decay_scales_updates_only_when_num_steps_is_known():
     plain.with_config(hidden_size=4)
 
 
+def test_warmup_ramps_updates_over_its_fraction_of_num_steps_on_top_of_the_decay():
+  """warmup_fraction=w: update_t = min(1, t / (w N)) * the unwarmed update (same state:
+  the state does not depend on the step size), with the linear decay as well; without
+  num_steps nothing changes; the default writes no field (old artifacts read alike)."""
+  decayed = LearnedOptimizer.random(jax.random.key(1), output_scale=0.3).with_config(
+      horizon_decay="linear")
+  warmed = decayed.with_config(warmup_fraction=0.4)
+  params = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3)}
+  n = 10  # warmup over 4 steps
+  opts = [decayed.as_optax(num_steps=n, sp=True), warmed.as_optax(num_steps=n, sp=True),
+          decayed.as_optax(sp=True), warmed.as_optax(sp=True)]
+  states = [o.init(params) for o in opts]
+  for t in range(1, 7):
+    grads = {"w": jnp.sin(t * params["w"] + 0.3)}
+    out = [o.update(grads, s, params) for o, s in zip(opts, states)]
+    states = [s for _, s in out]
+    u = [x["w"] for x, _ in out]
+    np.testing.assert_allclose(u[1], min(1.0, t / 4) * u[0], rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(u[3], u[2])
+    assert float(jnp.max(jnp.abs(u[0]))) > 0
+  assert "warmup_fraction" not in decayed.config.to_dict()
+  assert metaopt.lopt.LOConfig.from_dict(warmed.config.to_dict()) == warmed.config
+  for bad in (1.0, -0.1):
+    with pytest.raises(ValueError, match=f"warmup_fraction={bad}"):
+      decayed.with_config(warmup_fraction=bad)
+
+
 def test_linear_horizon_decay_holds_the_last_step_size_past_num_steps():
   """Past num_steps the decayed update stays at 1/num_steps of the undecayed one (the
   last scheduled step's size) instead of dropping to exactly 0 and freezing training

@@ -2,7 +2,7 @@
 
 Usage::
 
-  python benchmarks/ablations/score_run.py RUN STEPS [--json OUT.json]
+  python benchmarks/ablations/score_run.py RUN STEPS [--json OUT.json] [--lo-set F=V]
 
 The same scores as ``meta_train.py --out RUN --score STEPS`` (``validation.score_thetas``
 on ``MetaConfig.selection_suites``: informed runs, 2 seeds, log meta-objective, lower is
@@ -31,6 +31,9 @@ def main() -> None:
   parser.add_argument("run_dir")
   parser.add_argument("steps", help="comma-separated checkpoint steps (0: the warm start)")
   parser.add_argument("--json", default=None, help="also write {task: {step: score}} here")
+  parser.add_argument("--lo-set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="score under the run's LOConfig with FIELD changed (a JSON "
+                      "value; theta's shapes must not change), e.g. warmup_fraction=0.05")
   args = parser.parse_args()
   run_dir = pathlib.Path(args.run_dir)
   config = config_lib.MetaConfig.from_dict(
@@ -45,8 +48,9 @@ def main() -> None:
     if lo.config != warm.config:
       raise SystemExit(f"checkpoint {step} has another LOConfig than the warm start")
     thetas[str(step)] = lo.theta
+  lo_config = warm.with_config(**_lo_changes(args.lo_set)).config
   entries = validation.selection_entries(config.selection_suites)
-  scores = validation.score_thetas(warm.config, thetas, entries)
+  scores = validation.score_thetas(lo_config, thetas, entries)
   labels = list(thetas)
   print("| task | " + " | ".join(f"step {k}" for k in labels) + " |")
   print("|---" * (len(labels) + 1) + "|")
@@ -60,6 +64,19 @@ def main() -> None:
     print(f"step {k}: mean {np.mean(diffs):+.4f}, worst {np.max(diffs):+.4f} vs step {first}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(scores, indent=1) + "\n")
+
+
+def _lo_changes(items: list[str]) -> dict:
+  changes = {}
+  for item in items:
+    field, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--lo-set {item!r}: expected FIELD=VALUE")
+    try:
+      changes[field] = json.loads(value)
+    except json.JSONDecodeError:
+      raise SystemExit(f"--lo-set {item!r}: {value!r} is not a JSON value") from None
+  return changes
 
 
 if __name__ == "__main__":

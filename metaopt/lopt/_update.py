@@ -14,7 +14,8 @@ One step, for every tensor (leaf) W with gradient g and parameter x:
    s_mup = base_fan_in / fan_in for hidden tensors (1 otherwise, or when muP is off).
    With ``horizon_decay="linear"`` and ``num_steps`` given, lr is multiplied by
    max(1 - (t - 1) / num_steps, 1 / num_steps) at step t (1-based): past the horizon
-   the last scheduled step size holds.
+   the last scheduled step size holds. With ``warmup_fraction = w > 0`` (and
+   ``num_steps``) it is also multiplied by min(1, t / max(w num_steps, 1)).
 
 With ``config.muon`` (Jordan et al, "Muon: An optimizer for hidden layers in neural
 networks", 2024) two candidates join: on each hidden matrix W (by muP role, conv
@@ -817,6 +818,9 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   if config.horizon_decay == "linear" and num_steps is not None:
     learning_rate = learning_rate * jnp.clip(
         1 - (count.astype(jnp.float32) - 1) / num_steps, 1 / num_steps, 1.0)
+  if config.warmup_fraction and num_steps is not None:  # linear warmup: t / W, W >= 1
+    warmup = jnp.maximum(config.warmup_fraction * num_steps, 1.0)
+    learning_rate = learning_rate * jnp.minimum(count.astype(jnp.float32) / warmup, 1.0)
   ctx = StepContext(bc_fast=bc_fast, bc_v=bc_v, bc_laprop=bc(config.laprop_b1),
                     momo_tau=momo_tau, learning_rate=jnp.asarray(learning_rate),
                     count=count)
