@@ -428,6 +428,18 @@ def test_normalized_features_are_clipped():
   assert float(jnp.max(jnp.abs(u["w"]))) == pytest.approx(lo.config.feature_clip, rel=1e-6)
 
 
+def _updates_side_by_side(opts, params, steps):
+  """Each optimizer's update of ``params["w"]`` at steps 1..steps on the same gradients
+  (params held fixed, so every state sees the same inputs), and the final states."""
+  states, per_step = [o.init(params) for o in opts], []
+  for t in range(1, steps + 1):
+    grads = {"w": jnp.sin(t * params["w"] + 0.3)}
+    out = [o.update(grads, s, params) for o, s in zip(opts, states)]
+    states = [s for _, s in out]
+    per_step.append([x["w"] for x, _ in out])
+  return per_step, states
+
+
 def test_linear_horizon_decay_scales_updates_only_when_num_steps_is_known():
   """horizon_decay="linear": update_t = (1 - (t-1)/N) * the undecayed update (same
   state); without num_steps nothing changes."""
@@ -437,12 +449,7 @@ def test_linear_horizon_decay_scales_updates_only_when_num_steps_is_known():
   n = 8
   opts = [plain.as_optax(num_steps=n, sp=True), decayed.as_optax(num_steps=n, sp=True),
           plain.as_optax(sp=True), decayed.as_optax(sp=True)]
-  states = [o.init(params) for o in opts]
-  for t in range(1, 5):
-    grads = {"w": jnp.sin(t * params["w"] + 0.3)}
-    out = [o.update(grads, s, params) for o, s in zip(opts, states)]
-    states = [s for _, s in out]
-    u = [x["w"] for x, _ in out]
+  for t, u in enumerate(_updates_side_by_side(opts, params, 4)[0], 1):
     np.testing.assert_allclose(u[1], (1 - (t - 1) / n) * u[0], rtol=1e-5, atol=1e-12)
     np.testing.assert_array_equal(u[3], u[2])
     assert float(jnp.max(jnp.abs(u[2]))) > 0
@@ -463,12 +470,7 @@ def test_warmup_ramps_updates_over_its_fraction_of_num_steps_on_top_of_the_decay
   n = 10  # warmup over 4 steps
   opts = [decayed.as_optax(num_steps=n, sp=True), warmed.as_optax(num_steps=n, sp=True),
           decayed.as_optax(sp=True), warmed.as_optax(sp=True)]
-  states = [o.init(params) for o in opts]
-  for t in range(1, 7):
-    grads = {"w": jnp.sin(t * params["w"] + 0.3)}
-    out = [o.update(grads, s, params) for o, s in zip(opts, states)]
-    states = [s for _, s in out]
-    u = [x["w"] for x, _ in out]
+  for t, u in enumerate(_updates_side_by_side(opts, params, 6)[0], 1):
     np.testing.assert_allclose(u[1], min(1.0, t / 4) * u[0], rtol=1e-5, atol=1e-12)
     np.testing.assert_array_equal(u[3], u[2])
     assert float(jnp.max(jnp.abs(u[0]))) > 0
@@ -488,12 +490,8 @@ def test_linear_horizon_decay_holds_the_last_step_size_past_num_steps():
   params = {"w": jnp.linspace(-1, 1, 12).reshape(4, 3)}
   n = 3
   opts = [plain.as_optax(num_steps=n, sp=True), decayed.as_optax(num_steps=n, sp=True)]
-  states = [o.init(params) for o in opts]
-  for t in range(1, 8):
-    grads = {"w": jnp.sin(t * params["w"] + 0.3)}
-    out = [o.update(grads, s, params) for o, s in zip(opts, states)]
-    states = [s for _, s in out]
-    u = [x["w"] for x, _ in out]
+  per_step, states = _updates_side_by_side(opts, params, 7)
+  for t, u in enumerate(per_step, 1):
     factor = max(1 - (t - 1) / n, 1 / n)
     np.testing.assert_allclose(u[1], factor * u[0], rtol=1e-5, atol=1e-12)
     assert float(jnp.max(jnp.abs(u[1]))) > 0, t
