@@ -23,26 +23,12 @@ documented in docs/meta_training.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import signal
 import sys
 import threading
 import time
-
-
-def _parse_set(items: list[str]) -> dict:
-  changes = {}
-  for item in items:
-    if "=" not in item:
-      raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-    key, value = item.split("=", 1)
-    try:
-      changes[key] = json.loads(value)
-    except json.JSONDecodeError:
-      changes[key] = value
-  return changes
 
 
 class _UsageError(Exception):
@@ -153,8 +139,9 @@ def _base_config(name: str | None, resumed: pathlib.Path | None):
 def _with_flags(config, args: argparse.Namespace):
   """``config`` with the ``--set`` changes and, for a new run, the ``--task`` factories
   (a resumed run rebuilds its own: ``--task`` may only repeat them)."""
+  from metaopt.meta import config as config_lib  # pylint: disable=g-import-not-at-top
   try:
-    config = config.replace(**_parse_set(args.set)) if args.set else config
+    config = config.replace(**config_lib.parse_overrides(args.set)) if args.set else config
   except (TypeError, ValueError) as e:
     raise _UsageError(f"--set: {_one_line(e)}") from None
   if args.resume and args.task and tuple(args.task) != config.task_factories:

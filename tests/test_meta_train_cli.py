@@ -112,6 +112,7 @@ def test_resume_skips_runs_stopped_before_their_first_checkpoint(tmp_path, capsy
     (["--config", "{bad_json}"], "is not valid JSON"),
     (["--config", "{list}"], "expected a JSON object of MetaConfig fields"),
     (["--set", "outer_steps=-1"], "--set: MetaConfig.outer_steps=-1"),
+    (["--set", "outer_steps"], "--set: expected FIELD=VALUE, got 'outer_steps'"),
 ])
 def test_config_errors_are_one_line_exit_2(tmp_path, capsys, args, message):
   files = {"typo": '{"outer_stepz": 3}', "negative": '{"outer_steps": -5}',

@@ -23,8 +23,8 @@ import numpy as np
 TIE = 0.01  # relative difference counted as a tie
 
 
-def lo_results(path: str, optimizer: str) -> dict[str, tuple[float, int, int]]:
-  """``{task: (mean final loss of the finite seeds, diverged seeds, seeds)}``."""
+def lo_results(path: str, optimizer: str) -> dict[str, tuple[float, int]]:
+  """``{task: (mean final loss of the finite seeds, diverged seeds)}``."""
   losses, diverged = collections.defaultdict(list), collections.Counter()
   with open(path) as f:
     for row in csv.DictReader(f):
@@ -33,8 +33,8 @@ def lo_results(path: str, optimizer: str) -> dict[str, tuple[float, int, int]]:
       if row["diverged"] in ("True", "1", "true"):
         diverged[row["task"]] += 1
       losses[row["task"]].append(float(row["final_loss"]))
-  return {t: (float(np.mean([x for x in v if np.isfinite(x)] or [np.inf])), diverged[t],
-              len(v)) for t, v in losses.items()}
+  return {t: (float(np.mean([x for x in v if np.isfinite(x)] or [np.inf])), diverged[t])
+          for t, v in losses.items()}
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
   print("|---|---|---|---|---|---|")
   outcome = collections.Counter()
   for t in common:
-    (lo_old, d_old, _), (lo_new, d_new, _) = old[t], new[t]
+    (lo_old, d_old), (lo_new, d_new) = old[t], new[t]
     if d_new != d_old:
       result = "new" if d_new < d_old else "old"
     elif abs(lo_new - lo_old) <= TIE * max(abs(lo_old), abs(lo_new)):

@@ -32,8 +32,9 @@ def main() -> None:
   parser.add_argument("steps", help="comma-separated checkpoint steps (0: the warm start)")
   parser.add_argument("--json", default=None, help="also write {task: {step: score}} here")
   parser.add_argument("--lo-set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="score under the run's LOConfig with FIELD changed (a JSON "
-                      "value; theta's shapes must not change), e.g. warmup_fraction=0.05")
+                      help="score under the run's LOConfig with FIELD changed (VALUE "
+                      "as for meta_train.py --set; theta's shapes must not change), e.g. "
+                      "warmup_fraction=0.05")
   args = parser.parse_args()
   run_dir = pathlib.Path(args.run_dir)
   config = config_lib.MetaConfig.from_dict(
@@ -48,7 +49,10 @@ def main() -> None:
     if lo.config != warm.config:
       raise SystemExit(f"checkpoint {step} has another LOConfig than the warm start")
     thetas[str(step)] = lo.theta
-  lo_config = warm.with_config(**_lo_changes(args.lo_set)).config
+  try:
+    lo_config = warm.with_config(**config_lib.parse_overrides(args.lo_set)).config
+  except (TypeError, ValueError) as e:
+    raise SystemExit(f"--lo-set: {e}") from None
   entries = validation.selection_entries(config.selection_suites)
   scores = validation.score_thetas(lo_config, thetas, entries)
   labels = list(thetas)
@@ -64,19 +68,6 @@ def main() -> None:
     print(f"step {k}: mean {np.mean(diffs):+.4f}, worst {np.max(diffs):+.4f} vs step {first}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(scores, indent=1) + "\n")
-
-
-def _lo_changes(items: list[str]) -> dict:
-  changes = {}
-  for item in items:
-    field, sep, value = item.partition("=")
-    if not sep:
-      raise SystemExit(f"--lo-set {item!r}: expected FIELD=VALUE")
-    try:
-      changes[field] = json.loads(value)
-    except json.JSONDecodeError:
-      raise SystemExit(f"--lo-set {item!r}: {value!r} is not a JSON value") from None
-  return changes
 
 
 if __name__ == "__main__":

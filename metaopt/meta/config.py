@@ -266,6 +266,21 @@ PRESETS: dict[str, MetaConfig] = {
 }
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """``FIELD=VALUE`` command-line overrides (``--set``) as a dict. VALUE is read as JSON
+  when it is JSON (``3``, ``true``, ``[1, 2]``), else kept as the string (a path)."""
+  changes = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"expected FIELD=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    try:
+      changes[key] = json.loads(value)
+    except json.JSONDecodeError:
+      changes[key] = value
+  return changes
+
+
 def load_config(name_or_file: str | pathlib.Path) -> MetaConfig:
   """A preset by name, or a JSON file of :class:`MetaConfig` fields."""
   if str(name_or_file) in PRESETS:
