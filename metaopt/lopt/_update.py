@@ -645,7 +645,9 @@ def _statistics_pass(config: LOConfig, ctx: StepContext, sums, inp: LeafInputs):
 
 # The statistics pass's step-size sums: ||x - x_0||^2, ||x_0||^2, <m_fast, x_0 - x>.
 _STEP_SIZE_SUMS = 3
-_NUM_STATISTICS = len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
+# Per-parameter features: the rows of w1 before the per-tensor ones, and the statistics
+# pass's sums before its step-size sums (one per feature: a sum of squares or a count).
+_NUM_ELEMENTWISE = len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
 
 
 def step_size_features(disp_sq, x0_sq, x_sq, m_dot_disp, m_sq, trend) -> jax.Array:
@@ -672,7 +674,7 @@ def _tensor_scalars(config: LOConfig, theta: dict, sums, sizes, tensor_features,
   squares (0 where it is absent), with the switch on. ``trend``: the loss trend, with
   ``config.step_size_features`` (whose features follow, at their rows).
   """
-  stats, step_size_sums = sums[:, :_NUM_STATISTICS], sums[:, _NUM_STATISTICS:]
+  stats, step_size_sums = sums[:, :_NUM_ELEMENTWISE], sums[:, _NUM_ELEMENTWISE:]
   cautious_norm = 1 / jnp.maximum(stats[:, -1] / sizes, 1e-3)
   sum_sq = stats[:, :-1].at[:, _CAUTIOUS].multiply(jnp.square(cautious_norm))
   if muon_sum_sq is not None:
@@ -682,9 +684,8 @@ def _tensor_scalars(config: LOConfig, theta: dict, sums, sizes, tensor_features,
   log_rms = [_log_rms(sum_sq[:, idx_x], sizes), _log_rms(sum_sq[:, idx_g], sizes)]
   scalars = [tensor_features, jnp.stack(log_rms, axis=1),
              jnp.broadcast_to(time, (sizes.shape[0], time.shape[0]))]
-  num_elementwise = len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
-  rows = list(range(num_elementwise,
-                    num_elementwise + len(TENSOR_FEATURES) + len(TIME_TAUS) + 2))
+  rows = list(range(_NUM_ELEMENTWISE,
+                    _NUM_ELEMENTWISE + len(TENSOR_FEATURES) + len(TIME_TAUS) + 2))
   if config.step_size_features:
     idx_m = NORMALIZED_FEATURES.index("momentum_fast")
     assert step_size_sums.shape[1] == _STEP_SIZE_SUMS
