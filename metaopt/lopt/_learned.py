@@ -175,11 +175,7 @@ class LearnedOptimizer:
     by_role = config.muon and config.muon_matrices == "hidden"
 
     def muon_fan_in(params, r):
-      if not config.muon:
-        return None
-      if config.muon_matrices == "all_2d":
-        return optimizers.muon_fan_ins_2d(params)
-      return optimizers.muon_fan_ins(params, r)
+      return muon_fan_ins(config, params, r)
 
     def init_fn(params):
       _check_float_leaves(params, "params")
@@ -203,6 +199,18 @@ class LearnedOptimizer:
                             muon_fan_in=fan_in)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def muon_fan_ins(config: LOConfig, params: Tree, roles: Tree | None) -> Tree | None:
+  """Per leaf, the fan-in of the matrix the Muon candidate orthogonalizes (0: none), by
+  ``config.muon_matrices``: hidden matrices by muP ``roles``
+  (:func:`metaopt.optimizers.muon_fan_ins`) or every 2-D leaf (roles unused); None with
+  the switch off."""
+  if not config.muon:
+    return None
+  if config.muon_matrices == "all_2d":
+    return optimizers.muon_fan_ins_2d(params)
+  return optimizers.muon_fan_ins(params, roles)
 
 
 def _check_num_steps(num_steps):
