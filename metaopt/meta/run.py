@@ -164,6 +164,13 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, tasks: Sequence[A
                                       progress=progress, stop=stop, fallback=fallback)
     state, step, last_val = _outer_loop(session, state, stop)
     return _finish(session, state, step, last_val, plot=plot, stop=stop)
+  except Exception:  # a failed write, say: the checkpoints already started still land
+    if stop.checkpoints is not None:
+      try:
+        stop.checkpoints.wait()
+      except Exception:  # pylint: disable=broad-except
+        pass  # the error being raised says more
+    raise
   finally:
     if lock is not None:
       lock.close()
