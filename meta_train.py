@@ -10,6 +10,14 @@ Usage::
   python meta_train.py --plot-run runs/mine # only draw its meta-loss curves
   python meta_train.py --set outer_steps=2000 --set sigma=0.02
   python meta_train.py --config smoke --task mypkg.tasks:make_task  # + your own task
+  python meta_train.py --config lease --stop-after 780 --compile-cache cache  # a GPU lease
+  python meta_train.py --out runs/mine --export all --export-to los  # every checkpoint
+
+SIGINT, SIGTERM and the --stop-after deadline stop a run in any phase within 10 s,
+checkpointing the last finished outer step, with one line. Exit status: 0 finished or
+stopped at the deadline, 2 a usage error (bad flag or config, --out locked by another
+run, a corrupt checkpoint with --no-fallback), 74 a failed write (disk full), 130/143
+SIGINT/SIGTERM, 1 a bug.
 
 Multi-host (every host runs the same command)::
 

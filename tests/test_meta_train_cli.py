@@ -369,3 +369,51 @@ def test_a_full_disk_while_training_is_one_line_exit_74(tmp_path, capsys, monkey
                  "continues with --resume from its newest checkpoint)\n"), err
   assert (out / run.CHECKPOINT_DIR / "1").is_dir()  # nothing lost
   assert [r["step"] for r in written if r.get("kind") == "train"] == [1]
+
+
+def _lease(tmp_path, out: pathlib.Path, *args) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "LEASE_MARGIN_S": "5",
+         "PYTHON": sys.executable, "LEASE_WORK": str(tmp_path / f"work_{out.name}"),
+         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(["bash", REPO / "scripts" / "gpu_lease.sh", "200", out, *args],
+                        cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=TIMEOUT_S)
+
+
+def _unpack(pack: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
+  import tarfile  # pylint: disable=g-import-not-at-top
+  parts = sorted(pack.glob("lease-run.tar.gz*"))
+  data = b"".join(p.read_bytes() for p in parts)
+  to.mkdir()
+  with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+    tar.extractall(to)
+  return to
+
+
+def test_a_lease_packs_a_light_run_that_the_next_lease_continues(tmp_path):
+  """scripts/gpu_lease.sh end to end at tiny sizes on CPU: train, export every
+  checkpoint, pack at most 8 files of at most 16 MiB; a second lease given the first's
+  pack continues the run (light checkpoints: fresh episodes, same theta)."""
+  import metaopt  # pylint: disable=g-import-not-at-top
+  config = _config(tmp_path, outer_steps=3, checkpoint_every=1, checkpoint_populations=False)
+  first = _lease(tmp_path, tmp_path / "pack1", "--", "--config", str(config))
+  assert first.returncode == 0, first.stderr[-3000:]
+  files = sorted((tmp_path / "pack1").iterdir())
+  assert 1 <= len(files) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in files)
+  assert {f.name for f in files} >= {"lease-run.tar.gz", "lease-cache.tar.gz"}
+  unpacked = _unpack(tmp_path / "pack1", tmp_path / "unpacked1")
+  assert sorted(p.name for p in (unpacked / "artifacts").iterdir()) == [
+      "step_1", "step_2", "step_3"]
+  metaopt.load(unpacked / "artifacts" / "step_3")
+  assert not list((unpacked / "run" / "checkpoints").rglob("*populations*"))
+  second = _lease(tmp_path, tmp_path / "pack2", str(tmp_path / "pack1"), "--", "--config",
+                  str(config), "--set", "outer_steps=5")
+  assert second.returncode == 0, second.stderr[-3000:]
+  unpacked = _unpack(tmp_path / "pack2", tmp_path / "unpacked2")
+  assert sorted(p.name for p in (unpacked / "artifacts").iterdir()) == [
+      f"step_{s}" for s in range(1, 6)]
+  records = log_lib.read_metrics(unpacked / "run")
+  assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+  assert [r["step"] for r in records if r["kind"] == "resume"] == [3]
+  assert "newest checkpoint 5" in second.stdout
