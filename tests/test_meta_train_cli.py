@@ -417,3 +417,30 @@ def test_a_lease_packs_a_light_run_that_the_next_lease_continues(tmp_path):
   assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
   assert [r["step"] for r in records if r["kind"] == "resume"] == [3]
   assert "newest checkpoint 5" in second.stdout
+
+
+def test_the_compile_cache_keeps_every_program_and_gpu_autotuning_is_off(tmp_path,
+                                                                          monkeypatch):
+  """Issue 22 items 1 and 4: small init programs were not cached (1 s threshold), and
+  autotuning cost a lease minutes of start-up."""
+  import jax  # pylint: disable=g-import-not-at-top
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  before = {n: getattr(jax.config, n) for n in names}
+  try:
+    meta_train._compile_cache(str(tmp_path / "cache"), tmp_path / "run")
+    assert [getattr(jax.config, n) for n in names] == [str(tmp_path / "cache"), 0, 0]
+  finally:
+    for n, v in before.items():
+      jax.config.update(n, v)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  meta_train._autotune_off()
+  meta_train._autotune_off()
+  assert os.environ["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
+                                     "--xla_gpu_autotune_level=0")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=4")  # the user's choice
+  meta_train._autotune_off()
+  assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=4"
+  monkeypatch.delenv("XLA_FLAGS")
+  meta_train._autotune_off()
+  assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=0"
