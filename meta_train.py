@@ -225,30 +225,45 @@ def _train(args: argparse.Namespace) -> int:
     raise _UsageError(f"--stop-after {args.stop_after}: expected seconds > 0")
   if not args.autotune:
     _autotune_off()
-  from metaopt.meta import stopping  # pylint: disable=g-import-not-at-top  (no jax)
-  stop = stopping.Stop(
-      deadline=None if args.stop_after is None else _STARTED + args.stop_after,
-      stop_after=args.stop_after)
   main_thread = threading.current_thread() is threading.main_thread()
   previous = {}
-  if main_thread:
-    # SIGINT is handled even where it arrived ignored: a shell starts background jobs
-    # (`cmd &` without job control, nohup in scripts) with SIGINT set to SIG_IGN.
+  if main_thread:  # importing metaopt (and JAX) takes seconds: be stoppable meanwhile
     for sig in (signal.SIGTERM, signal.SIGINT):
-      previous[sig] = signal.signal(sig, stop.handle_signal)
-    stop.start_watchdog()
+      previous[sig] = signal.signal(sig, _stop_while_starting)
+  stop = None
   try:
+    from metaopt.meta import stopping  # pylint: disable=g-import-not-at-top
+    stop = stopping.Stop(
+        deadline=None if args.stop_after is None else _STARTED + args.stop_after,
+        stop_after=args.stop_after)
+    if main_thread:
+      # SIGINT is handled even where it arrived ignored: a shell starts background jobs
+      # (`cmd &` without job control, nohup in scripts) with SIGINT set to SIG_IGN.
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop.handle_signal)
+      stop.start_watchdog()
     return _train_until_stopped(args, stop)
-  except stopping.Interrupted as e:
+  except KeyboardInterrupt as e:  # stopping.Interrupted
+    if not hasattr(e, "exit_code"):
+      raise
     if _is_primary():
       stop.report(str(e))
     _HARD_EXIT = main_thread
     return e.exit_code
   finally:
-    if main_thread:
+    if stop is not None:
       stop.close()
-      for sig, handler in previous.items():
-        signal.signal(sig, handler)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _stop_while_starting(signum, frame) -> None:
+  """A signal before the run's Stop exists (Python is still importing): nothing to
+  save, nothing to wait for; one line and out."""
+  del frame
+  print(f"interrupted by {signal.Signals(signum).name} while starting: nothing new was "
+        "saved", file=sys.stderr, flush=True)
+  os._exit(128 + signum)
 
 
 def _train_until_stopped(args: argparse.Namespace, stop) -> int:
@@ -422,6 +437,8 @@ def _timestamp() -> str:
 
 
 if __name__ == "__main__":
+  for _sig in (signal.SIGTERM, signal.SIGINT):  # until main() knows what it runs
+    signal.signal(_sig, _stop_while_starting)
   _code = main()
   if _HARD_EXIT:  # stopped: the line is out and the checkpoint written; orbax's and
     sys.stdout.flush()  # other library threads must not hold the exit up (issue 24)
