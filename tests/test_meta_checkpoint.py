@@ -258,3 +258,15 @@ def test_light_checkpoints_of_the_release_presets_are_under_16_mib(name):
   nbytes = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
                for x in jax.tree.leaves((theta, opt_state)))
   assert nbytes + 16 <= 16 * 2**20, nbytes
+
+
+def test_a_resume_drops_a_log_line_cut_short_by_a_killed_process(tmp_path):
+  """The watchdog's os._exit may cut a metrics.jsonl line in half; --resume drops it
+  (json.loads of it was a traceback)."""
+  log = metaopt.meta.logging.MetricsLog(tmp_path / "metrics.jsonl")
+  for step in (1, 2, 3):
+    log.write({"kind": "train", "step": step})
+  with log.path.open("a") as f:
+    f.write('{"kind": "train", "st')
+  log.truncate_after(2)
+  assert [r["step"] for r in metaopt.meta.logging.read_metrics(log.path)] == [1, 2]
