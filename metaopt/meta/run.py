@@ -158,6 +158,7 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, tasks: Sequence[A
   out = pathlib.Path(out).absolute()
   stop = stop or stopping.Stop()
   stop.set_run(out, out / CHECKPOINT_DIR)
+  created = not out.exists()
   lock = lock_run(out) if shard_lib.is_primary() else None
   try:
     session, state = _start_or_resume(config, out, tasks, resume=resume,
@@ -170,6 +171,10 @@ def meta_train(config: MetaConfig, out: str | pathlib.Path, *, tasks: Sequence[A
         stop.checkpoints.wait()
       except Exception:  # pylint: disable=broad-except
         pass  # the error being raised says more
+    if lock is not None and created and {p.name for p in out.iterdir()} == {LOCK_FILE}:
+      lock.close()  # failed before writing anything (a bad task): leave no directory
+      (out / LOCK_FILE).unlink()
+      out.rmdir()
     raise
   finally:
     if lock is not None:

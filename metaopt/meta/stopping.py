@@ -104,7 +104,7 @@ class Stop:
     self.grace_s, self.settle_s, self.hard_limit_s = grace_s, settle_s, hard_limit_s
     self._lock = threading.RLock()
     self._save_lock = threading.Lock()
-    self._requested = threading.Event()
+    self._wake = threading.Event()  # set by a request or by close()
     self._closed = threading.Event()
     self.reason: str | None = None
     self.requested_at: float | None = None
@@ -127,11 +127,11 @@ class Stop:
         self.ignored += 1
         return
       self.reason, self.requested_at = reason, time.monotonic()
-    self._requested.set()
+    self._wake.set()
 
   @property
   def requested(self) -> bool:
-    return self._requested.is_set()
+    return self.reason is not None
 
   def handle_signal(self, signum, frame) -> None:
     """A ``signal.signal`` handler: requests a stop named after the signal."""
@@ -218,14 +218,14 @@ class Stop:
   def close(self) -> None:
     """Stops the watchdog (the run ended normally, or in-process callers are done)."""
     self._closed.set()
-    self._requested.set()
+    self._wake.set()
     if self._thread is not None and self._thread is not threading.current_thread():
       self._thread.join(timeout=1.0)
 
   def _watch(self) -> None:
-    while not self._requested.is_set():
+    while not self._wake.is_set():
       timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-      if not self._requested.wait(timeout) and not self._closed.is_set():
+      if not self._wake.wait(timeout) and not self._closed.is_set():
         self.request(DEADLINE)
     if self._closed.is_set():
       return
