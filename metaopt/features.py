@@ -311,7 +311,7 @@ def nesterov_momentum(mu: Tree, g: Tree, decay, count) -> Tree:
 
 def newton_schulz_orthogonalize(m: jax.Array, steps: int = 5,
                                 coeffs=NEWTON_SCHULZ_COEFFS, eps=1e-8) -> jax.Array:
-  """Approximate polar factor U V^T of the matrices in the last two axes of ``m``.
+  r"""Approximate polar factor U V^T of the matrices in the last two axes of ``m``.
 
   .. math::
     X_0 = M / (\|M\|_F + \epsilon), \qquad
