@@ -116,7 +116,7 @@ def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
   _factory.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
-    dtype = optax.tree.dtype(params, "lowest")
+    dtype = features.tree_lowest_dtype(params)  # also of ShapeDtypeStructs
     zero = jnp.zeros([], dtype)
     return MomoState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params), zero, zero,
                      jnp.asarray(lower_bound, dtype))
@@ -222,7 +222,7 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
   _factory.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
-    dtype = optax.tree.dtype(params, "lowest")
+    dtype = features.tree_lowest_dtype(params)  # also of ShapeDtypeStructs
     zero = jnp.zeros([], dtype)
     zeros = optax.tree.zeros_like(params)
     return MomoAdamState(jnp.zeros([], jnp.int32), zeros, zeros, zero, zero,
