@@ -68,7 +68,9 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
     mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Its ``init`` of a tree of
+    ``jax.ShapeDtypeStruct`` returns the abstract state (``jax.eval_shape``): the
+    state holds a copy of the parameters' values.
 
   Example:
     >>> import jax.numpy as jnp, optax
