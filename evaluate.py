@@ -19,13 +19,65 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import pathlib
 import sys
 import time
 
+
 def _names(value: str) -> tuple[str, ...]:
   return tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
+
+
+def _count(field: str):
+  """argparse type: an int >= 1; errors name the EvalConfig ``field`` as its own do."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{field}={text!r}; expected an int >= 1") from None
+    if value < 1:
+      raise argparse.ArgumentTypeError(f"{field}={value!r}; expected an int >= 1")
+    return value
+  return parse
+
+
+def _real(field: str, valid, expected: str):
+  """argparse type: a float for which ``valid`` holds (``expected`` says which)."""
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{field}={text!r}; expected a number") from None
+    if not valid(value):
+      raise argparse.ArgumentTypeError(f"{field}={value!r}; expected {expected}")
+    return value
+  return parse
+
+
+_NONNEGATIVE = (lambda v: 0.0 <= v < math.inf, "a value in [0, inf)")
+_FRACTION = (lambda v: 0.0 <= v < 1.0, "a value in [0, 1)")
+_POSITIVE = (lambda v: 0.0 < v < math.inf, "a finite number > 0")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line (main prints it and returns 2)."""
+
+  def error(self, message):
+    raise SystemExit(f"{message} (see --help)")
+
+
+def _check_out(out: pathlib.Path) -> None:
+  """Fails now, not at the first write after minutes of work, if ``out`` cannot be the
+  output directory: it, or its nearest existing ancestor, must be a writable directory."""
+  for path in (out, *out.absolute().parents):
+    if path.exists():
+      if not path.is_dir():
+        raise SystemExit(f"--out {out}: {path} exists and is not a directory")
+      if not os.access(path, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: {path} is not writable")
+      return
 
 
 def _load_lo(name_or_path: str, flag: str):
@@ -82,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
   d = {f.name: _shown(f.default) for f in dataclasses.fields(harness.EvalConfig)
        if f.default is not dataclasses.MISSING}
   widths_tuned = _shown(harness.SUITE_DEFAULTS["widths"]["tuned"])
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+  p = _OneLineParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="\n".join(__doc__.splitlines()[2:]))
   p.add_argument("--checkpoint", default="default",
@@ -98,32 +150,33 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--untuned", default=None,
                  help=f"comma-separated baselines at their defaults, or none (default: "
                  f"{d['untuned']})")
-  p.add_argument("--seeds", type=int, default=None, help=f"default {d['seeds']}")
-  p.add_argument("--lr-grid-size", type=int, default=None,
+  p.add_argument("--seeds", type=_count("seeds"), default=None,
+                 help=f"default {d['seeds']}")
+  p.add_argument("--lr-grid-size", type=_count("lr_grid_size"), default=None,
                  help=f"default {d['lr_grid_size']}")
-  p.add_argument("--lr-span", type=float, default=None,
+  p.add_argument("--lr-span", type=_real("lr_span_decades", *_NONNEGATIVE), default=None,
                  help=f"decades the lr grid spans (default {d['lr_span_decades']})")
   p.add_argument("--lr-center", type=float, default=None,
                  help="geometric centre of every tuned baseline's lr grid (default: "
                  "each one's own, e.g. adamw 10^-2.5, muon 10^-2)")
   p.add_argument("--schedules", default=None, help=f"default {d['schedules']}")
-  p.add_argument("--warmup-fraction", type=float, default=None,
+  p.add_argument("--warmup-fraction", type=_real("warmup_fraction", *_FRACTION), default=None,
                  help=f"default {d['warmup_fraction']}")
-  p.add_argument("--tune-seeds", type=int, default=None,
+  p.add_argument("--tune-seeds", type=_count("tune_seeds"), default=None,
                  help=f"seeds every grid setting runs on (default {d['tune_seeds']}; "
                  ">= --seeds: all)")
-  p.add_argument("--finalists", type=int, default=None,
+  p.add_argument("--finalists", type=_count("finalists"), default=None,
                  help=f"best settings re-run on the remaining seeds (default "
                  f"{d['finalists']})")
   p.add_argument("--tune-lo", action="store_true",
                  help="also report the LO with its lr multiplier tuned around 1")
-  p.add_argument("--lo-grid-size", type=int, default=None,
+  p.add_argument("--lo-grid-size", type=_count("lo_grid_size"), default=None,
                  help=f"default {d['lo_grid_size']}")
-  p.add_argument("--lo-span", type=float, default=None,
+  p.add_argument("--lo-span", type=_real("lo_span_decades", *_NONNEGATIVE), default=None,
                  help=f"default {d['lo_span_decades']}")
   p.add_argument("--sp-checkpoint", default=None, help="an SP LO for the widths suite")
   p.add_argument("--widths", default=None, help="widths of the widths suite, e.g. 64,256")
-  p.add_argument("--max-memory-gb", type=float, default=None,
+  p.add_argument("--max-memory-gb", type=_real("max_memory_gb", *_POSITIVE), default=None,
                  help="skip tasks whose one run needs more (default: half the RAM)")
   p.add_argument("--tasks", default=None, help="only tasks whose name contains one of these")
   p.add_argument("--estimate", action="store_true", help="print the plan and exit")
@@ -201,6 +254,8 @@ def main(argv: list[str] | None = None, *, persistent_cache: bool = False) -> in
 def _main(argv: list[str] | None, persistent_cache: bool) -> int:
   args = parser().parse_args(argv)
   config = config_from_args(args)
+  out = pathlib.Path(args.out or pathlib.Path("eval_out") / config.suite)
+  _check_out(out)
   from metaopt.eval import harness, report  # pylint: disable=g-import-not-at-top
   lo = _load_lo(args.checkpoint, "--checkpoint")
   sp_lo = _load_lo(args.sp_checkpoint, "--sp-checkpoint") if args.sp_checkpoint else None
@@ -216,7 +271,6 @@ def _main(argv: list[str] | None, persistent_cache: bool) -> int:
         file=sys.stderr)
   if args.estimate:
     return 0
-  out = pathlib.Path(args.out or pathlib.Path("eval_out") / config.suite)
   if persistent_cache:
     _enable_compilation_cache(out / "xla_cache")
   start = time.perf_counter()

@@ -27,8 +27,14 @@ numbers from the same invocation only.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 import time
+
+# Runnable from a clone without `pip install -e .`: the repository root goes first on
+# the import path, so the script imports this checkout's metaopt and tasks.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

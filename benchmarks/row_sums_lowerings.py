@@ -11,12 +11,14 @@ Alternatives: ``stack_sum``/``stack_mid_sum`` (terms stacked, one ``jnp.sum``),
 ``mid*`` (rows viewed as ``[rows, 128 / w, w]``, a variadic reduce over the middle axis,
 then over ``w``), ``fold*`` (folded to ``w`` lanes, then ``mid``).
 
-Usage: PYTHONPATH=. python benchmarks/row_sums_lowerings.py SIZES [VARIANTS]
+Usage: python benchmarks/row_sums_lowerings.py SIZES [VARIANTS]
   SIZES: comma-separated: 1e5 (step_cost's MLP tree), f4 (4 x (256x256 + 256), all
   flat), t6 (the 6-layer Flax transformer); VARIANTS: comma-separated names.
 """
 import os, sys, warnings, time
-sys.path.insert(0, "benchmarks")
+# Runnable from a clone without `pip install -e .`: the repository root goes first on
+# the import path, so the script imports this checkout's metaopt and tasks.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax, jax.numpy as jnp, numpy as np
 from metaopt.lopt import _update as U
 import update_passes as P

@@ -22,16 +22,21 @@ takes and returns (``r``/``w``), and ``fma``, one elementwise loop of as many
 multiply-adds per element as the pass's flops (four independent chains). A pass near
 its copy floor is memory-bound; one near its FMA floor is compute-bound.
 
-Usage: PYTHONPATH=. python benchmarks/update_passes.py [--sizes 1e5 1e6 1e7]
+Usage: python benchmarks/update_passes.py [--sizes 1e5 1e6 1e7]
        [--repeats 10] [--rounds 5] [--transformers 6]
-(``PYTHONPATH=.``: time this checkout's engine; the header prints which one ran.)
+(It times this checkout's engine, not an installed one; the header prints which ran.)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
+
+# Runnable from a clone without `pip install -e .`: the repository root goes first on
+# the import path, so the script imports this checkout's metaopt and tasks.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

@@ -19,9 +19,10 @@ import errno
 import json
 import os
 import pathlib
+import re
+import secrets
 import shutil
 import sys
-import tempfile
 from typing import Any
 
 import jax
@@ -43,7 +44,17 @@ ARTIFACT_ENTRIES = (METADATA_FILE, THETA_DIR, MODEL_CARD_FILE)
 
 
 class ArtifactError(ValueError):
-  """The directory is not a (compatible) learned-optimizer artifact."""
+  """The directory is not a (compatible) learned-optimizer artifact, or the learned
+  optimizer given to :func:`save` would not make one."""
+
+
+class ArtifactWriteError(OSError):
+  """:func:`save` could not write the artifact (disk full, permissions, ...).
+
+  An ``OSError`` whose ``errno`` is the underlying one (``errno.ENOSPC`` when the disk
+  is full) and whose message is one line naming the path; whatever was at the path
+  before is unchanged.
+  """
 
 
 def _checkpointer():
@@ -74,13 +85,21 @@ def save(lo: LearnedOptimizer, path: str | os.PathLike, *,
   file, a directory without ``metadata.json`` and ``theta/``, or an artifact directory
   holding other files) raises ``FileExistsError`` naming it, and nothing is deleted.
   Overwriting keeps an existing ``MODEL_CARD.md``.
+
+  Before anything is written, ``lo`` gets the checks :func:`load` makes (metadata,
+  theta entries and shapes against the config, finite float32 values): what it would
+  refuse raises :class:`ArtifactError`. A failed write (disk full, no permission)
+  raises :class:`ArtifactWriteError`, an ``OSError`` with the underlying ``errno``.
+  The artifact gets the permissions the umask gives (0755 directories and 0644 files
+  under umask 022), so others on a shared machine can load it.
   """
   path = pathlib.Path(path).absolute()
   if path.exists() or path.is_symlink():
     if not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     _check_replaceable(path)
-  theta = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), lo.theta)
+  with np.errstate(over="ignore"):  # values beyond float32 are reported below
+    theta = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), lo.theta)
   metadata = {
       "format_version": FORMAT_VERSION,
       "package": "metaopt",
@@ -94,14 +113,28 @@ def save(lo: LearnedOptimizer, path: str | os.PathLike, *,
                        lo.metadata.get("meta_training", {}),
       "info": {k: v for k, v in lo.metadata.items() if k != "meta_training"},
   }
-  json.dumps(metadata)  # fail before writing anything if it is not JSON-able
-  path.parent.mkdir(parents=True, exist_ok=True)
+  # Before writing anything, the checks load makes, on what load would read back.
+  try:
+    metadata_text = json.dumps(metadata, indent=2, sort_keys=True)
+  except (TypeError, ValueError) as e:
+    raise ArtifactError(f"refusing to save {path}: its metadata is not JSON: {e}"
+                        ) from None
+  try:
+    _check_metadata(json.loads(metadata_text), path)
+  except ArtifactError as e:
+    raise ArtifactError(f"refusing to save, metaopt.load would refuse it: {e}") from None
+  problem = _theta_problem(theta, lo.config)
+  if problem:
+    raise ArtifactError(f"refusing to save {path}: {problem}; metaopt.load would refuse "
+                        "the artifact.")
   if checkpointer is None:
     checkpointer = _checkpointer()
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+  tmp = None
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _make_sibling_dir(path, "new")
     checkpointer.save(tmp / THETA_DIR, theta)
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    _write_metadata(tmp, metadata_text)
     if not path.exists():
       os.rename(tmp, path)
       return path
@@ -110,11 +143,53 @@ def save(lo: LearnedOptimizer, path: str | os.PathLike, *,
       shutil.copy2(card, tmp / MODEL_CARD_FILE)
     _check_replaceable(path)  # again: it may have changed while theta was written
     _swap(tmp, path)  # from here on tmp holds the old artifact
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  except BaseException as e:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    code = _os_error_code(e)
+    if code is None:
+      raise
+    raise ArtifactWriteError(
+        code, f"cannot save the artifact {path}: {os.strerror(code)} "
+        f"[{errno.errorcode.get(code, code)}] ({type(e).__name__} while writing; "
+        f"{'the old artifact is unchanged' if path.exists() else 'nothing was written'})."
+    ) from e
   shutil.rmtree(tmp, ignore_errors=True)
   return path
+
+
+def _write_metadata(directory: pathlib.Path, text: str) -> None:
+  (directory / METADATA_FILE).write_text(text)
+
+
+def _os_error_code(e: BaseException) -> int | None:
+  """The errno of a failed write: an ``OSError``'s, or the one tensorstore (orbax's
+  writer) puts in its ``ValueError`` message; None for other errors and for the
+  ``FileExistsError`` that :func:`_check_replaceable` raises."""
+  if isinstance(e, OSError) and not isinstance(e, FileExistsError):
+    return e.errno if e.errno else errno.EIO
+  if isinstance(e, ValueError):
+    match = re.search(r"os_error_code='(\d+)'", str(e))
+    if match:
+      return int(match.group(1))
+  return None
+
+
+def _make_sibling_dir(path: pathlib.Path, tag: str) -> pathlib.Path:
+  """Creates an empty hidden directory beside ``path`` with the umask's permissions.
+
+  Not ``tempfile.mkdtemp``: its directories are mode 0700, and the new one becomes the
+  artifact, which other users of a shared machine must be able to read.
+  """
+  for _ in range(100):
+    candidate = path.parent / f".{path.name}.{tag}-{secrets.token_hex(4)}"
+    try:
+      candidate.mkdir()  # mode 0o777 & ~umask
+    except FileExistsError:
+      continue
+    return candidate
+  raise FileExistsError(f"could not create a fresh .{path.name}.{tag}-* directory in "
+                        f"{path.parent}")
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
@@ -147,7 +222,7 @@ def _swap(new: pathlib.Path, old: pathlib.Path) -> None:
   if _rename_exchange(new, old):
     return
   # No atomic exchange here: two renames, the old artifact parked beside the path.
-  parked = pathlib.Path(tempfile.mkdtemp(prefix=f".{old.name}.old-", dir=old.parent))
+  parked = _make_sibling_dir(old, "old")
   os.rename(old, parked / old.name)
   os.rename(new, old)
   os.rename(parked / old.name, new)
@@ -187,6 +262,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   except RecursionError:
     raise ArtifactError(f"{meta_file} is nested too deeply to be artifact metadata."
                         ) from None
+  _check_metadata(metadata, path)
+  return metadata
+
+
+def _check_metadata(metadata: Any, path: pathlib.Path) -> None:
+  """Raises ArtifactError unless ``metadata`` is what this code reads (load and save)."""
+  meta_file = path / METADATA_FILE
   if not isinstance(metadata, dict):
     raise ArtifactError(f"{meta_file} holds a JSON {type(metadata).__name__}; expected "
                         "an object (write artifacts with metaopt.checkpoint.save).")
@@ -217,7 +299,24 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
   if metadata.get("theta_shapes") != shapes:
     raise ArtifactError(f"{path}: theta_shapes {metadata.get('theta_shapes')} do not match "
                         f"the config's {shapes}.")
-  return metadata
+
+
+def _theta_problem(theta: Any, config: LOConfig) -> str | None:
+  """What makes ``theta`` (host arrays) not a theta of ``config`` that load accepts."""
+  shapes = _network.theta_shapes(config)
+  if not isinstance(theta, dict) or set(theta) != set(shapes):
+    got = sorted(theta) if isinstance(theta, dict) else type(theta).__name__
+    return f"theta has entries {got}; the config's are {sorted(shapes)}"
+  for k, shape in shapes.items():
+    arr = theta[k]
+    if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+      return (f"theta[{k!r}] has shape {getattr(arr, 'shape', type(arr).__name__)}; the "
+              f"config's is {tuple(shape)}")
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+      return (f"theta[{k!r}] has {bad} non-finite value(s) (NaN or beyond float32's "
+              "range)")
+  return None
 
 
 def load(path: str | os.PathLike) -> LearnedOptimizer:
@@ -235,13 +334,11 @@ def load(path: str | os.PathLike) -> LearnedOptimizer:
                                       target)))
   except Exception as e:  # orbax raises many types; report them as one.
     raise ArtifactError(f"{path}: could not restore theta: {type(e).__name__}: {e}") from e
-  theta = {}
-  for k, shape in _network.theta_shapes(config).items():
-    arr = np.asarray(restored.get(k))
-    if arr.shape != tuple(shape) or not np.all(np.isfinite(arr)):
-      raise ArtifactError(f"{path}: theta[{k!r}] has shape {arr.shape} (expected "
-                          f"{tuple(shape)}) or non-finite values.")
-    theta[k] = jax.numpy.asarray(arr, np.float32)
+  arrays = {k: np.asarray(restored.get(k)) for k in target}
+  problem = _theta_problem(arrays, config)
+  if problem:
+    raise ArtifactError(f"{path}: {problem}.")
+  theta = {k: jax.numpy.asarray(a, np.float32) for k, a in arrays.items()}
   info = dict(metadata.get("info", {}))
   info["meta_training"] = metadata.get("meta_training", {})
   info["path"] = str(path)

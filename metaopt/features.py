@@ -14,10 +14,12 @@ array (one tensor), reductions returning a scalar per tensor.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Tree = Any
@@ -150,8 +152,10 @@ def torque_cosine(m_prev: jax.Array, g: jax.Array, eps: float = 1e-12) -> jax.Ar
   """s_t = <m_{t-1}, g_t> / (||m_{t-1}|| ||g_t||) per tensor; 0 where a norm is 0."""
   m = m_prev.astype(jnp.promote_types(m_prev.dtype, jnp.float32))
   gg = g.astype(m.dtype)
-  return torque_cosine_from_sums(jnp.vdot(m.ravel(), gg.ravel()),
-                                 jnp.sum(jnp.square(m)), jnp.sum(jnp.square(gg)), eps)
+  # Sums over all axes, not jnp.vdot: its ravel is a reshape that explicitly sharded
+  # arrays refuse.
+  return torque_cosine_from_sums(jnp.sum(m * gg), jnp.sum(jnp.square(m)),
+                                 jnp.sum(jnp.square(gg)), eps)
 
 
 def torque_cosine_from_sums(m_dot_g, m_sq, g_sq, eps: float = 1e-12):
@@ -222,8 +226,21 @@ def grams_direction(g: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def tree_vdot(a: Tree, b: Tree) -> jax.Array:
-  """Inner product <a, b> summed over all leaves."""
-  return optax.tree.vdot(a, b)
+  """Inner product <a, b> of real trees, summed over all leaves.
+
+  Each leaf's elementwise product summed over all its axes: ``optax.tree.vdot`` (0.2.8
+  under jax >= 0.10) ravels the leaves for ``jnp.vdot``, a reshape that explicitly
+  sharded arrays refuse.
+  """
+  return jax.tree.reduce(operator.add, jax.tree.map(lambda x, y: jnp.sum(x * y), a, b),
+                         initializer=0)
+
+
+def tree_lowest_dtype(tree: Tree) -> jnp.dtype:
+  """``optax.tree.dtype(tree, "lowest")``, reading each leaf's dtype without converting
+  the leaf, so that it also takes a tree of ``jax.ShapeDtypeStruct``."""
+  return optax.tree.dtype(
+      jax.tree.map(lambda x: np.zeros((), jnp.result_type(x)), tree), "lowest")
 
 
 def global_norm_sq(tree: Tree) -> jax.Array:
@@ -311,7 +328,7 @@ def nesterov_momentum(mu: Tree, g: Tree, decay, count) -> Tree:
 
 def newton_schulz_orthogonalize(m: jax.Array, steps: int = 5,
                                 coeffs=NEWTON_SCHULZ_COEFFS, eps=1e-8) -> jax.Array:
-  """Approximate polar factor U V^T of the matrices in the last two axes of ``m``.
+  r"""Approximate polar factor U V^T of the matrices in the last two axes of ``m``.
 
   .. math::
     X_0 = M / (\|M\|_F + \epsilon), \qquad

@@ -47,3 +47,38 @@ def test_benchmark_script_runs_and_prints_its_table(argv, expected):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
   assert expected in out.stdout, out.stdout[-3000:]
+
+
+# Imports every script as `python benchmarks/X.py` would (the script's folder first on
+# sys.path), with a stand-in `metaopt` and `tasks` that fail to import next on the path:
+# where an installed copy, or none, would be. The script must import this checkout's.
+_IMPORT_PROBE = r"""
+import pathlib, runpy, sys
+repo, standins, scripts = sys.argv[1], sys.argv[2], sys.argv[3:]
+base = [p for p in sys.path if p not in ("", repo)]
+for script in scripts:
+  for name in [m for m in sys.modules
+               if m.split(".")[0] in ("metaopt", "tasks", "step_cost", "update_passes")]:
+    del sys.modules[name]
+  sys.path[:] = [str(pathlib.Path(script).parent), standins, *base]
+  runpy.run_path(script, run_name="imported_by_test")
+  for name in ("metaopt", "tasks"):
+    module = sys.modules.get(name)
+    assert module is None or module.__file__.startswith(repo), (script, module)
+  print("imported", script)
+"""
+
+
+def test_every_benchmark_script_imports_this_checkout_without_install(tmp_path):
+  for name in ("metaopt", "tasks"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(
+        f"raise ImportError('the {name} beside the checkout was imported')\n")
+  scripts = sorted(str(p) for p in (REPO / "benchmarks").rglob("*.py"))
+  assert len(scripts) >= 6, scripts
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, str(REPO), str(tmp_path),
+                        *scripts], cwd=tmp_path, env={**env, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.count("imported ") == len(scripts), out.stdout

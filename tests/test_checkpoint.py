@@ -1,5 +1,6 @@
 """Learned-optimizer artifacts: bit-exact round trips and clear errors."""
 
+import errno
 import json
 import os
 import pathlib
@@ -230,3 +231,118 @@ def test_out_of_range_or_mistyped_config_is_rejected_on_load_and_construction(
     metaopt.load(path)
   with pytest.raises(ValueError, match=match):  # the same check as construction
     LOConfig.from_dict(meta["config"])
+
+
+def _bad_theta(lo, kind):
+  theta = dict(lo.theta)
+  if kind == "nan":
+    theta["w1"] = theta["w1"].at[1, 2].set(jnp.nan)
+  elif kind == "beyond_float32":  # finite in float64, inf once stored as float32
+    theta["b2"] = np.full(theta["b2"].shape, 1e39)
+  elif kind == "wrong_shape":
+    theta["w1"] = jnp.zeros((theta["w1"].shape[0] + 1, theta["w1"].shape[1]))
+  elif kind == "missing_entry":
+    del theta["b1"]
+  else:
+    theta["extra"] = jnp.zeros(3)
+  return lo.with_theta(theta)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("nan", r"theta\['w1'\] has 1 non-finite"),
+    ("beyond_float32", r"theta\['b2'\] has 2 non-finite"),
+    ("wrong_shape", r"theta\['w1'\] has shape \(28, 4\); the config's is \(27, 4\)"),
+    ("missing_entry", r"theta has entries \['b2', 'log_lr'.*config's are \['b1'"),
+    ("extra_entry", r"theta has entries .*'extra'"),
+])
+def test_save_refuses_what_load_would_refuse_and_keeps_the_old_artifact(
+    tmp_path, kind, match):
+  old = _lo()
+  assert old.theta["w1"].shape == (27, 4) and old.theta["b2"].shape == (2,)
+  bad = _bad_theta(old, kind)
+  with pytest.raises(checkpoint.ArtifactError, match=match) as err:
+    checkpoint.save(bad, tmp_path / "new")
+  assert "\n" not in str(err.value) and "new" in str(err.value)
+  assert not list(tmp_path.iterdir())  # nothing written
+  path = checkpoint.save(old, tmp_path / "lo")
+  with pytest.raises(checkpoint.ArtifactError, match=match):
+    checkpoint.save(bad, path, overwrite=True)
+  np.testing.assert_array_equal(_theta_w1(path), np.asarray(old.theta["w1"]))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["lo"]
+
+
+def test_save_refuses_metadata_that_load_would_refuse(tmp_path):
+  with pytest.raises(checkpoint.ArtifactError, match="'meta_training' is a JSON list"):
+    checkpoint.save(_lo(), tmp_path / "lo", meta_training=[1, 2])
+  with pytest.raises(checkpoint.ArtifactError, match="metadata is not JSON"):
+    checkpoint.save(_lo(), tmp_path / "lo", meta_training={"f": object()})
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(name="umask")
+def _umask(request):
+  old = os.umask(request.param)
+  yield request.param
+  os.umask(old)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], indirect=True)
+def test_artifacts_get_the_umask_permissions(tmp_path, umask):
+  lo = _lo()
+  path = checkpoint.save(lo, tmp_path / "lo")
+  modes = {}
+  for overwrite in (False, True):
+    if overwrite:
+      checkpoint.save(lo.with_theta(jax.tree.map(lambda a: a + 1, lo.theta)), path,
+                      overwrite=True)
+    entries = [path, *path.rglob("*")]
+    assert len(entries) > 3
+    for p in entries:
+      want = (0o777 if p.is_dir() else 0o666) & ~umask
+      modes[(overwrite, str(p.relative_to(tmp_path)))] = (
+          oct(p.stat().st_mode & 0o777), oct(want))
+  wrong = {k: v for k, v in modes.items() if v[0] != v[1]}
+  assert not wrong, f"(got, wanted) modes: {wrong}"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_disk_full_while_writing_metadata_is_one_line_write_error(
+    tmp_path, monkeypatch, overwrite):
+  old = _lo()
+  path = tmp_path / "lo"
+  if overwrite:
+    checkpoint.save(old, path)
+
+  def full(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(checkpoint, "_write_metadata", full)
+  with pytest.raises(checkpoint.ArtifactWriteError) as err:
+    checkpoint.save(old.with_theta(jax.tree.map(lambda a: a + 1, old.theta)), path,
+                    overwrite=overwrite)
+  assert isinstance(err.value, OSError) and err.value.errno == errno.ENOSPC
+  message = str(err.value)
+  assert "\n" not in message and str(path) in message and "ENOSPC" in message
+  assert ("unchanged" if overwrite else "nothing was written") in message
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == (["lo"] if overwrite else [])
+  if overwrite:
+    np.testing.assert_array_equal(_theta_w1(path), np.asarray(old.theta["w1"]))
+
+
+def test_file_size_limit_while_writing_theta_is_a_write_error(tmp_path):
+  """A real failed write inside orbax/tensorstore (which reports it as a ValueError):
+  RLIMIT_FSIZE makes every write past 100 bytes fail with EFBIG."""
+  resource = pytest.importorskip("resource")
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100, old_limit[1]))
+  try:
+    with pytest.raises(checkpoint.ArtifactWriteError) as err:
+      checkpoint.save(_lo(), tmp_path / "lo")
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+  assert err.value.errno == errno.EFBIG
+  assert "\n" not in str(err.value) and str(tmp_path / "lo") in str(err.value)
+  assert not list(tmp_path.iterdir())

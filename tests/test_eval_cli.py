@@ -117,6 +117,24 @@ def test_bad_input_says_what_is_valid(flags, message, tmp_path, capsys):
                                                    r"comma-separated positive ints"),
     (["--suite", "widths", "--widths", "64,-1"], r"--widths: widths=\(64, -1\)"),
     (["--seeds", "0"], r"seeds=0"),
+    # argparse's own type errors are one line too, naming the flag.
+    (["--max-memory-gb", "-1"], r"--max-memory-gb: max_memory_gb=-1.0; expected a "
+                                r"finite number > 0"),
+    (["--max-memory-gb", "nan"], r"--max-memory-gb: max_memory_gb=nan; expected a "
+                                 r"finite number > 0"),
+    (["--max-memory-gb", "lots"], r"--max-memory-gb: max_memory_gb='lots'; expected a "
+                                  r"number"),
+    (["--seeds", "two"], r"--seeds: seeds='two'; expected an int >= 1"),
+    (["--tune-seeds", "-3"], r"--tune-seeds: tune_seeds=-3; expected an int >= 1"),
+    (["--finalists", "0"], r"--finalists: finalists=0; expected an int >= 1"),
+    (["--lo-grid-size", "1.5"], r"--lo-grid-size: lo_grid_size='1.5'; expected an int"),
+    (["--lr-span", "inf"], r"--lr-span: lr_span_decades=inf; expected a value in "
+                           r"\[0, inf\)"),
+    (["--lo-span", "-2"], r"--lo-span: lo_span_decades=-2.0; expected a value in "
+                          r"\[0, inf\)"),
+    (["--warmup-fraction", "nan"], r"--warmup-fraction: warmup_fraction=nan; expected a "
+                                   r"value in \[0, 1\)"),
+    (["--no-such-flag"], r"unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_values_are_one_line_exit_2_and_write_nothing(flags, message, tmp_path, capsys):
   out = tmp_path / "out"
@@ -130,3 +148,29 @@ def test_bad_values_are_one_line_exit_2_and_write_nothing(flags, message, tmp_pa
 def test_tuned_is_an_alias_of_baselines_and_takes_muon():
   args = evaluate.parser().parse_args(["--suite", "smoke", "--tuned", "adamw,muon"])
   assert evaluate.config_from_args(args).tuned == ("adamw", "muon")
+
+
+@pytest.mark.parametrize("where", ["file", "below_a_file"])
+def test_out_that_cannot_be_a_directory_is_one_line_exit_2_before_any_work(
+    where, tmp_path, capsys, monkeypatch):
+  thesis = tmp_path / "thesis.txt"
+  thesis.write_text("my thesis")
+  out = thesis if where == "file" else thesis / "eval"
+
+  def no_work(*args):
+    raise AssertionError("evaluate.py started work before checking --out")
+
+  monkeypatch.setattr(evaluate, "_load_lo", no_work)
+  assert evaluate.main(["--suite", "smoke", "--out", str(out), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert re.search(rf"--out {re.escape(str(out))}: {re.escape(str(thesis))} exists and "
+                   "is not a directory", err), err
+  assert len(err.strip().splitlines()) == 1, err
+  assert thesis.read_text() == "my thesis"
+
+
+def test_max_memory_gb_must_be_positive_in_the_config_too():
+  from metaopt.eval import harness  # pylint: disable=g-import-not-at-top
+  for bad in (-1.0, 0.0, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match=rf"max_memory_gb={bad!r}; expected a finite"):
+      harness.EvalConfig(max_memory_gb=bad)

@@ -19,7 +19,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-_WORKER = textwrap.dedent("""
+_WORKER = textwrap.dedent(r"""
   import re, sys, warnings
   import jax, jax.numpy as jnp, numpy as np, optax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

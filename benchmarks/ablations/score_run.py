@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import sys
+
+# Runnable from a clone without `pip install -e .`: the repository root goes first on
+# the import path, so the script imports this checkout's metaopt and tasks.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np
 

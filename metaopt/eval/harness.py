@@ -120,6 +120,9 @@ class EvalConfig:
       value = getattr(self, name)
       if not 0.0 <= value < float("inf"):
         raise ValueError(f"{name}={value!r}; expected a value in [0, inf).")
+    if not 0.0 < self.max_memory_gb < float("inf"):
+      raise ValueError(f"max_memory_gb={self.max_memory_gb!r}; expected a finite number "
+                       "> 0.")
     if self.widths is not None and not all(
         isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.widths):
       raise ValueError(f"widths={self.widths!r}; expected positive ints.")

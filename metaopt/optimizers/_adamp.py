@@ -47,17 +47,28 @@ class ScaleBySgdpState(NamedTuple):
   momentum: optax.Updates  # heavy-ball buffer.
 
 
-def _rowwise_abs_cosine_max(g, p, eps):
-  """max_i |cos(g_i, p_i)| over the rows of 2-D views, norms clamped below by eps."""
-  g_n = g / jnp.maximum(jnp.linalg.norm(g, axis=1, keepdims=True), eps)
-  p_n = p / jnp.maximum(jnp.linalg.norm(p, axis=1, keepdims=True), eps)
-  return jnp.max(jnp.abs(jnp.sum(g_n * p_n, axis=1)))
+# The two views are reductions over axes (all but the first: the channel view's rows;
+# all: the layer view's one row), not reshapes: explicitly sharded arrays refuse
+# a reshape that merges a sharded axis.
 
 
-def _remove_radial(u, p, eps):
+def _norm(x, axes):
+  """Euclidean norm over ``axes``, kept as size-1 axes."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+
+
+def _abs_cosine_max(g, p, axes, eps):
+  """max over rows of |cos(g_i, p_i)|, rows being the slices reduced over ``axes``;
+  norms clamped below by eps."""
+  g_n = g / jnp.maximum(_norm(g, axes), eps)
+  p_n = p / jnp.maximum(_norm(p, axes), eps)
+  return jnp.max(jnp.abs(jnp.sum(g_n * p_n, axis=axes)))
+
+
+def _remove_radial(u, p, axes, eps):
   """u_i - p_hat_i <p_hat_i, u_i> per row, p_hat_i = p_i / (||p_i|| + eps)."""
-  p_hat = p / (jnp.linalg.norm(p, axis=1, keepdims=True) + eps)
-  return u - p_hat * jnp.sum(p_hat * u, axis=1, keepdims=True)
+  p_hat = p / (_norm(p, axes) + eps)
+  return u - p_hat * jnp.sum(p_hat * u, axis=axes, keepdims=True)
 
 
 def adamp_projection(update, grad, param, delta=0.1, wd_ratio=0.1, eps=1e-8):
@@ -70,13 +81,13 @@ def adamp_projection(update, grad, param, delta=0.1, wd_ratio=0.1, eps=1e-8):
   """
   if jnp.ndim(param) <= 1:
     return update, jnp.ones([], update.dtype)
-  shape = jnp.shape(param)
+  ndim, size = jnp.ndim(param), jnp.size(param)
   outcomes = []
-  for rows in (shape[0], 1):
-    u2, g2, p2 = (jnp.reshape(x, (rows, -1)) for x in (update, grad, param))
-    threshold = delta / jnp.sqrt(jnp.asarray(p2.shape[1], p2.dtype))
-    passed = _rowwise_abs_cosine_max(g2, p2, eps) < threshold
-    outcomes.append((passed, jnp.reshape(_remove_radial(u2, p2, eps), shape)))
+  for axes, row_size in ((tuple(range(1, ndim)), size // jnp.shape(param)[0]),
+                         (tuple(range(ndim)), size)):
+    threshold = delta / jnp.sqrt(jnp.asarray(row_size, param.dtype))
+    passed = _abs_cosine_max(grad, param, axes, eps) < threshold
+    outcomes.append((passed, _remove_radial(update, param, axes, eps)))
   (channel_ok, channel_u), (layer_ok, layer_u) = outcomes
   projected = jnp.where(channel_ok, channel_u, jnp.where(layer_ok, layer_u, update))
   ratio = jnp.where(channel_ok | layer_ok, wd_ratio, 1.0).astype(update.dtype)

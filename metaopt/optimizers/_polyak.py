@@ -32,7 +32,8 @@ def _decayed_step(params, direction, tau, lr, weight_decays):
 
   def leaf(p, d, weight_decay):
     shrink = 1 + lr * weight_decay
-    return -(lr * weight_decay) / shrink * p - tau * d / shrink
+    # In the parameter's dtype: tau and the sums behind it are promoted over all leaves.
+    return (-(lr * weight_decay) / shrink * p - tau * d / shrink).astype(p.dtype)
 
   return jax.tree.map(leaf, params, direction, weight_decays)
 
@@ -116,7 +117,7 @@ def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
   _factory.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
-    dtype = optax.tree.dtype(params, "lowest")
+    dtype = features.tree_lowest_dtype(params)  # also of ShapeDtypeStructs
     zero = jnp.zeros([], dtype)
     return MomoState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params), zero, zero,
                      jnp.asarray(lower_bound, dtype))
@@ -130,7 +131,8 @@ def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
     loss = jnp.asarray(value, state.loss_avg.dtype)
     loss_avg = features.update_ema(updates=loss, moments=state.loss_avg, decay=decay)
     gamma = features.update_ema(updates=features.tree_vdot(updates, params),
-                                moments=state.grad_dot_param_avg, decay=decay)
+                                moments=state.grad_dot_param_avg, decay=decay
+                                ).astype(state.grad_dot_param_avg.dtype)
     d_norm_sq = features.global_norm_sq(momentum)
     d_dot_x = features.tree_vdot(momentum, params)
     lr = _at(learning_rate, state.count)
@@ -222,7 +224,7 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
   _factory.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
-    dtype = optax.tree.dtype(params, "lowest")
+    dtype = features.tree_lowest_dtype(params)  # also of ShapeDtypeStructs
     zero = jnp.zeros([], dtype)
     zeros = optax.tree.zeros_like(params)
     return MomoAdamState(jnp.zeros([], jnp.int32), zeros, zeros, zero, zero,
@@ -241,7 +243,8 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
     direction = features.adam_direction(mu, features.bias_correction(nu, b2, count), eps)
     d_norm_sq = features.tree_vdot(mu, direction)
     gamma = features.update_ema(updates=features.tree_vdot(updates, params),
-                                moments=state.grad_dot_param_avg, decay=b1)
+                                moments=state.grad_dot_param_avg, decay=b1
+                                ).astype(state.grad_dot_param_avg.dtype)
     d_dot_x = features.tree_vdot(mu, params)
     lr = _at(learning_rate, state.count)
     rho = jnp.asarray(1 - b1**count, dtype)
@@ -331,7 +334,8 @@ def alr_smag(learning_rate: optax.ScalarOrSchedule = 0.1, beta: float = 0.9,
                                   jnp.where(nonzero, d_norm_sq, 1.0), lower_bound, c,
                                   _at(learning_rate, state.count))
     tau = jnp.where(nonzero, step, 0.0)
-    new_updates = jax.tree.map(lambda p, d, wd: -(wd * tau) * p - tau * d, params, momentum,
+    new_updates = jax.tree.map(lambda p, d, wd: (-(wd * tau) * p - tau * d).astype(p.dtype),
+                               params, momentum,
                                _factory.masked_weight_decay(weight_decay, mask, params))
     return new_updates, AlrSmagState(optax.safe_increment(state.count), momentum)
 

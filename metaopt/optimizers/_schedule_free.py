@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 
+import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import schedule_free
@@ -67,7 +68,9 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
     mask: the leaves to decay, as ``optax.masked`` reads it (None: every leaf).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Its ``init`` of a tree of
+    ``jax.ShapeDtypeStruct`` returns the abstract state (``jax.eval_shape``): the
+    state holds a copy of the parameters' values.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -100,4 +103,18 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
   base = _factory.decayed_descent(
       optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
       z_learning_rate, weight_decay, mask)
-  return schedule_free(base, learning_rate=learning_rate, b1=b1)
+  inner = schedule_free(base, learning_rate=learning_rate, b1=b1)
+  return optax.GradientTransformationExtraArgs(_abstract_safe_init(inner.init), inner.update)
+
+
+def _abstract_safe_init(init):
+  """``init``, which on a tree with ``jax.ShapeDtypeStruct`` leaves returns the abstract
+  state (``jax.eval_shape(init, params)``): the state holds ``z``, a copy of the params'
+  values, which shapes alone do not give (optax's ``init`` fails on them)."""
+
+  def init_fn(params):
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+      return jax.eval_shape(init, params)
+    return init(params)
+
+  return init_fn

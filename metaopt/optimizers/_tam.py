@@ -39,7 +39,7 @@ class ScaleByAdatamState(NamedTuple):
 def _torque_init(params):
   """s_hat_0 = 0 per leaf, in (at least) float32 so bf16 params keep a precise cosine."""
   return jax.tree.map(
-      lambda p: jnp.zeros([], jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)), params)
+      lambda p: jnp.zeros([], jnp.promote_types(jnp.result_type(p), jnp.float32)), params)
 
 
 def _tam_momentum_step(g, momentum, torque, beta, gamma, eps):
