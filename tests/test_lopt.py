@@ -240,6 +240,32 @@ def test_jit_with_donated_buffers_and_no_params_in_state():
   np.testing.assert_array_equal(p1["w"], p2["w"])
 
 
+@pytest.mark.parametrize("switches", [{}, {"muon": True, "step_size_features": True}])
+@pytest.mark.parametrize("large", [False, True])
+def test_donating_params_and_a_fresh_state_matches_the_undonated_step(switches, large):
+  """Every state leaf from ``init`` is its own buffer, so a step may donate the state
+  ``init`` returned (XLA refuses to donate one buffer passed twice)."""
+  lo = LearnedOptimizer.random(jax.random.key(0), output_scale=0.1).extended(**switches)
+  labels = {"w": "hidden", "b": "vector", "o": "output"}
+  opt = lo.with_config(muon_beta=0.5).as_optax(num_steps=10, labels=labels)
+  params = {"w": jnp.full((300, 300) if large else (4, 4), 0.5), "b": jnp.zeros((4,)),
+            "o": jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)}
+
+  def step(params, state):
+    grads = jax.tree.map(lambda p: jnp.cos(p) + 0.1, params)
+    updates, state = opt.update(grads, state, params, value=1.0)
+    return optax.apply_updates(params, updates), state
+
+  plain, donating = jax.jit(step), jax.jit(step, donate_argnums=(0, 1))
+  p1, s1 = params, opt.init(params)
+  p2, s2 = jax.tree.map(jnp.copy, params), opt.init(params)
+  for _ in range(2):
+    p1, s1 = plain(p1, s1)
+    p2, s2 = donating(p2, s2)
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bad_input_errors_name_the_leaf():
   lo = LearnedOptimizer.from_classical("adamw")
   params = {"a": jnp.ones((2, 3)), "b": jnp.ones((3,))}

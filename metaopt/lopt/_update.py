@@ -141,12 +141,9 @@ def state_dtype(leaf) -> jnp.dtype:
 
 
 def _zeros_like(leaf, dtype):
-  """Zeros with ``leaf``'s shape and, for a concrete sharded array, its sharding."""
-  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-    return jnp.zeros_like(leaf, dtype=dtype)  # keeps a committed array's sharding.
-  if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is not None:
-    return jnp.zeros(leaf.shape, dtype, device=leaf.sharding)
-  return jnp.zeros(jnp.shape(leaf), dtype)
+  """New zeros with ``leaf``'s shape and sharding (a committed array's, a
+  ``jax.ShapeDtypeStruct``'s, or a traced array's under an explicit mesh)."""
+  return jnp.zeros_like(leaf, dtype=dtype)
 
 
 def _copy_like(leaf, dtype):
@@ -177,7 +174,7 @@ def init_state(params: Tree, mup_scale: Tree, config: LOConfig | None = None,
   """
   leaves = jax.tree.leaves(params)
   dtypes = [state_dtype(x) for x in leaves]
-  zeros = jax.tree.map(lambda x: _zeros_like(x, state_dtype(x)), params)
+  zeros = lambda: jax.tree.map(lambda x: _zeros_like(x, state_dtype(x)), params)
   fan_in = None
   if config is not None and config.muon:
     fan_in = _check_muon_fan_in(params, muon_fan_in)
@@ -186,36 +183,40 @@ def init_state(params: Tree, mup_scale: Tree, config: LOConfig | None = None,
   small, large = _layout.partition([jnp.shape(a) for a in leaves], apart)
   flat = can_flatten and flat is not False and bool(small)
   if flat:
-    zero_leaves = jax.tree.leaves(zeros)
     layout = _layout.FlatLayout(tuple(jnp.shape(leaves[i]) for i in small))
-    buffer = _layout.Packed(_layout.zeros(layout, dtypes[0], sharding),
-                            tuple(zero_leaves[i] for i in large))
-  else:
-    buffer = zeros
+
+  def new_buffer():  # every state leaf its own array: a train step may donate them all.
+    if not flat:
+      return zeros()
+    zero_leaves = jax.tree.leaves(zeros())
+    return _layout.Packed(_layout.zeros(layout, dtypes[0], sharding),
+                          tuple(zero_leaves[i] for i in large))
+
   initial = None
   if config is not None and config.step_size_features:
     initial = jax.tree.map(lambda x: _copy_like(x, state_dtype(x)), params)
     if flat:
       copies = jax.tree.leaves(initial)
-      packed = buffer.flat + _layout.pack(layout, [copies[i] for i in small])
+      packed = _layout.zeros(layout, dtypes[0], sharding) + _layout.pack(
+          layout, [copies[i] for i in small])
       initial = _layout.Packed(packed, tuple(copies[i] for i in large))
-  momenta = (buffer, buffer, buffer)
+  momenta = (new_buffer(), new_buffer(), new_buffer())
   if config is not None and config.muon_momentum == 3:  # per tensor in both layouts.
     momenta += (jax.tree.map(lambda x, z, f: z if f else jnp.zeros([], state_dtype(x)),
-                             params, zeros, fan_in),)
+                             params, zeros(), fan_in),)
   scalar_dtype = jnp.result_type(*dtypes or [jnp.float32])
   return LOState(
       count=jnp.zeros([], jnp.int32),
       momenta=momenta,
-      second_moment=buffer,
-      factored=jax.tree.map(F.factored_init, zeros),
-      tam_momentum=buffer,
+      second_moment=new_buffer(),
+      factored=jax.tree.map(F.factored_init, zeros()),
+      tam_momentum=new_buffer(),
       torque_ema=(jnp.zeros([len(leaves)], dtypes[0]) if flat else
                   jax.tree.map(lambda x: jnp.zeros([], state_dtype(x)), params)),
-      laprop_momentum=buffer,
+      laprop_momentum=new_buffer(),
       loss_ema=jnp.zeros([], scalar_dtype),
       grad_param_ema=jnp.zeros([], scalar_dtype),
-      mup_scale=jax.tree.map(lambda x, s: jnp.asarray(s, state_dtype(x)), params,
+      mup_scale=jax.tree.map(lambda x, s: jnp.array(s, state_dtype(x)), params,
                              mup_scale),
       num_nonfinite=jnp.zeros([], jnp.int32),
       initial_params=initial,
