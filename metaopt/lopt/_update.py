@@ -748,6 +748,8 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
                                           "with") + " it: make it with init_state(params, "
                      "mup_scale, config) for this config.")
   treedef = jax.tree.structure(params)
+  if not treedef.num_leaves:  # an empty partition (optax.masked, multi_transform)
+    return params, state._replace(count=optax.safe_increment(state.count))
   flat = treedef.flatten_up_to
   sdt = [s.dtype for s in flat(state.mup_scale)]
   g = [gr.astype(dt) for gr, dt in zip(flat(grads), sdt)]
