@@ -86,6 +86,17 @@ class FlatLayout(NamedTuple):
     return sum(self.rows)
 
 
+def explicitly_sharded(a) -> bool:
+  """Whether ``a``'s type shards it along a mesh axis (an explicit mesh, traced or not).
+
+  Such arrays need the reshapes and stacks that mix their axes spelled out (JAX raises
+  ``ShardingTypeError`` otherwise); under an Auto mesh the compiler places them.
+  """
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  return spec is not None and any(axis is not None for axis in spec)
+
+
 def _sharding(leaf):
   if isinstance(leaf, jax.core.Tracer):
     return None
@@ -95,11 +106,14 @@ def _sharding(leaf):
 def flat_sharding(leaves: Sequence, dtypes: Sequence):
   """(use the flat layout, the sharding its buffers take); ``dtypes``: the state dtypes.
 
-  Flat when there are two tensors or more, all with one state dtype, and every concrete
-  tensor is fully replicated on one common set of devices (a single device included);
-  the buffers then take that sharding (None: the default device).
+  Flat when there are two tensors or more, all with one state dtype, and every tensor
+  is fully replicated on one common set of devices (a single device included; a traced
+  tensor counts as replicated unless an explicit mesh shards it); the buffers then take
+  that sharding (None: the default device).
   """
   if len(leaves) < 2 or len(set(dtypes)) > 1:
+    return False, None
+  if any(isinstance(a, jax.core.Tracer) and explicitly_sharded(a) for a in leaves):
     return False, None
   shardings = [s for s in map(_sharding, leaves) if s is not None]
   if any(not s.is_fully_replicated for s in shardings):

@@ -399,6 +399,10 @@ def _sum_all(arrays: list) -> list:
   error at the level of a plain sum. Short vectors and scalars use ``jnp.sum``
   directly; long vectors are reshaped to rows.
   """
+  if _layout.explicitly_sharded(arrays[0]):  # no reshape across a sharded axis
+    if arrays[0].ndim < 2:
+      return [jnp.sum(a) for a in arrays]
+    return [jnp.sum(r) for r in _row_sums(arrays)]
   if arrays[0].ndim < 2:
     size = arrays[0].size
     if size < 2 * _ROW or size % _ROW:
@@ -605,9 +609,20 @@ def _muon_pass(config: LOConfig, count, fan_in: int, with_ema: bool, mu, g):
   if with_ema:
     mu = F.update_ema(updates=g, moments=mu, decay=config.muon_beta)
   m_hat = F.nesterov_momentum(mu, g, config.muon_beta, count)
-  direction = F.muon_direction(m_hat, fan_in, config.muon_ns_steps,
-                               F.NEWTON_SCHULZ_COEFFS, config.muon_eps)
+  direction = _on_whole_matrix(lambda m: F.muon_direction(
+      m, fan_in, config.muon_ns_steps, F.NEWTON_SCHULZ_COEFFS, config.muon_eps), m_hat)
   return mu, direction, jnp.sum(jnp.square(direction))
+
+
+def _on_whole_matrix(fn, a):
+  """``fn(a)`` for matrix math (Newton-Schulz) on ``a``, which an explicit mesh may
+  shard: there ``a`` is gathered for ``fn`` and the result takes ``a``'s sharding back
+  (under an Auto mesh the compiler chooses the collectives)."""
+  if not _layout.explicitly_sharded(a):
+    return fn(a)
+  spec = jax.typeof(a).sharding.spec
+  out = fn(jax.sharding.reshard(a, jax.sharding.PartitionSpec()))
+  return jax.sharding.reshard(out, spec)
 
 
 def _check_muon_fan_in(params: Tree, muon_fan_in: Tree | None) -> Tree:
@@ -760,7 +775,10 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   bc = lambda b: 1 - jnp.asarray(b, scalar_dt)**t
   bc_fast, bc_v = bc(config.momentum_decays[0]), bc(config.second_moment_decay)
   with_loss = value is not None
-  keys = [(a.shape, a.dtype) for a in g]
+  # Tensors of one key are batched by one program (_map_grouped): under an explicit
+  # mesh they must also share a sharding.
+  keys = [(a.shape, a.dtype) + ((jax.typeof(a).sharding.spec,) if
+                                _layout.explicitly_sharded(a) else ()) for a in g]
   fan_in = flat(_check_muon_fan_in(params, muon_fan_in)) if config.muon else None
   flat_layout = is_flat(state)
   blocks = _Blocks(keys, flat_layout, state.count,
