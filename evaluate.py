@@ -60,6 +60,7 @@ _CONFIG_FLAGS = {
     "seeds": ("seeds", int),
     "lr_grid_size": ("lr_grid_size", int),
     "lr_span": ("lr_span_decades", float),
+    "lr_center": ("lr_center", float),
     "schedules": ("schedules", _names),
     "warmup_fraction": ("warmup_fraction", float),
     "tune_seeds": ("tune_seeds", int),
@@ -102,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
                  help=f"default {d['lr_grid_size']}")
   p.add_argument("--lr-span", type=float, default=None,
                  help=f"decades the lr grid spans (default {d['lr_span_decades']})")
+  p.add_argument("--lr-center", type=float, default=None,
+                 help="geometric centre of every tuned baseline's lr grid (default: "
+                 "each one's own, e.g. adamw 10^-2.5, muon 10^-2)")
   p.add_argument("--schedules", default=None, help=f"default {d['schedules']}")
   p.add_argument("--warmup-fraction", type=float, default=None,
                  help=f"default {d['warmup_fraction']}")
@@ -154,10 +158,11 @@ def config_from_args(args: argparse.Namespace):
   except ValueError as e:
     flags = {"warmup_fraction": "--warmup-fraction", "lr_grid_size": "--lr-grid-size",
              "lo_grid_size": "--lo-grid-size", "lr_span_decades": "--lr-span",
-             "lo_span_decades": "--lo-span", "widths": "--widths"}
+             "lo_span_decades": "--lo-span", "widths": "--widths",
+             "lr_center": "--lr-center"}
     flag = next((f for n, f in flags.items() if str(e).startswith(f"{n}=")), None)
     raise SystemExit(f"{flag}: {e}" if flag else str(e)) from None
-  for name in (*config.tuned, *config.untuned):
+  for name in (*config.tuned, *(n for n in config.untuned if n not in baselines.ANCHORS)):
     try:
       baselines.resolve(name)
     except ValueError as e:

@@ -10,6 +10,14 @@ Usage::
   python meta_train.py --plot-run runs/mine # only draw its meta-loss curves
   python meta_train.py --set outer_steps=2000 --set sigma=0.02
   python meta_train.py --config smoke --task mypkg.tasks:make_task  # + your own task
+  python meta_train.py --config lease --stop-after 780 --compile-cache cache  # a GPU lease
+  python meta_train.py --out runs/mine --export all --export-to los  # every checkpoint
+
+SIGINT, SIGTERM and the --stop-after deadline stop a run in any phase within 10 s,
+checkpointing the last finished outer step, with one line. Exit status: 0 finished or
+stopped at the deadline, 2 a usage error (bad flag or config, --out locked by another
+run, a corrupt checkpoint with --no-fallback), 74 a failed write (disk full), 130/143
+SIGINT/SIGTERM, 1 a bug.
 
 Multi-host (every host runs the same command)::
 
@@ -23,12 +31,30 @@ documented in docs/meta_training.md.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pathlib
 import signal
 import sys
 import threading
 import time
+
+
+def _process_age_s() -> float:
+  """Seconds since this process started (the kernel's count; 0 where unknown)."""
+  try:
+    start_ticks = float(pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1]
+                        .split()[19])
+    uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+  except (OSError, ValueError, IndexError):
+    return 0.0
+
+
+_STARTED = time.monotonic() - _process_age_s()  # --stop-after counts from here
+EXIT_USAGE = 2  # a mistake on the command line, a locked run, a corrupt checkpoint
+EXIT_IO = 74  # a write failed (disk full, ...): sysexits.h EX_IOERR
+_HARD_EXIT = False  # a stop ended the run: leave without waiting for library threads
 
 
 class _UsageError(Exception):
@@ -46,14 +72,27 @@ def main(argv: list[str] | None = None) -> int:
       return _score(args.out, args.score)
     if args.export is not None:
       return _export(args.out, args.export, args.export_to)
-    from metaopt.meta import sharding  # pylint: disable=g-import-not-at-top
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    config, out = _config_and_out(args)
-    _compile_cache(args.compile_cache, out)
-    return _train(config, out, args)
+    return _train(args)
   except _UsageError as e:
     print(e, file=sys.stderr)
-    return 2
+    return EXIT_USAGE
+  except Exception as e:  # pylint: disable=broad-except
+    os_error = _os_error(e)  # orbax wraps the OSError of a failed write
+    if os_error is None:
+      raise
+    print(_io_line(os_error), file=sys.stderr)
+    return EXIT_IO
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+  """The OSError (with an errno) that ``e`` is or was caused by, if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError) and e.errno:
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,9 +115,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--plot", action="store_true", help="draw meta_loss.png at the end")
   parser.add_argument("--plot-run", default=None, metavar="RUN",
                       help="only draw RUN/meta_loss.png from its metrics.jsonl")
-  parser.add_argument("--export", type=int, default=None, metavar="STEP",
+  parser.add_argument("--export", default=None, metavar="STEPS",
                       help="only write checkpoint STEP of the run --out as an LO artifact "
-                      "in --export-to (default RUN/step_STEP)")
+                      "in --export-to (default RUN/step_STEP); comma-separated steps or "
+                      "'all' write DIR/step_STEP each (DIR: --export-to, default RUN)")
   parser.add_argument("--export-to", default=None, metavar="DIR")
   parser.add_argument("--score", default=None, metavar="STEPS",
                       help="only score checkpoints STEPS (comma-separated) of the run --out "
@@ -88,7 +128,18 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--compile-cache", default=None, metavar="DIR",
                       help="persistent JAX compilation cache (default: .jax_cache next "
-                      "to the run directory, or $JAX_COMPILATION_CACHE_DIR; '' disables)")
+                      "to the run directory, or $JAX_COMPILATION_CACHE_DIR; '' disables); "
+                      "every program is cached, however small")
+  parser.add_argument("--autotune", action="store_true",
+                      help="keep XLA's GPU autotuning on (off by default: "
+                      "--xla_gpu_autotune_level=0 is added to XLA_FLAGS)")
+  parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                      help="stop SECONDS after the process started, in any phase, within "
+                      "10 s: checkpoint the last finished outer step, print one line, "
+                      "exit 0")
+  parser.add_argument("--no-fallback", action="store_true",
+                      help="with --resume, a corrupt newest checkpoint is an error (exit 2) "
+                      "instead of resuming from the newest intact one")
   parser.add_argument("--coordinator", default=None, help="host:port of process 0")
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
@@ -166,42 +217,104 @@ def _new_out(out: str | None) -> pathlib.Path:
   return path
 
 
-def _train(config, out: pathlib.Path, args: argparse.Namespace) -> int:
-  """Meta-trains with SIGTERM handled like Ctrl-C; returns the exit status."""
-  from metaopt.meta import run, sharding  # pylint: disable=g-import-not-at-top
-  from tasks import TaskFactoryError  # pylint: disable=g-import-not-at-top
+def _train(args: argparse.Namespace) -> int:
+  """Meta-trains; SIGINT, SIGTERM and the --stop-after deadline stop it the same way in
+  every phase (metaopt.meta.stopping); returns the exit status."""
+  global _HARD_EXIT
+  if args.stop_after is not None and not args.stop_after > 0:
+    raise _UsageError(f"--stop-after {args.stop_after}: expected seconds > 0")
+  if not args.autotune:
+    _autotune_off()
   main_thread = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-  # SIGINT raises KeyboardInterrupt even where it arrived ignored: a shell starts
-  # background jobs (`cmd &` without job control, nohup in scripts) with SIGINT set
-  # to SIG_IGN, and Python then installs no handler, so `kill -INT` did nothing.
-  previous_int = (signal.signal(signal.SIGINT, signal.default_int_handler)
-                  if main_thread else None)
+  previous = {}
+  if main_thread:  # importing metaopt (and JAX) takes seconds: be stoppable meanwhile
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      previous[sig] = signal.signal(sig, _stop_while_starting)
+  stop = None
   try:
-    result = run.meta_train(config, out, resume=args.resume,
-                            progress=not args.no_progress, plot=args.plot)
-  except run.Interrupted as e:
-    if sharding.is_primary():
-      print(f"interrupted by {e}", file=sys.stderr)
+    from metaopt.meta import stopping  # pylint: disable=g-import-not-at-top
+    stop = stopping.Stop(
+        deadline=None if args.stop_after is None else _STARTED + args.stop_after,
+        stop_after=args.stop_after)
+    if main_thread:
+      # SIGINT is handled even where it arrived ignored: a shell starts background jobs
+      # (`cmd &` without job control, nohup in scripts) with SIGINT set to SIG_IGN.
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop.handle_signal)
+      stop.start_watchdog()
+    return _train_until_stopped(args, stop)
+  except KeyboardInterrupt as e:  # stopping.Interrupted
+    if not hasattr(e, "exit_code"):
+      raise
+    if _is_primary():
+      stop.report(str(e))
+    _HARD_EXIT = main_thread
     return e.exit_code
-  except KeyboardInterrupt as e:  # before the first outer step: nothing new to save
-    if sharding.is_primary():
-      print(f"interrupted by {'SIGTERM' if isinstance(e, run.Terminated) else 'SIGINT'} "
-            "before the first outer step; nothing new was saved", file=sys.stderr)
-    return 143 if isinstance(e, run.Terminated) else 130
+  finally:
+    if stop is not None:
+      stop.close()
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _stop_while_starting(signum, frame) -> None:
+  """A signal before the run's Stop exists (Python is still importing): nothing to
+  save, nothing to wait for; one line and out."""
+  del frame
+  print(f"interrupted by {signal.Signals(signum).name} while starting: nothing new was "
+        "saved", file=sys.stderr, flush=True)
+  os._exit(128 + signum)
+
+
+def _train_until_stopped(args: argparse.Namespace, stop) -> int:
+  from metaopt.meta import checkpointing, run, sharding  # pylint: disable=g-import-not-at-top
+  from tasks import TaskFactoryError  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  config, out = _config_and_out(args)
+  stop.set_run(out.absolute(), out.absolute() / run.CHECKPOINT_DIR)
+  _compile_cache(args.compile_cache, out)
+  try:
+    result = run.meta_train(config, out, resume=args.resume, stop=stop,
+                            progress=not args.no_progress, plot=args.plot,
+                            fallback=not args.no_fallback)
   except FileExistsError as e:
     raise _UsageError(f"--out: {_one_line(e)}") from None
+  except run.RunLocked as e:
+    raise _UsageError(f"--out: {_one_line(e)}") from None
+  except checkpointing.CorruptCheckpointError as e:
+    raise _UsageError(f"--resume: {_one_line(e)}"[:2000] +
+                      (" (without --no-fallback the newest intact checkpoint is used)"
+                       if args.no_fallback else "")) from None
   except TaskFactoryError as e:
     where = (f"--resume: cannot rebuild a task of the run in {out} ({run.CONFIG_FILE} "
              "task_factories)" if args.resume else "--task")
     raise _UsageError(f"{where}: {_one_line(e)}") from None
-  finally:
-    if main_thread:
-      signal.signal(signal.SIGTERM, previous)
-      signal.signal(signal.SIGINT, previous_int)
   if sharding.is_primary():
     print(_done_line(result.out / run.FINAL_DIR, result.summary))
   return 0
+
+
+def _is_primary() -> bool:
+  from metaopt.meta import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.is_primary()
+
+
+def _autotune_off() -> None:
+  """XLA's GPU autotuning off (it costs minutes of a lease at start-up and picks kernels
+  for tiny problems where they barely differ); before JAX creates a backend. No effect
+  on CPU; kept if XLA_FLAGS already sets a level."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_gpu_autotune_level" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_autotune_level=0".strip()
+
+
+def _io_line(e: OSError) -> str:
+  """One line for a failed write: the path, the errno's message, what is safe."""
+  name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else "?"
+  what = e.strerror or _one_line(e)
+  where = f"{e.filename}: " if e.filename else ""
+  return (f"error: cannot write {where}{what} ({name}); files written before are intact "
+          "(a run continues with --resume from its newest checkpoint)")
 
 
 def _done_line(artifact: pathlib.Path, s: dict) -> str:
@@ -217,17 +330,34 @@ def _done_line(artifact: pathlib.Path, s: dict) -> str:
           f"{s['final']['blind']['meta_loss']:.4f}")
 
 
-def _export(out: str | None, step: int, dest: str | None) -> int:
-  """Writes checkpoint ``step`` of run ``out`` as an LO artifact at ``dest``."""
-  from metaopt.meta import checkpointing, run  # pylint: disable=g-import-not-at-top
+def _export(out: str | None, steps_arg: str, dest: str | None) -> int:
+  """Writes checkpoints ``steps_arg`` (comma-separated or ``all``) of run ``out`` as LO
+  artifacts: one step to ``dest`` (default RUN/step_STEP), several to DEST/step_STEP."""
+  from metaopt.meta import checkpointing, run, stopping  # pylint: disable=g-import-not-at-top
   if not out:
     raise _UsageError("--export needs --out RUN (the run directory)")
-  dest = dest or pathlib.Path(out) / f"step_{step}"
-  try:
-    run.export_checkpoint(out, step, dest)
-  except (ValueError, FileExistsError, checkpointing.CheckpointError) as e:
-    raise _UsageError(f"--export: {e}") from None
-  print(f"wrote {dest}")
+  if steps_arg == "all":
+    steps = stopping.steps_on_disk(pathlib.Path(out) / run.CHECKPOINT_DIR)
+    if not steps:
+      raise _UsageError(f"--export all: {out} has no checkpoint")
+  else:
+    try:
+      steps = [int(s) for s in steps_arg.split(",")]
+    except ValueError:
+      raise _UsageError(f"--export {steps_arg!r}: expected an outer step, comma-separated "
+                        "steps or 'all'") from None
+  many = steps_arg == "all" or len(steps) > 1
+  for step in steps:
+    to = (pathlib.Path(dest or out) / f"step_{step}" if many or not dest
+          else pathlib.Path(dest))
+    try:
+      run.export_checkpoint(out, step, to)
+    except (ValueError, FileExistsError, checkpointing.CheckpointError) as e:
+      raise _UsageError(f"--export: {_one_line(e)}") from None
+    except OSError as e:
+      print(f"--export: {_io_line(e)}", file=sys.stderr)
+      return EXIT_IO
+    print(f"wrote {to}")
   return 0
 
 
@@ -267,18 +397,12 @@ def _one_line(error: BaseException) -> str:
   return " ".join(str(error).split())
 
 
-def _raise_terminated(signum, frame) -> None:
-  """SIGTERM (how schedulers preempt a job) unwinds like Ctrl-C: checkpoint, then exit."""
-  del signum, frame
-  from metaopt.meta import run  # pylint: disable=g-import-not-at-top
-  raise run.Terminated()
-
-
 def _out_problem(out: pathlib.Path, run) -> str | None:
   """Why a new run cannot be written to ``out`` (None: it can)."""
   if out.exists() and not out.is_dir():
     return f"{out} is a file; expected a run directory (new, empty or a run's)."
-  if out.is_dir() and any(out.iterdir()) and not run.is_run(out):
+  if (out.is_dir() and any(p.name != run.LOCK_FILE for p in out.iterdir())
+      and not run.is_run(out)):
     return (f"{out} exists and is not a meta-training run (no {run.CONFIG_FILE} or "
             f"{run.CHECKPOINT_DIR}/); refusing to write into it: choose a new or empty "
             "directory.")
@@ -286,15 +410,20 @@ def _out_problem(out: pathlib.Path, run) -> str | None:
 
 
 def _compile_cache(directory: str | None, out: pathlib.Path) -> None:
-  """Keeps compiled programs between runs: a second run or a resume starts in seconds."""
+  """Keeps compiled programs between runs: a second run or a resume starts in seconds.
+  Every program is cached, however small or quick to compile (a lease's cache travels
+  to the next machine: the init programs count too)."""
   import jax  # pylint: disable=g-import-not-at-top
   if directory is None:
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-      return
-    directory = str(pathlib.Path(out).absolute().parent / ".jax_cache")
+    directory = (None if os.environ.get("JAX_COMPILATION_CACHE_DIR") else
+                 str(pathlib.Path(out).absolute().parent / ".jax_cache"))
+  elif directory:
+    directory = str(pathlib.Path(directory).absolute())
   if directory:
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if directory is None or directory:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _timestamp() -> str:
@@ -308,4 +437,11 @@ def _timestamp() -> str:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  for _sig in (signal.SIGTERM, signal.SIGINT):  # until main() knows what it runs
+    signal.signal(_sig, _stop_while_starting)
+  _code = main()
+  if _HARD_EXIT:  # stopped: the line is out and the checkpoint written; orbax's and
+    sys.stdout.flush()  # other library threads must not hold the exit up (issue 24)
+    sys.stderr.flush()
+    os._exit(_code)
+  sys.exit(_code)

@@ -7,10 +7,11 @@
 * ``heldout``: the same families wider and deeper, plus conv nets, a Haiku MLP, a
   bigger LM, other data and longer horizons; sized so that the default evaluation of a
   learned optimizer (3 seeds; 3 tuned baselines x 7 learning rates x 2 schedules on one
-  seed, their 3 finalists on the other two; 5 untuned baselines: 78 single-seed runs per
-  task: :func:`metaopt.eval.harness.default_eval_runs`) fits in 20 minutes on a 2-core
-  CPU: :func:`metaopt.eval.harness.estimate_eval_seconds` gives ~7 minutes of AdamW runs (each step
-  0.05-2.6 ms), leaving room for the learned optimizer's overhead and compiles.
+  seed, their 3 finalists on the other two; the untuned baselines: the single-seed runs
+  per task :func:`metaopt.eval.harness.default_eval_runs` counts) fits in 20 minutes on
+  a 2-core CPU (:func:`metaopt.eval.harness.estimate_eval_seconds` prices the AdamW
+  runs; each step 0.05-2.6 ms), leaving room for the learned optimizer's overhead and
+  compiles.
 * ``validation``: 5 tasks that are in neither ``meta_train_default`` nor ``heldout``
   (MLPs of width 96-256 on other data, a conv net and an LM of other sizes), 600 steps:
   what meta-training checkpoints are selected on, so ``heldout`` stays a test set.

@@ -4,11 +4,14 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import metaopt
 import tasks
+from metaopt import anchors
 from metaopt import optimizers
 from metaopt.eval import baselines, cache, harness, metrics, plan, summary, sweep
 
@@ -157,8 +160,8 @@ def test_plan_two_stage_counts_and_padding():
 
 def test_eval_runs_is_the_default_plan():
   # lo on 3 seeds; adamw, lion, schedule_free_adamw: 7 lrs x 2 schedules on seed 0 and 3
-  # finalists on seeds 1-2; 5 untuned baselines on 3 seeds.
-  assert harness.default_eval_runs() == 3 + 3 * (14 + 3 * 2) + 5 * 3
+  # finalists on seeds 1-2; 7 untuned baselines (2 anchors) on 3 seeds.
+  assert harness.default_eval_runs() == 3 + 3 * (14 + 3 * 2) + 7 * 3
   config = harness.EvalConfig()
   assert harness.default_eval_runs() == plan.plan(
       config, harness.specs(config, metaopt.pretrained())).runs_per_task
@@ -176,3 +179,28 @@ def test_widths_suite_runs_mup_optimizers_on_mup_networks():
   params = task.init(jax.random.key(0))
   opt = mu.make(1e-3, task)  # given the task's roles
   opt.update(jax.tree.map(np.ones_like, params), opt.init(params), params)
+
+
+def test_anchors_are_untuned_at_their_peak_lr_and_schedule():
+  """muon_default is optax.contrib.muon at anchors.MUON_LR with warmup + cosine: the
+  spec's transform gives the same updates as metaopt.anchors.muon on a small tree."""
+  spec = baselines.untuned("muon_default")
+  assert (spec.kind, spec.lrs, spec.schedules) == (
+      "untuned", (anchors.MUON_LR,), ("warmup_cosine",))
+  assert "muon_default" in baselines.DEFAULT_UNTUNED and "muon_default" in (
+      baselines.valid_names())
+  num_steps = 20
+  shape = sweep.schedule_shape("warmup_cosine", num_steps, anchors.WARMUP_FRACTION)
+  ours = spec.make(lambda c: spec.lrs[0] * shape(c), None)
+  ref = anchors.muon(num_steps)
+  params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones(4)}
+  s1, s2 = ours.init(params), ref.init(params)
+  for _ in range(3):
+    grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
+    u1, s1 = ours.update(grads, s1, params)
+    u2, s2 = ref.update(grads, s2, params)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_array_equal(a, b)
+    params = optax.apply_updates(params, u1)
+  assert float(jnp.abs(u1["w"]).max()) > 0
+

@@ -142,3 +142,131 @@ def test_export_to_a_directory_that_is_not_an_artifact_deletes_nothing(saved, tm
   assert meta_train.main(["--out", str(out), "--export", "0", "--export-to",
                           str(tmp_path / "a")]) == 0
   metaopt.load(tmp_path / "a")
+
+
+def test_saving_a_step_already_on_disk_is_a_no_op(saved, tmp_path):
+  """Issue 24 item 2: a stop right after a periodic checkpoint saved the same step again
+  and orbax raised StepAlreadyExistsError (exit 1 instead of 143)."""
+  directory, trainer, state = saved
+  copy = _copy(directory, tmp_path / "ckpt")
+  manager = ckpt.checkpoint_manager(copy)
+  assert ckpt.save(manager, 0, state, _metadata(trainer)) is False
+  manager.wait_until_finished()
+  assert manager.all_steps() == [0]
+
+
+def test_export_to_a_full_disk_is_one_line_exit_74(saved, tmp_path, capsys, monkeypatch):
+  """Issue 24 item 11: --export caught ValueError but not OSError (a traceback)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import meta_train  # pylint: disable=g-import-not-at-top
+  directory, _, _ = saved
+  out = tmp_path / "run"
+  out.mkdir()
+  _copy(directory, out / run.CHECKPOINT_DIR)
+  dest = tmp_path / "artifact"
+
+  def full(lo, path, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+  monkeypatch.setattr(metaopt.checkpoint, "save", full)
+  assert meta_train.main(["--out", str(out), "--export", "0", "--export-to",
+                          str(dest)]) == 74
+  err = capsys.readouterr().err
+  assert err == (f"--export: error: cannot write {dest}: No space left on device (ENOSPC); "
+                 "files written before are intact (a run continues with --resume from "
+                 "its newest checkpoint)\n")
+
+
+TINY = CONFIG.replace(num_blind_pairs=0, outer_steps=2, checkpoint_every=1,
+                      keep_checkpoints=5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A run with checkpoints at steps 1 and 2, full and light."""
+  root = tmp_path_factory.mktemp("runs")
+  full = run.meta_train(TINY, root / "full", progress=False)
+  light = run.meta_train(TINY.replace(checkpoint_populations=False), root / "light",
+                         progress=False)
+  return root, full, light
+
+
+def _delete_arrays(step_dir: pathlib.Path) -> None:
+  for p in (step_dir / "state").rglob("*"):
+    if p.is_file() and "metadata" not in p.name:
+      p.unlink()
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path, capsys):
+  """Issue 24 item 7: the newest checkpoint's arrays deleted, --resume exited 1 with a
+  CheckpointError traceback."""
+  import meta_train  # pylint: disable=g-import-not-at-top
+  root, _, _ = trained
+  out = _copy(root / "full", tmp_path / "run")
+  _delete_arrays(out / run.CHECKPOINT_DIR / "2")
+  assert meta_train.main(["--resume", "--out", str(out), "--no-fallback",
+                          "--no-progress", "--compile-cache", ""]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("--resume: checkpoint ") and "corrupt or incomplete" in err, err
+  assert len(err.splitlines()) == 1 and (out / run.CHECKPOINT_DIR / "2").is_dir()
+  assert meta_train.main(["--resume", "--out", str(out), "--set", "outer_steps=3",
+                          "--no-progress", "--compile-cache", ""]) == 0
+  captured = capsys.readouterr()
+  (line,) = captured.err.splitlines()
+  assert line.startswith("--resume: checkpoint step 2 is corrupt or incomplete (") and (
+      f"resuming from step 1, the newest intact one (skipped steps [2] moved to "
+      f"{out.absolute() / run.CORRUPT_DIR})") in line, line
+  assert "done:" in captured.out
+  assert ckpt.checkpoint_manager(out / run.CHECKPOINT_DIR).all_steps() == [1, 2, 3]
+  steps = [r["step"] for r in metaopt.meta.logging.read_metrics(out) if r["kind"] == "train"]
+  assert steps == [1, 2, 3]
+
+
+def test_light_checkpoints_hold_no_populations_and_resume_fresh_episodes(trained):
+  root, full, light = trained
+  size = lambda d: sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+  full_dir, light_dir = (r.out / run.CHECKPOINT_DIR / "2" for r in (full, light))
+  assert size(light_dir) < size(full_dir) / 2
+  trainer = MetaTrainer(TINY.replace(checkpoint_populations=False))
+  manager = ckpt.checkpoint_manager(light_dir.parent)
+  meta = _metadata(trainer)
+  with pytest.raises(ckpt.CheckpointError, match="light checkpoint"):
+    ckpt.restore(manager, 2, trainer.abstract_state(), meta)
+  fresh = trainer.init()
+  state = ckpt.restore(manager, 2, trainer.abstract_state(), meta,
+                       init_populations=lambda: fresh.populations)
+  assert int(state.step) == 2
+  for k, v in light.state.theta.items():
+    np.testing.assert_array_equal(np.asarray(state.theta[k]), np.asarray(v))
+  for a, b in zip(jax.tree.leaves(state.populations), jax.tree.leaves(fresh.populations)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The run continues from it (a full run's config may switch to light and back).
+  resumed = run.meta_train(TINY.replace(checkpoint_populations=False, outer_steps=3),
+                           light.out, resume=True, progress=False)
+  assert resumed.summary["step"] == 3 and int(resumed.state.step) == 3
+
+
+@pytest.mark.parametrize("name", ["lease", "release_mup", "release_sp"])
+def test_light_checkpoints_of_the_release_presets_are_under_16_mib(name):
+  """What leaves a leased GPU: theta, the outer optimizer state, key and step."""
+  from metaopt.meta import config as config_lib, outer  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(name)
+  if name == "lease":
+    assert not config.checkpoint_populations and config.num_pairs >= 16
+  theta = outer.warm_start(config).theta
+  opt_state = jax.eval_shape(outer.outer_optimizer(config, theta).init, theta)
+  nbytes = sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves((theta, opt_state)))
+  assert nbytes + 16 <= 16 * 2**20, nbytes
+
+
+def test_a_resume_drops_a_log_line_cut_short_by_a_killed_process(tmp_path):
+  """The watchdog's os._exit may cut a metrics.jsonl line in half; --resume drops it
+  (json.loads of it was a traceback)."""
+  log = metaopt.meta.logging.MetricsLog(tmp_path / "metrics.jsonl")
+  for step in (1, 2, 3):
+    log.write({"kind": "train", "step": step})
+  with log.path.open("a") as f:
+    f.write('{"kind": "train", "st')
+  log.truncate_after(2)
+  assert [r["step"] for r in metaopt.meta.logging.read_metrics(log.path)] == [1, 2]

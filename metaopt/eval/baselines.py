@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import optax.contrib
 
+from metaopt import anchors
 from metaopt import optimizers as metaopt_optimizers
 from metaopt.eval import sweep
 
@@ -57,8 +58,16 @@ LR_CENTERS = {
 # Newton-Schulz matmuls on the 256-512 wide hidden layers multiply the heldout estimate
 # by ~5 on 2 CPU cores (7.8 -> 39.9 min by harness.estimate_seconds).
 DEFAULT_TUNED = ("adamw", "lion", "schedule_free_adamw")
+# The untuned anchors (metaopt.anchors): Muon and AdamW at one default peak lr with
+# warmup + cosine decay over the run -- the bar the LO must clear. name -> (qualified
+# factory, peak lr, schedule).
+ANCHORS = {
+    "muon_default": ("optax.contrib.muon", anchors.MUON_LR, "warmup_cosine"),
+    "adamw_cosine": ("optax.adamw", anchors.ADAMW_LR, "warmup_cosine"),
+}
 # AdamW at its default lr (1e-3, constant) is what a user who tunes nothing runs.
-DEFAULT_UNTUNED = ("adamw", "prodigy", "dadapt_adamw", "momo_adam", "schedule_free_adamw")
+DEFAULT_UNTUNED = ("muon_default", "adamw_cosine", "adamw", "prodigy", "dadapt_adamw",
+                   "momo_adam", "schedule_free_adamw")
 
 Factory = Callable[[Any, Any], optax.GradientTransformation]
 
@@ -112,8 +121,8 @@ def optax_names() -> dict[str, str]:
 
 def valid_names() -> list[str]:
   """Every accepted bare optimizer name (``optax.<name>`` and ``optax.contrib.<name>``
-  and ``metaopt.optimizers.<name>`` qualify one explicitly)."""
-  return sorted(set(METAOPT_NAMES) | set(optax_names()))
+  and ``metaopt.optimizers.<name>`` qualify one explicitly; :data:`ANCHORS` untuned)."""
+  return sorted(set(METAOPT_NAMES) | set(optax_names()) | set(ANCHORS))
 
 
 def resolve(name: str) -> tuple[str, Callable]:
@@ -182,7 +191,14 @@ def tuned(name: str, *, grid_size: int = 7, span_decades: float = 3.0,
 
 
 def untuned(name: str) -> OptimizerSpec:
-  """A baseline at its factory's defaults (constant schedule), labelled ``(default)``."""
+  """A baseline at its factory's defaults (constant schedule), labelled ``(default)``;
+  or an :data:`ANCHORS` entry at its default peak lr and schedule, labelled by name."""
+  if name in ANCHORS:
+    qualified, lr, schedule = ANCHORS[name]
+    fn = resolve(qualified)[1]
+    return OptimizerSpec(label=name, kind="untuned", source=qualified, make=_factory(fn),
+                         lrs=(lr,), schedules=(schedule,),
+                         fingerprint=f"{qualified}:{schedule}")
   qualified, fn = resolve(name)
   short = _short(qualified)
   return OptimizerSpec(label=f"{name} (default)", kind="untuned", source=qualified,

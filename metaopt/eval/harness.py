@@ -70,6 +70,8 @@ class EvalConfig:
     tuned: baselines tuned over ``schedules x`` a log grid of learning rates.
     untuned: baselines run at their defaults.
     lr_grid_size, lr_span_decades: the learning-rate grid (values, decades spanned).
+    lr_center: the grid's geometric centre for every tuned baseline (None: each one's
+      :data:`metaopt.eval.baselines.LR_CENTERS` entry).
     schedules: schedule names crossed with the grid.
     warmup_fraction: warmup length of ``warmup_cosine`` as a fraction of the steps.
     tune_seeds: seeds every grid setting runs on (see the module docstring).
@@ -90,6 +92,7 @@ class EvalConfig:
   untuned: tuple[str, ...] = baselines.DEFAULT_UNTUNED
   lr_grid_size: int = 7
   lr_span_decades: float = 3.0
+  lr_center: float | None = None
   schedules: tuple[str, ...] = sweep.SCHEDULE_NAMES
   warmup_fraction: float = 0.05
   tune_seeds: int = 1
@@ -113,6 +116,8 @@ class EvalConfig:
     if not 0.0 <= self.warmup_fraction < 1.0:
       raise ValueError(f"warmup_fraction={self.warmup_fraction!r}; expected a value in "
                        "[0, 1).")
+    if self.lr_center is not None and not 0 < self.lr_center < float("inf"):
+      raise ValueError(f"lr_center={self.lr_center!r}; expected a value in (0, inf).")
     for name in ("lr_span_decades", "lo_span_decades"):
       value = getattr(self, name)
       if not 0.0 <= value < float("inf"):
@@ -147,7 +152,8 @@ def specs(config: EvalConfig, lo: Any, sp_lo: Any = None) -> list[baselines.Opti
   if sp_lo is not None:
     out.append(baselines.learned(sp_lo, label="lo-sp", mup=False))
   out += [baselines.tuned(n, grid_size=config.lr_grid_size,
-                          span_decades=config.lr_span_decades, schedules=config.schedules)
+                          span_decades=config.lr_span_decades, schedules=config.schedules,
+                          center=config.lr_center)
           for n in config.tuned]
   out += [baselines.untuned(n) for n in config.untuned]
   labels = [s.label for s in out]

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt import anchors
+
 # A schedule shape: count -> multiplier of the peak learning rate.
 ScheduleShape = Callable[[jnp.ndarray], jnp.ndarray]
 
@@ -31,8 +33,7 @@ def schedule_shape(name: str, num_steps: int, warmup_fraction: float = 0.05
   if name == "constant":
     return lambda count: jnp.ones([], jnp.float32)
   if name == "warmup_cosine":
-    warmup = max(1, int(round(warmup_fraction * num_steps)))
-    return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, num_steps, 0.0)
+    return anchors.warmup_cosine(1.0, num_steps, warmup_fraction)
   raise ValueError(f"unknown schedule {name!r}; expected one of {list(SCHEDULE_NAMES)}.")
 
 

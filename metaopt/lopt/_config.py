@@ -51,7 +51,9 @@ TIME_FEATURES = (
 )
 FEATURE_NAMES = NORMALIZED_FEATURES + BOUNDED_FEATURES + TENSOR_FEATURES + TIME_FEATURES
 TIME_TAUS = (10.0, 100.0, 1000.0, 10000.0)
-HORIZON_DECAYS = ("none", "linear")
+HORIZON_DECAYS = ("none", "linear", "warmup_cosine")
+# Which tensors get Muon's orthogonalized candidate (``LOConfig.muon_matrices``).
+MUON_MATRICES = ("hidden", "all_2d")
 
 # Classical candidate directions the LO mixes (built from raw, unnormalized state).
 CANDIDATE_NAMES = (
@@ -117,10 +119,17 @@ class LOConfig:
       truncations with a linear meta-objective descends fast and then stalls at its
       noise floor; decaying to zero over the known horizon, as tuned schedules do,
       removes the stall (validation tasks: final loss 0.18 -> 0.003 on a 256-wide MLP).
+      ``"warmup_cosine"``: optax's ``warmup_cosine_decay_schedule`` over ``num_steps``
+      (linear warmup over ``W = max(1, round(warmup_fraction * num_steps))`` steps from
+      0, then cosine decay to 0; :func:`metaopt.lopt._update.warmup_cosine_multiplier`),
+      the schedule Muon and AdamW are run with by default, holding its last value past
+      ``num_steps``.
     warmup_fraction: when ``num_steps`` is given, the first ``warmup_fraction *
       num_steps`` steps multiply every update by ``t / (warmup_fraction * num_steps)``
       (a linear warmup, as tuned AdamW schedules start; 0: none). Applied on top of
-      ``horizon_decay``; without ``num_steps`` there is no warmup.
+      ``horizon_decay``; without ``num_steps`` there is no warmup. With
+      ``horizon_decay="warmup_cosine"`` it is that schedule's warmup fraction instead
+      (not applied a second time).
     mup: scale hidden-layer updates by base_fan_in / fan_in.
     base_fan_in: the hidden width the LO was meta-trained at; used as the base of
       hidden/output roles given by labels or guessed by the fallback.
@@ -136,6 +145,11 @@ class LOConfig:
       only) when none has it.
     muon_ns_steps: Newton-Schulz iterations.
     muon_eps: added to the Frobenius norm before Newton-Schulz.
+    muon_matrices: which tensors get the orthogonalized candidate: ``"hidden"``, the
+      hidden matrices by muP role (:func:`metaopt.optimizers.muon_labels`; conv and
+      3-D attention kernels as matrices), or ``"all_2d"``, every 2-D tensor and no
+      other (``optax.contrib.muon``'s default: embeddings and readouts included, conv
+      kernels not), which needs no roles.
     step_size_features: the step-size switch (off by default; artifacts without it
       read as off). On: the state keeps the parameters at ``init`` (x_0, one more
       parameter-shaped buffer) and a slow loss EMA, and the per-tensor features
@@ -172,6 +186,7 @@ class LOConfig:
   muon_beta: float = 0.95
   muon_ns_steps: int = 5
   muon_eps: float = 1e-8
+  muon_matrices: str = "hidden"
   step_size_features: bool = False
   loss_trend_decay: float = 0.99
 
@@ -188,6 +203,9 @@ class LOConfig:
     if not isinstance(self.horizon_decay, str) or self.horizon_decay not in HORIZON_DECAYS:
       raise ValueError(f"horizon_decay={self.horizon_decay!r}; expected one of "
                        f"{HORIZON_DECAYS}.")
+    if not isinstance(self.muon_matrices, str) or self.muon_matrices not in MUON_MATRICES:
+      raise ValueError(f"muon_matrices={self.muon_matrices!r}; expected one of "
+                       f"{MUON_MATRICES}.")
     if not isinstance(self.momentum_decays, (tuple, list)) or len(self.momentum_decays) != 3:
       raise ValueError(f"momentum_decays={self.momentum_decays!r}; expected 3 decays.")
     for i, d in enumerate(self.momentum_decays):
@@ -266,7 +284,7 @@ class LOConfig:
     return json.dumps(self.to_dict(), sort_keys=True)
 
 
-_MUON_FIELDS = ("muon", "muon_beta", "muon_ns_steps", "muon_eps")
+_MUON_FIELDS = ("muon", "muon_beta", "muon_ns_steps", "muon_eps", "muon_matrices")
 _STEP_SIZE_FIELDS = ("step_size_features", "loss_trend_decay")
 _WARMUP_FIELDS = ("warmup_fraction",)
 

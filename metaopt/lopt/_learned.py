@@ -172,12 +172,14 @@ class LearnedOptimizer:
         return mup_lib.roles_from_base(params, base_params)
       return mup_lib.infer_roles(params, base_fan_in=config.base_fan_in, warn=warn)
 
+    by_role = config.muon and config.muon_matrices == "hidden"
+
     def muon_fan_in(params, r):
-      return optimizers.muon_fan_ins(params, r) if config.muon else None
+      return muon_fan_ins(config, params, r)
 
     def init_fn(params):
       _check_float_leaves(params, "params")
-      r = resolve_roles(params) if use_mup or config.muon else None
+      r = resolve_roles(params) if use_mup or by_role else None
       scales = mup_lib.update_scales(r) if use_mup else jax.tree.map(lambda _: 1.0, params)
       return _update.init_state(params, scales, config, muon_fan_in(params, r))
 
@@ -190,13 +192,25 @@ class LearnedOptimizer:
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
       # A step with non-finite gradients or loss is skipped and counted (see
       # _update.update): the containment optax.apply_if_finite gives, built in.
-      fan_in = muon_fan_in(params, resolve_roles(params, warn=False)) if (
-          config.muon) else None  # static: shapes and paths only (init warned)
+      fan_in = muon_fan_in(params, resolve_roles(params, warn=False) if by_role else None
+                           )  # static: shapes and paths only (init warned)
       return _update.update(config, theta, updates, state, params, value=value,
                             num_steps=num_steps, learning_rate=lr, skip_nonfinite=True,
                             muon_fan_in=fan_in)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def muon_fan_ins(config: LOConfig, params: Tree, roles: Tree | None) -> Tree | None:
+  """Per leaf, the fan-in of the matrix the Muon candidate orthogonalizes (0: none), by
+  ``config.muon_matrices``: hidden matrices by muP ``roles``
+  (:func:`metaopt.optimizers.muon_fan_ins`) or every 2-D leaf (roles unused); None with
+  the switch off."""
+  if not config.muon:
+    return None
+  if config.muon_matrices == "all_2d":
+    return optimizers.muon_fan_ins_2d(params)
+  return optimizers.muon_fan_ins(params, roles)
 
 
 def _check_num_steps(num_steps):

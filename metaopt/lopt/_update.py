@@ -182,16 +182,54 @@ def _scheduled_learning_rate(config: LOConfig, count, num_steps, learning_rate):
   """The user's learning rate times the horizon decay and warmup at 1-based step t.
 
   ``horizon_decay="linear"``: max(1 - (t - 1) / num_steps, 1 / num_steps) (past the
-  horizon the last scheduled step size holds). ``warmup_fraction = w > 0``: also
-  min(1, t / max(w num_steps, 1)). Both only when ``num_steps`` is given.
+  horizon the last scheduled step size holds); ``"warmup_cosine"``:
+  :func:`warmup_cosine_multiplier` (its warmup is ``warmup_fraction``'s). Otherwise
+  ``warmup_fraction = w > 0`` multiplies by min(1, t / max(w num_steps, 1)). All only
+  when ``num_steps`` is given.
   """
   if config.horizon_decay == "linear" and num_steps is not None:
     learning_rate = learning_rate * jnp.clip(
         1 - (count.astype(jnp.float32) - 1) / num_steps, 1 / num_steps, 1.0)
-  if config.warmup_fraction and num_steps is not None:  # linear warmup: t / W, W >= 1
+  if config.horizon_decay == "warmup_cosine" and num_steps is not None:
+    learning_rate = learning_rate * warmup_cosine_multiplier(
+        count, num_steps, config.warmup_fraction)
+  elif config.warmup_fraction and num_steps is not None:  # linear warmup: t / W, W >= 1
     warmup = jnp.maximum(config.warmup_fraction * num_steps, 1.0)
     learning_rate = learning_rate * jnp.minimum(count.astype(jnp.float32) / warmup, 1.0)
   return learning_rate
+
+
+def warmup_cosine_multiplier(count: jax.Array, num_steps, warmup_fraction: float
+                             ) -> jax.Array:
+  r"""The step-size multiplier of ``horizon_decay="warmup_cosine"`` at step ``count``.
+
+  Exactly ``optax.warmup_cosine_decay_schedule(0, 1, W, N, 0)`` evaluated at the
+  0-based step ``c = count - 1`` (the schedule an optax user gives Muon or AdamW;
+  :func:`metaopt.eval.sweep.schedule_shape`), with ``N = num_steps`` and
+  ``W = max(1, round(warmup_fraction * N))``:
+
+  .. math::
+    m(c) = c / W \; (c < W), \qquad
+    m(c) = \tfrac12 \bigl(1 + \cos(\pi \min(c - W, N - W) / (N - W))\bigr)
+    \; (c \ge W).
+
+  ``N <= W`` (``N = 1``, where optax's schedule is undefined) gives 1: one full step.
+  Past the horizon (``c >= N``) it holds the last step's value ``m(N - 1)`` instead of
+  optax's 0, so training past ``num_steps`` goes on slowly rather than freezing (as
+  with ``"linear"``). Computed in the default float dtype (float64 under x64: the
+  parity tests against optax are exact to float64 rounding).
+  """
+  dtype = jnp.result_type(float)
+  n = jnp.asarray(num_steps, dtype)
+  if isinstance(num_steps, int):  # W as the schedule computes it, in Python floats
+    warmup = jnp.asarray(max(1, int(round(warmup_fraction * num_steps))), dtype)
+  else:  # traced (inject_hyperparams)
+    warmup = jnp.maximum(jnp.round(warmup_fraction * n), 1.0)
+  c = jnp.minimum(count.astype(dtype) - 1, n - 1)
+  decay_steps = jnp.maximum(n - warmup, 1.0)
+  cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(c - warmup, 0, decay_steps) / decay_steps))
+  # num_steps <= W (num_steps = 1: optax's schedule is undefined there): one full step.
+  return jnp.where(n <= warmup, 1.0, jnp.where(c < warmup, c / warmup, cosine))
 
 
 def _muon_directions(step: _Step, state: LOState, moments: list):

@@ -8,19 +8,27 @@ the previous checkpoints intact; the last ``keep`` are kept):
   LO states, step counters, horizons, normalizers, PES accumulators, episode keys), the
   base PRNG key and the step -- global arrays, each host writing its own shards;
 * ``config``: the :class:`~metaopt.meta.config.MetaConfig`, the LO config and the task
-  names as JSON.
+  names as JSON, and ``"populations"``: whether ``state`` holds them.
+
+A *light* checkpoint (``MetaConfig.checkpoint_populations = false``) holds theta, the
+outer optimizer state, the key and the step only: kilobytes to a few MiB instead of every
+inner run, so it travels (off a leased GPU, to a CPU). Restoring it starts fresh
+staggered episodes (``init_populations``). Saving a step that is already on disk is a
+no-op (a stop right after a periodic checkpoint saves the same step again).
 
 Restoring reads into an abstract target tree (``jax.ShapeDtypeStruct`` with the current
 run's shardings), so a run saved on 4 devices resumes on 1 (an accelerator run continues
 on a CPU). The saved config and array shapes are checked against the current run first:
-a mismatch or an unreadable checkpoint raises :class:`CheckpointError` naming it.
+a mismatch raises :class:`CheckpointError` naming it, an unreadable or incomplete
+checkpoint its subclass :class:`CorruptCheckpointError` (``--resume`` then falls back to
+the newest intact one, :func:`restore_newest`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -29,11 +37,18 @@ from metaopt.meta.config import MetaConfig
 FORMAT_VERSION = 1
 # Fields that may change when a run is resumed (they do not change the computation).
 RESUMABLE_FIELDS = ("outer_steps", "validation_every", "validation_seeds",
-                    "checkpoint_every", "keep_checkpoints", "log_every", "selection_suites")
+                    "checkpoint_every", "keep_checkpoints", "log_every", "selection_suites",
+                    "checkpoint_populations")
+# What a light checkpoint keeps of a MetaState.
+LIGHT_FIELDS = ("theta", "opt_state", "key", "step")
 
 
 class CheckpointError(RuntimeError):
   """A meta-training checkpoint is missing, unreadable or from a different run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint's files are unreadable or incomplete (not a different run's)."""
 
 
 def _ocp():
@@ -57,12 +72,38 @@ def run_metadata(config: MetaConfig, lo_config, task_names) -> dict[str, Any]:
           "process_count": jax.process_count(), "device_count": jax.device_count()}
 
 
-def save(manager, step: int, state, metadata: dict[str, Any]) -> None:
-  """Saves ``state`` at ``step`` (asynchronously; ``manager.wait_until_finished()``)."""
+def light_state(state) -> dict[str, Any]:
+  """What a light checkpoint holds of a ``MetaState``: no populations."""
+  return {name: getattr(state, name) for name in LIGHT_FIELDS}
+
+
+def save(manager, step: int, state, metadata: dict[str, Any], *,
+         populations: bool = True) -> bool:
+  """Saves ``state`` at ``step`` (asynchronously; ``manager.wait_until_finished()``),
+  without the populations unless ``populations``. A step already saved is left as it
+  is (returns False)."""
   ocp = _ocp()
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             config=ocp.args.JsonSave(metadata)),
-               force=True)
+  if step in manager.all_steps():
+    return False
+  tree = state if populations else light_state(state)
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(tree),
+      config=ocp.args.JsonSave({**metadata, "populations": populations})), force=True)
+  return True
+
+
+class RunCheckpoints:
+  """A run's checkpoints as the outer loop writes them: the manager, the metadata
+  saved with every step, light or not."""
+
+  def __init__(self, manager, metadata: dict[str, Any], *, populations: bool = True):
+    self.manager, self.metadata, self.populations = manager, metadata, populations
+
+  def save(self, step: int, state) -> bool:
+    return save(self.manager, step, state, self.metadata, populations=self.populations)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
 
 
 def read_metadata(manager, step: int) -> dict[str, Any]:
@@ -71,7 +112,7 @@ def read_metadata(manager, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
   except Exception as e:  # orbax raises many types; report them as one.
-    raise CheckpointError(
+    raise CorruptCheckpointError(
         f"checkpoint step {step} in {manager.directory} is unreadable ({type(e).__name__}:"
         f" {e}); delete that step's directory to resume from an earlier one.") from e
 
@@ -118,7 +159,7 @@ def check_shapes(manager, step: int, abstract_state, where: str) -> None:
     if not saved:
       raise ValueError("no arrays")
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"{where}: cannot read the array metadata ({type(e).__name__}: "
+    raise CorruptCheckpointError(f"{where}: cannot read the array metadata ({type(e).__name__}: "
                           f"{e}); the checkpoint is corrupt or incomplete.") from e
   target = {_leaf_name(p): (tuple(s.shape), str(s.dtype))
             for p, s in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
@@ -145,28 +186,72 @@ def restore_theta(manager, step: int) -> dict[str, Any]:
   return dict(restored["state"]["theta"])
 
 
-def restore(manager, step: int, abstract_state, expected_metadata: dict[str, Any]):
-  """The state saved at ``step``, placed with ``abstract_state``'s shardings."""
+def restore(manager, step: int, abstract_state, expected_metadata: dict[str, Any], *,
+            init_populations: Callable[[], dict] | None = None):
+  """The state saved at ``step``, placed with ``abstract_state``'s shardings. A light
+  checkpoint gets its populations from ``init_populations()`` (fresh episodes)."""
   ocp = _ocp()
   where = f"checkpoint {manager.directory}/{step}"
-  check_metadata(read_metadata(manager, step), expected_metadata, where)
-  check_shapes(manager, step, abstract_state, where)
+  saved = read_metadata(manager, step)
+  check_metadata(saved, expected_metadata, where)
+  light = saved.get("populations", True) is False
+  target = light_state(abstract_state) if light else abstract_state
+  check_shapes(manager, step, target, where)
+  if light and init_populations is None:
+    raise CheckpointError(f"{where} is a light checkpoint (no populations) and no "
+                          "init_populations was given to start fresh episodes.")
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+        state=ocp.args.StandardRestore(target)))
   except Exception as e:  # orbax raises many types; report them as one.
-    raise CheckpointError(f"{where}: could not restore the state ({type(e).__name__}: "
-                          f"{e}); the checkpoint is corrupt or incomplete.") from e
-  return restored["state"]
+    raise CorruptCheckpointError(f"{where}: could not restore the state ({type(e).__name__}: "
+                                 f"{e}); the checkpoint is corrupt or incomplete.") from e
+  if not light:
+    return restored["state"]
+  return type(abstract_state)(populations=init_populations(), **restored["state"])
+
+
+def restore_newest(manager, abstract_state, expected_metadata: dict[str, Any], *,
+                   init_populations: Callable[[], dict] | None = None,
+                   fallback: bool = True) -> tuple[Any, int, list[tuple[int, str]]]:
+  """The newest intact checkpoint: ``(state, step, skipped)``, ``skipped`` the newer
+  steps that were corrupt or incomplete, newest first, each with its error.
+
+  Raises:
+    CorruptCheckpointError: the newest is corrupt and not ``fallback``, or none is
+      intact.
+    CheckpointError: a checkpoint is from a different run (never skipped).
+  """
+  skipped = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = restore(manager, step, abstract_state, expected_metadata,
+                      init_populations=init_populations)
+    except CorruptCheckpointError as e:
+      if not fallback:
+        raise
+      skipped.append((step, " ".join(str(e).split())))
+      continue
+    return state, step, skipped
+  raise CorruptCheckpointError(
+      f"no intact checkpoint in {manager.directory}: " +
+      "; ".join(f"step {s}: {e}" for s, e in skipped))
 
 
 def config_from_checkpoint(directory: str | pathlib.Path) -> MetaConfig | None:
-  """The :class:`MetaConfig` of the newest checkpoint under ``directory`` (or None)."""
+  """The :class:`MetaConfig` of the newest checkpoint under ``directory`` whose config
+  is readable (or None when there is no checkpoint)."""
   manager = checkpoint_manager(directory)
-  step = manager.latest_step()
-  if step is None:
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return None
-  saved = read_metadata(manager, step)
+  for step in steps:
+    try:
+      saved = read_metadata(manager, step)
+      break
+    except CorruptCheckpointError:
+      if step == steps[-1]:
+        raise
   try:
     return MetaConfig.from_dict(saved["config"])
   except (KeyError, TypeError, ValueError) as e:

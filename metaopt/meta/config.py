@@ -90,6 +90,11 @@ class MetaConfig:
     validation_every, validation_seeds: how often (0: never, not even for the summary)
       and on how many seeds.
     checkpoint_every, keep_checkpoints: orbax checkpoint period and retention.
+    checkpoint_populations: save every population with theta (``--resume`` continues
+      every episode where it stopped, bit-identically on CPU); False saves light
+      checkpoints, theta, the outer optimizer state, key, step and config only (what
+      travels off a leased machine), and ``--resume`` from one starts fresh staggered
+      episodes (see docs/meta_training.md).
     log_every: outer steps between plain log lines (the JSONL log has every step).
     seed: the run's PRNG seed.
   """
@@ -132,6 +137,7 @@ class MetaConfig:
   validation_seeds: int = 4
   checkpoint_every: int = 50
   keep_checkpoints: int = 3
+  checkpoint_populations: bool = True
   log_every: int = 10
   seed: int = 0
 
@@ -155,7 +161,8 @@ class MetaConfig:
                  "tasks_per_step", "family_pool", "family_window"):
       _check_int(name, getattr(self, name), 0)
     _check_int("hidden_size", self.hidden_size, 0)
-    for name in ("mup", "keep_suite", "step_size_features", "muon"):
+    for name in ("mup", "keep_suite", "step_size_features", "muon",
+                 "checkpoint_populations"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"MetaConfig.{name}={getattr(self, name)!r}; expected true or "
                          "false.")
@@ -281,14 +288,27 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
   return changes
 
 
+# Config files of the repository (configs/NAME.json): ``--config NAME`` finds them too.
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def config_files() -> list[str]:
+  """Names of the repository's config files (``--config NAME`` reads NAME.json)."""
+  return sorted(p.stem for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.is_dir() else []
+
+
 def load_config(name_or_file: str | pathlib.Path) -> MetaConfig:
-  """A preset by name, or a JSON file of :class:`MetaConfig` fields."""
+  """A preset by name, a config file of the repository by name (``configs/NAME.json``:
+  ``lease``, ``release_mup``, ...), or a JSON file of :class:`MetaConfig` fields."""
   if str(name_or_file) in PRESETS:
     return PRESETS[str(name_or_file)]
   path = pathlib.Path(name_or_file)
+  if not path.is_file() and str(name_or_file) in config_files():
+    path = CONFIG_DIR / f"{name_or_file}.json"
   if not path.is_file():
     raise ValueError(f"--config {name_or_file!r} is neither a preset "
-                     f"{sorted(PRESETS)} nor a JSON file.")
+                     f"{sorted(PRESETS)}, a config of {CONFIG_DIR} {config_files()} nor "
+                     "a JSON file.")
   try:
     d = json.loads(path.read_text())
   except json.JSONDecodeError as e:

@@ -21,7 +21,6 @@ import optax
 
 from metaopt import lopt
 from metaopt import mup
-from metaopt import optimizers
 
 Theta = dict
 
@@ -73,8 +72,7 @@ def lo_problem(task, lo_config: lopt.LOConfig, *, informed: bool = True,
   """
   update_scales = mup.update_scales(task.roles) if lo_config.mup else jax.tree.map(
       lambda _: 1.0, task.param_shapes())
-  muon_fan_in = optimizers.muon_fan_ins(task.param_shapes(), task.roles) if (
-      lo_config.muon) else None
+  muon_fan_in = lopt.muon_fan_ins(lo_config, task.param_shapes(), task.roles)
 
   def init(key):
     k_params, k_scales = jax.random.split(key)

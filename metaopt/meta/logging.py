@@ -28,18 +28,29 @@ class MetricsLog:
     self.enabled = enabled
 
   def truncate_after(self, step: int) -> None:
-    """Drops records of steps after ``step`` (they are redone by a resumed run)."""
+    """Drops records of steps after ``step`` (they are redone by a resumed run), and a
+    line cut short by a process killed mid-write."""
     if not self.enabled or not self.path.exists():
       return
     keep = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    self.path.write_text("".join(line + "\n" for line in keep))
+            if (record := _parse(line)) is not None and record.get("step", 0) <= step]
+    tmp = self.path.with_name(f".{self.path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(self.path)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
     with self.path.open("a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return record if isinstance(record, dict) else None
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ A run directory holds::
   config.json      the MetaConfig (the JSON format ``--config FILE`` reads)
   metrics.jsonl    one record per outer step, validation and the summary
   checkpoints/     orbax checkpoints (metaopt.meta.checkpointing)
+  .lock            held (flock) by the process training in it: a second run is refused
   final/           the meta-trained LO, written by metaopt.checkpoint.save
   summary.json     validation of the warm start and the final theta
   meta_loss.png    with --plot
@@ -13,8 +14,12 @@ A run directory holds::
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import pathlib
+import shutil
+import sys
 import time
 from typing import Any, Sequence
 
@@ -27,6 +32,7 @@ from metaopt.meta import checkpointing as ckpt
 from metaopt.meta import logging as log_lib
 from metaopt.meta import outer
 from metaopt.meta import sharding as shard_lib
+from metaopt.meta import stopping
 from metaopt.meta.config import MetaConfig
 from metaopt.meta.outer import MetaTrainer
 from metaopt.meta.validation import make_evaluator
@@ -35,30 +41,45 @@ CONFIG_FILE = "config.json"
 FINAL_DIR = "final"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+CORRUPT_DIR = "corrupt_checkpoints"  # where --resume moves checkpoints it skipped
+
+Interrupted = stopping.Interrupted
 
 
 class Terminated(KeyboardInterrupt):
-  """Raised by ``meta_train.py``'s SIGTERM handler: a scheduler preempting the job is
-  handled like Ctrl-C (the state is checkpointed, then :class:`Interrupted` is raised)."""
+  """For callers that turn SIGTERM into an exception: handled like Ctrl-C (the last
+  step is checkpointed, then :class:`Interrupted` is raised). ``meta_train.py`` passes a
+  :class:`~metaopt.meta.stopping.Stop` instead, which also works mid-compile."""
 
 
-class Interrupted(KeyboardInterrupt):
-  """Meta-training stopped by SIGINT or SIGTERM after checkpointing its last step.
+class RunLocked(RuntimeError):
+  """Another process is meta-training in the same run directory."""
 
-  Attributes:
-    step: the outer step saved (``--resume`` continues from it).
-    out: the run directory.
-    signal_name: ``"SIGINT"`` or ``"SIGTERM"``.
+
+def lock_run(out: pathlib.Path):
+  """Takes ``out/.lock`` (``fcntl.flock``, non-blocking) for this process and writes its
+  pid there; returns the open file (closing it releases the lock, and so does the
+  process's death: a stale lock file never blocks).
+
+  Raises:
+    RunLocked: another process holds it (the message names it).
   """
-
-  def __init__(self, step: int, out: pathlib.Path, signal_name: str):
-    super().__init__(f"{signal_name}: saved step {step}; continue with --resume --out {out}")
-    self.step, self.out, self.signal_name = step, out, signal_name
-
-  @property
-  def exit_code(self) -> int:
-    """The shell's convention: 128 + the signal number (130 SIGINT, 143 SIGTERM)."""
-    return 143 if self.signal_name == "SIGTERM" else 130
+  out.mkdir(parents=True, exist_ok=True)
+  f = open(out / LOCK_FILE, "a+")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or "unknown"
+    f.close()
+    raise RunLocked(f"{out} is in use by another meta-training process (pid {holder}); "
+                    "wait for it to end or choose another --out.") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"{os.getpid()}\n")
+  f.flush()
+  return f
 
 
 @dataclasses.dataclass
@@ -115,19 +136,49 @@ def run_tasks(config: MetaConfig, extra: Sequence[Any] = ()) -> list:
 
 
 def meta_train(config: MetaConfig, out: str | pathlib.Path, *, tasks: Sequence[Any] = (),
-               resume: bool = False, progress: bool = True, plot: bool = False
-               ) -> RunResult:
+               resume: bool = False, progress: bool = True, plot: bool = False,
+               stop: stopping.Stop | None = None, fallback: bool = True) -> RunResult:
   """Meta-trains (or resumes) the run in ``out``; returns the final LO and summary.
 
   ``tasks`` are ``tasks.Task`` objects trained next to the config's own (after them;
   with ``MetaConfig(suite="")`` alone). They are not recorded in ``config.json``: resume
   a run with the same ``tasks``, or name them in ``config.task_factories`` (what
   ``meta_train.py --task`` does) for a run that rebuilds them itself.
+
+  ``stop`` (:class:`~metaopt.meta.stopping.Stop`): requests to stop (signals, a
+  deadline), polled between phases and outer steps; a stop checkpoints the last finished
+  step and raises :class:`Interrupted`. Without one, Ctrl-C in the outer loop does the
+  same. ``fallback``: a resume whose newest checkpoint is corrupt continues from the
+  newest intact one (moving the others to ``out/corrupt_checkpoints/``); False raises
+  :class:`~metaopt.meta.checkpointing.CorruptCheckpointError` instead.
+
+  Raises:
+    RunLocked: another process is training in ``out``.
   """
-  session, state = _start_or_resume(config, pathlib.Path(out).absolute(), tasks,
-                                    resume=resume, progress=progress)
-  state, step, last_val = _outer_loop(session, state)
-  return _finish(session, state, step, last_val, plot=plot)
+  out = pathlib.Path(out).absolute()
+  stop = stop or stopping.Stop()
+  stop.set_run(out, out / CHECKPOINT_DIR)
+  created = not out.exists()
+  lock = lock_run(out) if shard_lib.is_primary() else None
+  try:
+    session, state = _start_or_resume(config, out, tasks, resume=resume,
+                                      progress=progress, stop=stop, fallback=fallback)
+    state, step, last_val = _outer_loop(session, state, stop)
+    return _finish(session, state, step, last_val, plot=plot, stop=stop)
+  except Exception:  # a failed write, say: the checkpoints already started still land
+    if stop.checkpoints is not None:
+      try:
+        stop.checkpoints.wait()
+      except Exception:  # pylint: disable=broad-except
+        pass  # the error being raised says more
+    if lock is not None and created and {p.name for p in out.iterdir()} == {LOCK_FILE}:
+      lock.close()  # failed before writing anything (a bad task): leave no directory
+      (out / LOCK_FILE).unlink()
+      out.rmdir()
+    raise
+  finally:
+    if lock is not None:
+      lock.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +200,13 @@ class _Session:
 
 
 def _start_or_resume(config: MetaConfig, out: pathlib.Path, tasks: Sequence[Any], *,
-                     resume: bool, progress: bool) -> tuple[_Session, Any]:
-  """Initializes the run in ``out`` or restores its last checkpoint, compiles every
-  program and validates the warm start; returns the session and the outer state."""
+                     resume: bool, progress: bool, stop: stopping.Stop, fallback: bool
+                     ) -> tuple[_Session, Any]:
+  """Initializes the run in ``out`` or restores its newest intact checkpoint, compiles
+  every program and validates the warm start; returns the session and the outer state.
+  ``stop`` is polled between these phases."""
   primary = shard_lib.is_primary()
+  stop.set_phase("building")
   trainer = MetaTrainer(config, task_list=run_tasks(config, tasks))  # before any write
   manager = ckpt.checkpoint_manager(out / CHECKPOINT_DIR, keep=config.keep_checkpoints)
   start = manager.latest_step()
@@ -160,22 +214,77 @@ def _start_or_resume(config: MetaConfig, out: pathlib.Path, tasks: Sequence[Any]
     raise FileExistsError(f"{out} already holds checkpoints (last step {start}); pass "
                           "--resume to continue it or choose another --out.")
   expected = ckpt.run_metadata(config, trainer.lo_config, [t.name for t in trainer.tasks])
+  stop.checkpoints = ckpt.RunCheckpoints(manager, expected,
+                                         populations=config.checkpoint_populations)
+  stop.watchdog_may_save = jax.process_count() == 1  # a save is collective
   log = log_lib.MetricsLog(out / log_lib.METRICS_FILE, enabled=primary)
-  bar = log_lib.Progress(config.outer_steps, start or 0, every=config.log_every,
-                         enabled=progress and primary)
   if primary:
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(config.to_json() + "\n")
+    _write_atomically(out / CONFIG_FILE, config.to_json() + "\n")
+  _poll(stop)
   validate = _Validator(trainer) if config.validation_every else None
-  state = (trainer.init() if start is None else
-           ckpt.restore(manager, start, trainer.abstract_state(), expected))
+  if start is None:
+    state = trainer.init()
+  else:
+    stop.set_phase("restoring")
+    state, start, manager = _restore(out, manager, trainer, expected, fallback, primary)
+    stop.checkpoints.manager = manager
+  bar = log_lib.Progress(config.outer_steps, start or 0, every=config.log_every,
+                         enabled=progress and primary)
+  _poll(stop)
+  stop.set_phase("compiling")
   compile_s = _compile(trainer, validate, state, bar)
+  _poll(stop)
+  stop.set_phase("validating the warm start")
   if start is None:
     warm = _validate_warm_start(validate, state.theta, log, bar)
   else:
     warm = _log_resume(out, start, trainer, validate, log, bar)
+  _poll(stop)
+  stop.set_phase("stepping")
   return _Session(config, out, primary, trainer, manager, expected, log, bar, validate,
                   warm, compile_s, time.perf_counter()), state
+
+
+def _poll(stop: stopping.Stop) -> None:
+  """Ends the run here if a stop was requested (:meth:`Stop.finish` saves first)."""
+  if stop.requested:
+    raise stop.finish()
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  """Writes ``path`` through a temporary file renamed into place: a process killed
+  mid-write leaves the old file (or none), never half of one."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _restore(out: pathlib.Path, manager, trainer: MetaTrainer, expected: dict[str, Any],
+             fallback: bool, primary: bool) -> tuple[Any, int, Any]:
+  """The newest intact checkpoint's state and step, and the manager to continue with.
+
+  Newer corrupt checkpoints are moved to ``out/corrupt_checkpoints/`` (the resumed run
+  writes those steps again) and one line says so.
+  """
+  state, start, skipped = ckpt.restore_newest(
+      manager, trainer.abstract_state(), expected, fallback=fallback,
+      init_populations=lambda: trainer.init().populations)
+  if not skipped:
+    return state, start, manager
+  if primary:
+    (out / CORRUPT_DIR).mkdir(exist_ok=True)
+    for step, _ in skipped:
+      shutil.move(str(out / CHECKPOINT_DIR / str(step)),
+                  str(out / CORRUPT_DIR / f"{step}.{int(time.time())}"))
+    print(f"--resume: checkpoint step {skipped[0][0]} is corrupt or incomplete "
+          f"({skipped[0][1][:300]}); resuming from step {start}, the newest intact one "
+          f"(skipped steps {[s for s, _ in skipped]} moved to {out / CORRUPT_DIR})",
+          file=sys.stderr, flush=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("metaopt.meta.run:fallback")
+  return state, start, ckpt.checkpoint_manager(out / CHECKPOINT_DIR,
+                                               keep=trainer.config.keep_checkpoints)
 
 
 def _compile(trainer: MetaTrainer, validate: _Validator | None, state: Any,
@@ -216,34 +325,43 @@ def _log_resume(out: pathlib.Path, start: int, trainer: MetaTrainer,
   return warm
 
 
-def _outer_loop(session: _Session, state: Any) -> tuple[Any, int, dict[str, Any] | None]:
+def _outer_loop(session: _Session, state: Any, stop: stopping.Stop
+                ) -> tuple[Any, int, dict[str, Any] | None]:
   """Outer steps to ``config.outer_steps`` with validation and checkpoints; returns the
   state, its step and the last validation (None if none ran).
 
   Raises:
-    Interrupted: on Ctrl-C or SIGTERM, after checkpointing the last step.
+    Interrupted: when ``stop`` is requested (or on Ctrl-C), after checkpointing the last
+      finished step.
   """
   c, validate = session.config, session.validate
   step = int(state.step)
+  if step:
+    stop.finished_step(step, state)  # the restored step: on disk, saving it is a no-op
   last_val = None
   try:
-    while step < c.outer_steps:
+    while step < c.outer_steps and not stop.requested:
+      stop.set_phase("stepping")
       state, metrics = session.trainer.step(state)
       step = metrics["step"]
+      stop.finished_step(step, state)
       session.log.write({"kind": "train",
                          "time_s": round(time.perf_counter() - session.started, 3),
                          **metrics})
       session.bar.update(step, metrics["meta_loss"], f"log_lr {metrics['log_lr']:+.3f}")
-      if validate and (step % c.validation_every == 0 or step == c.outer_steps):
+      if (validate and (step % c.validation_every == 0 or step == c.outer_steps)
+          and not stop.requested):
+        stop.set_phase("validating")
         last_val = _validate_current(session, state.theta, step)
       if step % c.checkpoint_every == 0 or step == c.outer_steps:
-        ckpt.save(session.manager, step, state, session.expected)
-  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through meta_train.py's handler
+        stop.set_phase("checkpointing")
+        stop.save(step, state)
+  except KeyboardInterrupt as e:  # Ctrl-C in a caller that passed no Stop
+    stop.request("SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+  if stop.requested:
     session.bar.close_line()
-    ckpt.save(session.manager, step, state, session.expected)
-    session.manager.wait_until_finished()
-    raise Interrupted(step, session.out,
-                      "SIGTERM" if isinstance(e, Terminated) else "SIGINT") from None
+    raise stop.finish() from None
+  stop.set_phase("checkpointing")
   session.manager.wait_until_finished()
   return state, step, last_val
 
@@ -261,11 +379,13 @@ def _validate_current(session: _Session, theta: Any, step: int) -> dict[str, Any
 
 
 def _finish(session: _Session, state: Any, step: int, last_val: dict[str, Any] | None, *,
-            plot: bool) -> RunResult:
+            plot: bool, stop: stopping.Stop) -> RunResult:
   """Validates the final theta (unless the last step did), writes the summary, the LO
   artifact and the plot, and waits for every process."""
+  stop.set_phase("finishing")
   if session.validate and last_val is None:
     last_val = session.validate(state.theta)
+  _poll(stop)
   lo = session.trainer.learned_optimizer(state)
   summary = _summary(session, step, last_val)
   if session.primary:

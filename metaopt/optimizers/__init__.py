@@ -47,6 +47,7 @@ from metaopt.optimizers._momentum import ScaleByMomentumState
 from metaopt.optimizers._momentum import sgdm
 from metaopt.optimizers._muon import muon
 from metaopt.optimizers._muon import muon_fan_ins
+from metaopt.optimizers._muon import muon_fan_ins_2d
 from metaopt.optimizers._muon import muon_labels
 from metaopt.optimizers._muon import scale_by_muon
 from metaopt.optimizers._muon import ScaleByMuonState
@@ -132,6 +133,7 @@ __all__ = [
     "mu_adamw",
     "muon",
     "muon_fan_ins",
+    "muon_fan_ins_2d",
     "muon_labels",
     "nesterov",
     "proximal_decay_step",

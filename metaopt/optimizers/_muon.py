@@ -224,6 +224,14 @@ def muon_fan_ins(params, roles=None, labels=None, *, warn: bool = False) -> Tree
       else 0 for (path, leaf), label in zip(flat, treedef.flatten_up_to(which))])
 
 
+def muon_fan_ins_2d(params) -> Tree:
+  """Per leaf, the fan-in (rows) of every 2-D leaf and 0 for every other: the leaves
+  ``optax.contrib.muon`` orthogonalizes by default (``muon_weight_dimension_numbers``
+  unset), as the learned optimizer's ``LOConfig(muon_matrices="all_2d")`` reads them."""
+  return jax.tree.map(lambda leaf: jnp.shape(leaf)[0] if jnp.ndim(leaf) == 2 else 0,
+                      params)
+
+
 def _checked_roles(roles, labels) -> optax.GradientTransformation:
   """Stateless: at ``init`` checks explicit roles, or lets role inference warn."""
 
