@@ -2,7 +2,7 @@
 
 The statistics pass (``_statistics_pass``: ~16 feature terms, each summed per row of
 the ``[rows, 128]`` flat buffer by one variadic ``lax.reduce``) is jitted with
-``metaopt.lopt._update._row_sums`` swapped for each alternative, on the inputs of
+``metaopt.lopt._engine.row_sums`` swapped for each alternative, on the inputs of
 ``benchmarks/update_passes.py``'s ``Setup`` (three real steps); all are timed in
 interleaved rounds (per round the minimum of ``REP`` calls; medians over ``ROUNDS``).
 Alternatives: ``stack_sum``/``stack_mid_sum`` (terms stacked, one ``jnp.sum``),
@@ -20,11 +20,11 @@ import os, sys, warnings, time
 # the import path, so the script imports this checkout's metaopt and tasks.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax, jax.numpy as jnp, numpy as np
-from metaopt.lopt import _update as U
+from metaopt.lopt import _engine as E
 import update_passes as P
 from step_cost import mlp_params, timings, transformer_lm
 
-ORIG = U._row_sums
+ORIG = E.row_sums
 
 def stack_sum(arrays):  # (a) one stacked [k, R, 128], jnp.sum over 128
   return tuple(jnp.sum(jnp.stack(arrays), axis=-1))
@@ -96,7 +96,7 @@ def main(size, repeats=int(os.environ.get("REP", 20)), rounds=int(os.environ.get
   for name, fn in VARIANTS.items():
     if only and name not in only and name != "current":
       continue
-    U._row_sums = fn
+    E.row_sums = fn
     t0 = time.perf_counter()
     c = jax.jit(s.statistics).lower(*s.stat_args).compile()
     ct = time.perf_counter() - t0
@@ -105,7 +105,7 @@ def main(size, repeats=int(os.environ.get("REP", 20)), rounds=int(os.environ.get
       ref = out
     err = float(np.max(np.abs(out - ref) / (np.abs(ref) + 1e-30)))
     progs[name] = dict(c=c, t=[], ct=ct, err=err)
-  U._row_sums = ORIG
+  E.row_sums = ORIG
   for _ in range(rounds):
     for p in progs.values():
       p["t"].append(np.min(timings(p["c"], s.stat_args, repeats)))

@@ -45,7 +45,9 @@ import optax
 
 import metaopt
 from metaopt import features as F
-from metaopt.lopt import _update as U
+from metaopt.lopt import _engine as E
+from metaopt.lopt import _rule as R
+from metaopt.lopt import _state as S
 
 from step_cost import timings, mlp_params, transformer_lm  # pylint: disable=g-bad-import-order
 
@@ -84,11 +86,11 @@ class Setup:
     self.g = jax.tree.leaves(grads)
     self.x = jax.tree.leaves(params)
     self.keys = [(a.shape, a.dtype) for a in self.g]
-    assert U.is_flat(state)
+    assert S.is_flat(state)
     self._intermediates()
 
   def blocks(self, count):
-    return U._Blocks(self.keys, True, count)  # pylint: disable=protected-access
+    return E.Blocks(self.keys, True, count)
 
   @staticmethod
   def buffers(packed):
@@ -99,7 +101,7 @@ class Setup:
     c = self.config
     t = count.astype(jnp.float32)
     bc = lambda b: 1 - jnp.asarray(b, jnp.float32)**t
-    return U.StepContext(bc_fast=bc(c.momentum_decays[0]), bc_v=bc(c.second_moment_decay),
+    return R.StepContext(bc_fast=bc(c.momentum_decays[0]), bc_v=bc(c.second_moment_decay),
                          bc_laprop=bc(c.laprop_b1),
                          momo_tau=jnp.float32(0.3) * c.momo_alpha, learning_rate=1 - t / 1000,
                          count=count)
@@ -112,39 +114,39 @@ class Setup:
 
   def first(self, count, momenta, v, tam, g_b, x_b):
     blocks, ctx = self.blocks(count), self.ctx(count)
-    fn = lambda sums, *a: U._first_pass(self.config, ctx.bc_v, True, sums, *a)  # pylint: disable=protected-access
-    moments, sums = zip(*blocks.map(fn, *(self.buffers(b) for b in (*momenta, v, tam)),
-                                    g_b, x_b))
-    return moments, blocks.per_tensor(sums, jnp.float32)
+    fn = lambda p, *a: R.advance_moments(self.config, ctx.bc_v, True, p, *a)
+    prev = [R.Moments(*b) for b in zip(*(self.buffers(b) for b in (*momenta, v)))]
+    return blocks.map_summed(fn, prev, self.buffers(tam), g_b, x_b, dtype=jnp.float32)
 
   def factored(self, acc, g):
     decay = jnp.float32(self.config.factored_decay)
-    return [U._factored_pass(decay, None, a, gr)[0] for a, gr in zip(acc, g)]  # pylint: disable=protected-access
+    return [R.advance_factored(decay, None, a, gr)[0] for a, gr in zip(acc, g)]
 
   def tam_laprop(self, count, damping, tam, laprop, g_b, v_b):
     blocks, ctx = self.blocks(count), self.ctx(count)
-    fn = lambda _, *a: U._tam_laprop_pass(self.config, ctx.bc_v, *a)  # pylint: disable=protected-access
+    fn = lambda *a: R.advance_tam_laprop(self.config, ctx.bc_v, *a)
     return blocks.map(fn, blocks.split(damping), self.buffers(tam), self.buffers(laprop),
                       g_b, v_b)
 
   def _inputs(self, blocks, g_b, x_b, moments, m_mid_prev, tam, laprop, rsqrt):
     scales = blocks.split(jnp.stack(jax.tree.leaves(self.state.mup_scale)))
-    return [U.LeafInputs(g=gr, x=xx, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow,
+    return [R.LeafInputs(g=gr, x=xx, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow,
                          v=m.v, tam_m=tm, laprop_m=lp, rsqrt_fact=rf, mup_scale=s)
             for gr, xx, m, mid, tm, lp, rf, s in zip(
                 g_b, x_b, moments, m_mid_prev, tam, laprop, rsqrt, scales)]
 
   def statistics(self, count, g_b, x_b, moments, m_mid_prev, tam, laprop, rsqrt):
-    blocks, ctx, one = self.blocks(count), self.ctx(count), U._runtime_one(count, 2)  # pylint: disable=protected-access
+    blocks, ctx, one = self.blocks(count), self.ctx(count), E.runtime_one(count, 2)
     inputs = self._inputs(blocks, g_b, x_b, moments, m_mid_prev, tam, laprop, rsqrt)
-    fn = lambda sums, inp: U._statistics_pass(self.config, ctx, sums, U._on_own_copy(inp, one))  # pylint: disable=protected-access
-    return blocks.per_tensor(blocks.map(fn, inputs), jnp.float32)
+    read = lambda inp: E.on_own_copy(inp, one, R.BUFFER_FIELDS, R.with_rsqrt_fact)
+    fn = lambda inp: R.feature_statistics(self.config, ctx, read(inp))
+    return blocks.map_summed(fn, inputs, dtype=jnp.float32, masked=True)[1]
 
   def elementwise(self, count, g_b, x_b, moments, m_mid_prev, tam, laprop, rsqrt, scalars):
-    blocks, ctx, one = self.blocks(count), self.ctx(count), U._runtime_one(count, 3)  # pylint: disable=protected-access
+    blocks, ctx, one = self.blocks(count), self.ctx(count), E.runtime_one(count, 3)
     inputs = self._inputs(blocks, g_b, x_b, moments, m_mid_prev, tam, laprop, rsqrt)
-    fn = lambda _, inp, row: U._tensor_update(self.config, self.theta, ctx,  # pylint: disable=protected-access
-                                              U._on_own_copy(inp, one), row)  # pylint: disable=protected-access
+    read = lambda inp: E.on_own_copy(inp, one, R.BUFFER_FIELDS, R.with_rsqrt_fact)
+    fn = lambda inp, row: R.tensor_update(self.config, self.theta, ctx, read(inp), row)
     return blocks.map(fn, inputs, blocks.split(scalars))
 
   def _intermediates(self):
@@ -163,7 +165,7 @@ class Setup:
     # Adafactor's 1 / sqrt(V_hat) as update() hands it on: packed (materialized) for the
     # flat buffer, the accumulators for a tensor of its own.
     decay = jnp.float32(self.config.factored_decay)
-    rsqrt = jax.jit(lambda acc, g: [U._factored_pass(decay, None, a, gr)[1]  # pylint: disable=protected-access
+    rsqrt = jax.jit(lambda acc, g: [R.advance_factored(decay, None, a, gr)[1]
                                     for a, gr in zip(acc, g)])(self.acc_prev, self.g)
     small = set(blocks.small)
     packed = jax.jit(blocks.pack)(rsqrt)
@@ -180,10 +182,10 @@ class Setup:
     sums2 = jax.jit(self.statistics)(*self.stat_args)
     n = len(self.g)
     per_tensor = jnp.stack([self.damping, jnp.full([n], 0.3), jnp.ones([n])], axis=1)
-    time_f = jnp.concatenate([F.time_features(self.count, 1000, U.TIME_TAUS),
+    time_f = jnp.concatenate([F.time_features(self.count, 1000, R.TIME_TAUS),
                               jnp.float32([1.0])])
     sizes = jnp.asarray([a.size for a in self.g], jnp.float32)
-    self.scalars = U._tensor_scalars(self.config, self.theta, sums2, sizes, per_tensor, time_f)  # pylint: disable=protected-access
+    self.scalars = R.tensor_scalars(self.config, self.theta, sums2, sizes, per_tensor, time_f)
     self.u_blocks = jax.jit(self.elementwise)(*self.stat_args, self.scalars)
 
   def programs(self) -> dict:

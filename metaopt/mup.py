@@ -227,7 +227,7 @@ def roles_from_labels(params, labels, base_width_multiplier: float | None = None
     name = _path_str(path)
     if label not in ROLE_KINDS:
       raise ValueError(f"label at {name} is {label!r}; expected one of {ROLE_KINDS}.")
-    if label == "vector":
+    if label == "vector" or not math.prod(jnp.shape(leaf)):  # zero-size: nothing to scale
       roles.append(vector_role())
       continue
     if label == "input":
@@ -261,7 +261,7 @@ def roles_from_base(params, base_params):
       raise ValueError(
           f"params{name} has shape {shape} but the base model's has {bshape}; "
           "expected the same rank.")
-    if len(shape) < 2:
+    if len(shape) < 2 or not math.prod(shape):  # zero-size: nothing to scale
       roles.append(vector_role())
       continue
     fan_in, base_fan = default_fan_in(shape, name), default_fan_in(bshape, name)
@@ -281,8 +281,8 @@ def roles_from_base(params, base_params):
 def sp_roles(params):
   """Standard parametrization: every leaf unscaled (``vector`` or ``input``)."""
   return jax.tree.map(
-      lambda x: input_role(default_fan_in(jnp.shape(x))) if jnp.ndim(x) >= 2 else
-      vector_role(), params)
+      lambda x: input_role(default_fan_in(jnp.shape(x))) if (
+          jnp.ndim(x) >= 2 and math.prod(jnp.shape(x))) else vector_role(), params)
 
 
 def update_scales(roles):
@@ -447,8 +447,9 @@ def _classify(leaf: _Leaf, children: Mapping[tuple[str, ...], set[str]]) -> None
   module_path, parent_path = keys[:-1], keys[:-2]
   siblings = children.get(parent_path, set())
   leaf.group = (module_path, name)
-  if len(shape) < 2 or name in _VECTOR_NAMES:
-    leaf.kind = "vector"  # biases (attention biases are (heads, head_dim)), norm scales
+  if len(shape) < 2 or name in _VECTOR_NAMES or not math.prod(shape):
+    leaf.kind = "vector"  # biases (attention biases are (heads, head_dim)), norm scales,
+    # zero-size leaves (no entries to scale: no fan-in)
   elif name in _TABLE_NAMES:
     leaf.kind = "table"  # nn.Embed / hk.Embed tables
   elif name not in _KERNEL_NAMES and _tokens(name) & _POSITION_TOKENS:

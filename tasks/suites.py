@@ -7,10 +7,11 @@
 * ``heldout``: the same families wider and deeper, plus conv nets, a Haiku MLP, a
   bigger LM, other data and longer horizons; sized so that the default evaluation of a
   learned optimizer (3 seeds; 3 tuned baselines x 7 learning rates x 2 schedules on one
-  seed, their 3 finalists on the other two; 5 untuned baselines: :data:`EVAL_RUNS` = 78
-  single-seed runs per task, derived from the evaluation's plan) fits in 20 minutes on a
-  2-core CPU: :func:`estimate_eval_seconds` gives ~7 minutes of AdamW runs (each step
-  0.05-2.6 ms), leaving room for the learned optimizer's overhead and compiles.
+  seed, their 3 finalists on the other two; the untuned baselines: the single-seed runs
+  per task :func:`metaopt.eval.harness.default_eval_runs` counts) fits in 20 minutes on
+  a 2-core CPU (:func:`metaopt.eval.harness.estimate_eval_seconds` prices the AdamW
+  runs; each step 0.05-2.6 ms), leaving room for the learned optimizer's overhead and
+  compiles.
 * ``validation``: 5 tasks that are in neither ``meta_train_default`` nor ``heldout``
   (MLPs of width 96-256 on other data, a conv net and an LM of other sizes), 600 steps:
   what meta-training checkpoints are selected on, so ``heldout`` stays a test set.
@@ -40,7 +41,6 @@ are inferred, as a user's are) for sampling.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 from tasks import base
@@ -64,26 +64,6 @@ from tasks.models.sp_transformer import SPTransformerLMConfig
 from tasks.models.transformer import TransformerLMConfig
 from tasks.models.user import UserModelConfig
 
-
-
-@functools.cache
-def default_eval_runs() -> int:
-  """Runs per task of the default evaluation (``metaopt.eval.harness.EvalConfig()``) of the
-  released learned optimizer, as :func:`metaopt.eval.plan.plan` works them out; also
-  :data:`EVAL_RUNS`.
-
-  metaopt.eval is imported here, not at the top: the evaluation is built on these suites.
-  """
-  import metaopt  # pylint: disable=g-import-not-at-top
-  from metaopt.eval import harness, plan  # pylint: disable=g-import-not-at-top
-  config = harness.EvalConfig()
-  return plan.plan(config, harness.specs(config, metaopt.pretrained())).runs_per_task
-
-
-def __getattr__(name: str) -> Any:
-  if name == "EVAL_RUNS":  # derived on first use: see default_eval_runs
-    return default_eval_runs()
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,9 +326,3 @@ def get_family(name: str) -> TaskFamily:
 
 
 FAMILY_NAMES = tuple(sorted(_families()))
-
-
-def estimate_eval_seconds(entries: Sequence[SuiteEntry], runs: int | None = None) -> float:
-  """Estimated seconds to train every entry ``runs`` times (default :data:`EVAL_RUNS`;
-  single-seed AdamW cost)."""
-  return (default_eval_runs() if runs is None else runs) * sum(e.est_cost_s for e in entries)

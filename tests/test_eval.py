@@ -161,9 +161,9 @@ def test_plan_two_stage_counts_and_padding():
 def test_eval_runs_is_the_default_plan():
   # lo on 3 seeds; adamw, lion, schedule_free_adamw: 7 lrs x 2 schedules on seed 0 and 3
   # finalists on seeds 1-2; 7 untuned baselines (2 anchors) on 3 seeds.
-  assert tasks.suites.EVAL_RUNS == 3 + 3 * (14 + 3 * 2) + 7 * 3
+  assert harness.default_eval_runs() == 3 + 3 * (14 + 3 * 2) + 7 * 3
   config = harness.EvalConfig()
-  assert tasks.suites.EVAL_RUNS == plan.plan(
+  assert harness.default_eval_runs() == plan.plan(
       config, harness.specs(config, metaopt.pretrained())).runs_per_task
 
 

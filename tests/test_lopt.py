@@ -240,6 +240,78 @@ def test_jit_with_donated_buffers_and_no_params_in_state():
   np.testing.assert_array_equal(p1["w"], p2["w"])
 
 
+@pytest.mark.parametrize("switches", [{}, {"muon": True, "step_size_features": True}])
+@pytest.mark.parametrize("large", [False, True])
+def test_donating_params_and_a_fresh_state_matches_the_undonated_step(switches, large):
+  """Every state leaf from ``init`` is its own buffer, so a step may donate the state
+  ``init`` returned (XLA refuses to donate one buffer passed twice)."""
+  lo = LearnedOptimizer.random(jax.random.key(0), output_scale=0.1).extended(**switches)
+  labels = {"w": "hidden", "b": "vector", "o": "output"}
+  opt = lo.with_config(muon_beta=0.5).as_optax(num_steps=10, labels=labels)
+  params = {"w": jnp.full((300, 300) if large else (4, 4), 0.5), "b": jnp.zeros((4,)),
+            "o": jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)}
+
+  def step(params, state):
+    grads = jax.tree.map(lambda p: jnp.cos(p) + 0.1, params)
+    updates, state = opt.update(grads, state, params, value=1.0)
+    return optax.apply_updates(params, updates), state
+
+  plain, donating = jax.jit(step), jax.jit(step, donate_argnums=(0, 1))
+  p1, s1 = params, opt.init(params)
+  p2, s2 = jax.tree.map(jnp.copy, params), opt.init(params)
+  for _ in range(2):
+    p1, s1 = plain(p1, s1)
+    p2, s2 = donating(p2, s2)
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("wrap", ["masked", "multi_transform"])
+def test_an_empty_partition_gives_empty_updates_as_optax_does(wrap):
+  """Every leaf masked out (or a multi_transform label with no leaves): the LO sees an
+  empty tree and, like optax.adam there, returns empty updates and counts the step."""
+  lo = LearnedOptimizer.random(jax.random.key(0), output_scale=0.1).as_optax(num_steps=5)
+  params = {"w": jnp.ones((3, 2)), "b": jnp.ones((2,))}
+  grads = jax.tree.map(lambda p: 0.5 * p, params)
+  if wrap == "masked":
+    make = lambda inner: optax.masked(inner, {"w": False, "b": False})
+  else:
+    make = lambda inner: optax.multi_transform({"lo": inner, "sgd": optax.sgd(0.1)},
+                                               {"w": "sgd", "b": "sgd"})
+  opt, ref = make(lo), make(optax.adam(0.1))
+  updates, state = jax.jit(opt.update)(grads, opt.init(params), params, value=1.0)
+  ref_updates, _ = ref.update(grads, ref.init(params), params)
+  for u, r in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates)):
+    np.testing.assert_array_equal(u, r)
+  counts = [l for l in jax.tree.leaves(state) if jnp.result_type(l) == jnp.int32]
+  assert [int(c) for c in counts][:1] == [1], counts
+
+
+@pytest.mark.parametrize("roles_from", ["inferred", "labels", "base_params"])
+def test_a_zero_size_leaf_gets_zero_size_updates(roles_from):
+  """A (0, 4) leaf has no fan-in: it takes the vector role (nothing to scale), its
+  update is empty and the other leaves' updates are those of the tree without it."""
+  lo = LearnedOptimizer.random(jax.random.key(0), output_scale=0.1).extended(muon=True)
+  params = {"a": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones((4,)),
+            "c": jnp.linspace(0.5, 1.5, 8).reshape(4, 2)}
+  labels = {"a": "input", "b": "vector", "c": "output"}
+  kwargs = {"inferred": {}, "labels": {"labels": labels},
+            "base_params": {"base_params": params}}[roles_from]
+  ref_opt = lo.as_optax(num_steps=5, **{k: v for k, v in kwargs.items()})
+  ref_updates, _ = ref_opt.update(params, ref_opt.init(params), params, value=1.0)
+
+  with_empty = {**params, "empty": jnp.ones((0, 4))}
+  kwargs = {"inferred": {}, "labels": {"labels": {**labels, "empty": "hidden"}},
+            "base_params": {"base_params": with_empty}}[roles_from]
+  opt = lo.as_optax(num_steps=5, **kwargs)
+  updates, state = jax.jit(opt.update)(with_empty, opt.init(with_empty), with_empty,
+                                       value=1.0)
+  assert updates["empty"].shape == (0, 4)
+  for name in params:
+    np.testing.assert_allclose(updates[name], ref_updates[name], rtol=1e-6, atol=0)
+  assert int(state.count) == 1
+
+
 def test_bad_input_errors_name_the_leaf():
   lo = LearnedOptimizer.from_classical("adamw")
   params = {"a": jnp.ones((2, 3)), "b": jnp.ones((3,))}

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import metaopt
+from metaopt.lopt import _engine
 from metaopt.lopt import _layout
 from metaopt.lopt import _update
 
@@ -83,7 +84,7 @@ def test_flat_layout_gives_the_per_tensor_layouts_updates(with_value):
 
 
 def test_own_copy_passes_give_the_shared_passes_updates(monkeypatch):
-  """Blocks above _update._OWN_COPY_MIN elements read each pass's inputs on their own
+  """Blocks above _engine.OWN_COPY_MIN elements read each pass's inputs on their own
   copy (a runtime identity, so XLA keeps each pass's features in its own fusion); with
   the bound at 0 every block does, flat buffer and the large tensor's own buffer alike.
   Same math: the same updates and state to float32 rounding (fusion changes the order
@@ -93,7 +94,7 @@ def test_own_copy_passes_give_the_shared_passes_updates(monkeypatch):
     lo = metaopt.pretrained()
   params = _tree()
   ref, ref_state = _run(lo, params, True, True, steps=3)
-  monkeypatch.setattr(_update, "_OWN_COPY_MIN", 0)
+  monkeypatch.setattr(_engine, "OWN_COPY_MIN", 0)
   got, got_state = _run(lo, params, True, True, steps=3)
   for step_got, step_ref in zip(got, ref):
     for name in params:

@@ -10,6 +10,7 @@ import pytest
 
 import tasks
 from metaopt import mup
+from metaopt.eval import harness
 from tasks import suites
 from tasks.models import conv
 from tasks.models import transformer
@@ -229,7 +230,7 @@ def test_suites_contents():
   assert {tasks.MLPConfig, tasks.TransformerLMConfig, tasks.QuadraticConfig} <= families
   heldout, full = tasks.get_suite("heldout"), tasks.get_suite("heldout-full")
   assert {tasks.ConvConfig, tasks.TransformerLMConfig} <= {type(e.config) for e in heldout}
-  assert suites.estimate_eval_seconds(heldout) < 20 * 60
+  assert harness.estimate_eval_seconds(heldout) < 20 * 60
   for h, f in zip(heldout, full):
     assert f.num_steps == 10 * h.num_steps
     if isinstance(h.config, (tasks.MLPConfig, tasks.ConvConfig, tasks.TransformerLMConfig)):

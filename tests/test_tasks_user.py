@@ -12,6 +12,7 @@ from flax import linen as nn
 
 import tasks
 from metaopt import mup
+from metaopt.eval import harness
 from tasks import suites
 from tasks.models import user
 
@@ -26,7 +27,7 @@ def test_suite_lists_six_user_models_at_about_heldouts_cost():
   assert max(e.num_steps for e in ENTRIES) <= 2000
   assert all(8 <= e.config.batch_size <= 512 for e in ENTRIES)
   # Sized like heldout (same runs per task, same cost model).
-  ratio = suites.estimate_eval_seconds(ENTRIES) / suites.estimate_eval_seconds(
+  ratio = harness.estimate_eval_seconds(ENTRIES) / harness.estimate_eval_seconds(
       suites.get_suite("heldout"))
   assert 0.5 < ratio < 1.5, ratio
   # Never a meta-training or validation task.

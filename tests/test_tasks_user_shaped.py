@@ -13,6 +13,7 @@ import pytest
 
 import tasks
 from metaopt import mup
+from metaopt.eval import harness
 from tasks import suites
 from tasks.data import procedural
 
@@ -123,4 +124,4 @@ def test_validation_user_suite_is_outside_every_family_and_heldout_user():
   others = {e.name for s in ("heldout-user", "heldout", "validation", "meta_train_default")
             for e in tasks.get_suite(s)}
   assert not names & others
-  assert suites.estimate_eval_seconds(entries, runs=1) < 60  # one LO pass each: cheap
+  assert harness.estimate_eval_seconds(entries, runs=1) < 60  # one LO pass each: cheap

@@ -10,6 +10,7 @@ grid on every seed. Optimizers with one setting run on every seed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 import tasks as tasks_lib
+import metaopt
 from metaopt import mup
 from metaopt import optimizers
 from metaopt.eval import baselines
@@ -322,6 +324,21 @@ def newton_schulz_seconds_per_step(task: Any, spec: baselines.OptimizerSpec,
     views = [leaf.shape for leaf in jax.tree.leaves(shapes) if leaf.ndim == 2]
   macs = sum(ns_steps * (2 * min(v) ** 2 * max(v) + min(v) ** 3) for v in views)
   return macs * tasks_lib.cost.S_PER_MAC
+
+
+@functools.cache
+def default_eval_runs() -> int:
+  """Runs per task of the default evaluation (``EvalConfig()``) of the released learned
+  optimizer, as :func:`metaopt.eval.plan.plan` works them out."""
+  config = EvalConfig()
+  return plan(config, specs(config, metaopt.pretrained())).runs_per_task
+
+
+def estimate_eval_seconds(entries: Sequence[tasks_lib.SuiteEntry], runs: int | None = None
+                          ) -> float:
+  """Estimated seconds to train every suite entry ``runs`` times (default: the default
+  evaluation's, :func:`default_eval_runs`; single-seed AdamW cost)."""
+  return (default_eval_runs() if runs is None else runs) * sum(e.est_cost_s for e in entries)
 
 
 def estimate_seconds(config: EvalConfig, optimizer_specs: Sequence[baselines.OptimizerSpec]

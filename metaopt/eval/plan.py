@@ -3,7 +3,7 @@
 Worked out from the :class:`~metaopt.eval.harness.EvalConfig` and the optimizer specs
 alone, before any task is built or run: :class:`~metaopt.eval.harness.Evaluation` runs
 it, :func:`~metaopt.eval.harness.estimate_seconds` prices it, and
-``tasks.suites.EVAL_RUNS`` counts the default one.
+:func:`~metaopt.eval.harness.default_eval_runs` counts the default one's runs.
 
 Tuning protocol (the module docstring of :mod:`metaopt.eval.harness`): a spec with one
 setting runs on every seed; one with several settings (schedule x learning rate) runs

@@ -81,7 +81,7 @@ MUON_FEATURES = ("muon",)
 # with the momentum; the loss trend), appended after the muon feature (if any), so the
 # rows of an LO without the switch keep their places. They enter the MLP through its
 # per-tensor hidden bias (:func:`metaopt.lopt._network.hidden_bias`): no per-parameter
-# input. Their equations are in :mod:`metaopt.lopt._update`.
+# input. Their equations are in :func:`metaopt.lopt._rule.step_size_features`.
 STEP_SIZE_FEATURES = ("log_distance", "displacement_cosine", "loss_trend")
 
 
@@ -153,7 +153,7 @@ class LOConfig:
     step_size_features: the step-size switch (off by default; artifacts without it
       read as off). On: the state keeps the parameters at ``init`` (x_0, one more
       parameter-shaped buffer) and a slow loss EMA, and the per-tensor features
-      :data:`STEP_SIZE_FEATURES` join the MLP (see :mod:`metaopt.lopt._update`).
+      :data:`STEP_SIZE_FEATURES` join the MLP (see :func:`metaopt.lopt._rule.step_size_features`).
     loss_trend_decay: decay of the slow loss EMA the ``loss_trend`` feature compares
       with MoMo's fast one (decay ``momentum_decays[0]``).
   """

@@ -2,13 +2,12 @@
 
 Why. XLA:CPU compiles every fused computation of a program on its own, and the
 learned optimizer's passes give about 18 of them per tensor, each large (the features
-and the MLP): on a 102-tensor Flax transformer the update alone compiled in 31 s,
-against 0.8 s for ``optax.adamw`` (``benchmarks/step_cost.py``), although the tree has
-only 10 distinct shapes. In the flat layout the passes run once, over one buffer that
-holds every tensor, and the per-tensor statistics are segment sums over its rows:
-compile time no longer grows with the number of tensors. Only Adafactor's factored
-accumulators, which need each matrix's rows and columns, stay per tensor (a
-reduction and an outer product, as cheap to compile as Adam's update).
+and the MLP), so per-tensor passes compile in time proportional to the number of
+tensors (measurements: ``benchmarks/README.md``). In the flat layout the passes run
+once, over one buffer that holds every tensor, and the per-tensor statistics are
+segment sums over its rows. Only Adafactor's factored accumulators, which need each
+matrix's rows and columns, stay per tensor (a reduction and an outer product, as cheap
+to compile as Adam's update).
 
 How. Tensor ``i`` (``sizes[i]`` elements, flattened in row-major order) occupies
 ``rows[i] = ceil(sizes[i] / ROW)`` consecutive rows, zero-padded at the end. Padding
@@ -33,14 +32,8 @@ import numpy as np
 ROW = 128  # elements per row: the vector width the row reductions run along.
 
 # Tensors up to this many elements go into the flat buffer; larger ones keep their own
-# buffers. The flat buffer's intermediates (XLA materializes several per pass) stay in
-# cache only while the tensors are small: with every tensor flat, a 1e6-parameter MLP's
-# update (three 577 x 577 matrices) ran 1.8x slower than per tensor (one core,
-# interleaved), a 1e5 one 1.7x faster. On a 102-tensor Flax transformer (d=256, MLP
-# kernels of 2^18 elements) everything flat compiled its train step in 2.0x AdamW's
-# time against 3.3x with a 2^16 bound, at the same step time (benchmarks/step_cost.py).
-# Large tensors are few in the models users bring and each compiles once whatever its
-# size.
+# buffers: the flat buffer's intermediates (XLA materializes several per pass) stay in
+# cache only while the tensors are small (benchmarks/README.md).
 MAX_FLAT = 1 << 18
 
 
@@ -86,6 +79,17 @@ class FlatLayout(NamedTuple):
     return sum(self.rows)
 
 
+def explicitly_sharded(a) -> bool:
+  """Whether ``a``'s type shards it along a mesh axis (an explicit mesh, traced or not).
+
+  Such arrays need the reshapes and stacks that mix their axes spelled out (JAX raises
+  ``ShardingTypeError`` otherwise); under an Auto mesh the compiler places them.
+  """
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  return spec is not None and any(axis is not None for axis in spec)
+
+
 def _sharding(leaf):
   if isinstance(leaf, jax.core.Tracer):
     return None
@@ -95,11 +99,14 @@ def _sharding(leaf):
 def flat_sharding(leaves: Sequence, dtypes: Sequence):
   """(use the flat layout, the sharding its buffers take); ``dtypes``: the state dtypes.
 
-  Flat when there are two tensors or more, all with one state dtype, and every concrete
-  tensor is fully replicated on one common set of devices (a single device included);
-  the buffers then take that sharding (None: the default device).
+  Flat when there are two tensors or more, all with one state dtype, and every tensor
+  is fully replicated on one common set of devices (a single device included; a traced
+  tensor counts as replicated unless an explicit mesh shards it); the buffers then take
+  that sharding (None: the default device).
   """
   if len(leaves) < 2 or len(set(dtypes)) > 1:
+    return False, None
+  if any(isinstance(a, jax.core.Tracer) and explicitly_sharded(a) for a in leaves):
     return False, None
   shardings = [s for s in map(_sharding, leaves) if s is not None]
   if any(not s.is_fully_replicated for s in shardings):
@@ -124,20 +131,8 @@ def pack(layout: FlatLayout, leaves: Sequence[jax.Array]) -> jax.Array:
 
 
 def unpack(layout: FlatLayout, buffer: jax.Array) -> list[jax.Array]:
-  """The tensors of a flat buffer, in their shapes (inverse of :func:`pack`).
-
-  The buffer is materialized first. XLA fuses cheap producers (multiplies, adds) into
-  every consumer, so the computation that produces the buffer -- the learned
-  optimizer's whole MLP -- would be compiled again into each tensor's slice (measured:
-  100 copies of a 770-line fusion for a 102-tensor transformer). An optimization
-  barrier does not stop this on XLA:CPU, and a division by a scalar is rewritten into
-  a multiplication; a division by an array is expensive in XLA's cost model and never
-  duplicated, so the buffer is divided elementwise by ``buffer * 0 + 1``. That is
-  exactly 1 for a finite entry (non-finite updates become NaN, as they would be
-  unusable anyway; the optimizer's non-finite skipping runs before this).
-  """
-  one = buffer * 0 + 1  # XLA does not fold x * 0 (NaN semantics).
-  flat = (buffer / one).reshape(-1)
+  """The tensors of a flat buffer, in their shapes (inverse of :func:`pack`)."""
+  flat = buffer.reshape(-1)
   return [flat[s * ROW:s * ROW + n].reshape(shape)
           for s, n, shape in zip(layout.starts, layout.sizes, layout.shapes)]
 

@@ -4,7 +4,7 @@ theta = {
   "log_lr":  ()        global log step size,
   "mix":     (C,)      weights of the classical candidate directions,
   "hidden_mix": (C,)   only with ``LOConfig.muon``: added to ``mix`` on hidden matrices,
-  "w1": (F, H), "b1": (H,), "w2": (H, 2), "b2": (2,)   the residual MLP,
+  "w1": (F, H), "b1": (H,), "w2": (H, 2), "b2": (2,)   the one-hidden-layer MLP,
 }
 
 C and F are ``len(config.candidate_names)`` and ``len(config.feature_names)``.
