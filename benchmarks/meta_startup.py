@@ -14,6 +14,10 @@ Phases, in the order ``meta_train.py`` runs them:
 * compile: ``outer.compile_all`` of those lowered programs (in threads).
 * first step: ``trainer.step`` once, blocked on its result.
 
+``--reference-init`` then times, in the same process, the init as it was before
+metaopt 0.3: one jitted program holding every population's ``init_population``
+(``MetaTrainer._init_state``), so old and new are measured under the same load.
+
 Prints a Markdown table and the 1-minute load average before and after (``os.getloadavg``):
 on a shared machine the numbers move with the load, so compare runs side by side.
 """
@@ -44,7 +48,7 @@ def _timed(fn):
 
 
 def measure(config: config_lib.MetaConfig, *, validation: bool = True,
-            step: bool = True) -> dict:
+            step: bool = True, reference_init: bool = False) -> dict:
   """Seconds per phase (and a few counts) of one start-up with ``config``."""
   seconds, counts = {}, {}
   trainer, seconds["build"] = _timed(lambda: outer.MetaTrainer(config))
@@ -60,6 +64,10 @@ def measure(config: config_lib.MetaConfig, *, validation: bool = True,
   seconds["compile"] = outer.compile_all(lowered)
   if step:
     _, seconds["first step"] = _timed(lambda: trainer.step(state)[0])
+  if reference_init:
+    reference = jax.jit(trainer._init_state,  # pylint: disable=protected-access
+                        out_shardings=trainer.shardings())
+    _, seconds["init (one program, before)"] = _timed(reference)
   counts["tasks"] = len(trainer.tasks)
   counts["populations"] = len(state.populations)
   counts["programs"] = len(lowered)
@@ -75,12 +83,15 @@ def main() -> None:
   parser.add_argument("--no-validation", action="store_true",
                       help="leave the validation programs out of trace and compile")
   parser.add_argument("--skip-step", action="store_true", help="stop after compile")
+  parser.add_argument("--reference-init", action="store_true",
+                      help="also time the one-program init of before (same process)")
   args = parser.parse_args()
   config = config_lib.load_config(args.preset)
   if args.set:
     config = dataclasses.replace(config, **config_lib.parse_overrides(args.set))
   load_before = os.getloadavg()[0]
-  r = measure(config, validation=not args.no_validation, step=not args.skip_step)
+  r = measure(config, validation=not args.no_validation, step=not args.skip_step,
+              reference_init=args.reference_init)
   load_after = os.getloadavg()[0]
   s = r["seconds"]
   print(f"# Meta-training start-up: preset {args.preset} {' '.join(args.set)}\n")
@@ -88,10 +99,11 @@ def main() -> None:
         f"{os.cpu_count()} cores, jax {jax.__version__}; load (1 min) "
         f"{load_before:.1f} -> {load_after:.1f}")
   print(", ".join(f"{k} {v}" for k, v in r["counts"].items() if v is not None) + "\n")
+  phases = [k for k in s if "before" not in k]
   print("| " + " | ".join(s) + " | total |")
   print("|" + "---|" * (len(s) + 1))
-  print("| " + " | ".join(f"{v:.1f}" for v in s.values()) + f" | {sum(s.values()):.1f} |",
-        flush=True)
+  print("| " + " | ".join(f"{v:.1f}" for v in s.values())
+        + f" | {sum(s[k] for k in phases):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -402,10 +402,13 @@ class MetaTrainer:
     first = self._first_flag(True)
     args_of = {}
     for i, specs in self.groups.items():
-      keys = np.stack([np.asarray(_group_key(key, g.name)) for g in specs])
+      # Arguments typed (shape, dtype, sharding) as a step passes them: one compilation.
+      keys = jax.device_put(np.stack([np.asarray(_group_key(key, g.name)) for g in specs]),
+                            self._rep)
       blank = {g.name: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding),
                                     shapes.populations[g.name]) for g in specs}
-      done = tuple(np.ones([g.size], bool) for g in specs)
+      done = tuple(jax.device_put(np.ones([g.size], bool), self._pop_sharding)
+                   for g in specs)
       args_of[i] = self._restart_args(i, blank, keys, done, first)
     compile_all(self._lower_restarts(args_of))
     pops = {}
@@ -463,8 +466,9 @@ class MetaTrainer:
     for i in range(len(self.tasks)):
       sub = {g.name: state.populations[g.name] for g in self.groups[i]}
       lowered.append(self.program(i).lower(state.theta, sub, state.key, state.step))
-      keys = jax.ShapeDtypeStruct((len(self.groups[i]), 2), jnp.uint32)
-      done = tuple(jax.ShapeDtypeStruct((g.size,), jnp.bool_) for g in self.groups[i])
+      keys = jax.ShapeDtypeStruct((len(self.groups[i]), 2), jnp.uint32, sharding=self._rep)
+      done = tuple(jax.ShapeDtypeStruct((g.size,), jnp.bool_, sharding=self._pop_sharding)
+                   for g in self.groups[i])
       restart_args[i] = self._restart_args(i, sub, keys, done, self._first_flag(False))
     lowered += self._lower_restarts(restart_args)
     count = len(self.active_tasks(0))
