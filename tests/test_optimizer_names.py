@@ -18,7 +18,8 @@ from metaopt.lopt import LOConfig
 from metaopt.lopt import _classical
 
 # Exported functions that are parts of optimizers, not optimizers.
-BUILDING_BLOCKS = {"adamp_projection", "muon_fan_ins", "muon_labels", "proximal_decay_step",
+BUILDING_BLOCKS = {"adamp_projection", "muon_fan_ins", "muon_fan_ins_2d", "muon_labels",
+                   "proximal_decay_step",
                    "schedule_free_eval_params"}
 # The LO's candidate for decoupled weight decay: a term every classical entry mixes in
 # (its "wd" mapping), not an optimizer of its own.
