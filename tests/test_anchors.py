@@ -1,7 +1,6 @@
 """The untuned anchors (Muon and AdamW at their defaults with warmup + cosine) and the
 learned optimizer that equals Muon's (the prior of 0.3.0), in float64."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,32 +13,7 @@ from metaopt.lopt import LOConfig
 from metaopt.lopt import _update
 
 from test_lopt import _run_both
-
-
-class _ConvMLP(nn.Module):
-  """Conv kernels (4-D: Adam in optax's default split), an embedding-like input matrix,
-  hidden matrices and a readout (2-D: Muon), biases (Adam)."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(4, (3, 3))(x)).reshape(x.shape[0], -1)
-    x = nn.tanh(nn.Dense(16)(x))
-    x = nn.tanh(nn.Dense(12)(x))
-    return nn.Dense(3)(x)
-
-
-def _problem(dtype):
-  model = _ConvMLP()
-  x = jax.random.normal(jax.random.key(1), (8, 5, 5, 2), dtype)
-  y = jax.random.normal(jax.random.key(2), (8, 3), dtype)
-  params = jax.tree.map(lambda a: a.astype(dtype),
-                        model.init(jax.random.key(3), x)["params"])
-
-  def loss(p, key):
-    xb = x + 0.1 * jax.random.normal(key, x.shape, dtype)
-    return 0.5 * jnp.mean((model.apply({"params": p}, xb) - y) ** 2)
-
-  return params, loss
+from test_lopt_muon import _flax_problem
 
 
 @pytest.mark.parametrize("num_steps", [100, pytest.param(37, marks=pytest.mark.slow)])
@@ -54,7 +28,7 @@ def test_learned_prior_equals_muon_anchor_float64(x64, num_steps):
   holds its last value: compared only up to the horizon.
   """
   del x64
-  params, loss = _problem(jnp.float64)
+  params, loss, _ = _flax_problem(jnp.float64)  # conv kernels (Adam) and 2-D (Muon)
   # anchors.muon(num_steps) with optax's schedule evaluated in float64 (given an int32
   # count it computes in float32, a 1e-7 relative difference that would hide the rest).
   shape = sweep.schedule_shape("warmup_cosine", num_steps, anchors.WARMUP_FRACTION)
