@@ -174,14 +174,12 @@ class LearnedOptimizer:
 
     by_role = config.muon and config.muon_matrices == "hidden"
 
-    def muon_fan_in(params, r):
-      return muon_fan_ins(config, params, r)
-
     def init_fn(params):
       _check_float_leaves(params, "params")
       r = resolve_roles(params) if use_mup or by_role else None
       scales = mup_lib.update_scales(r) if use_mup else jax.tree.map(lambda _: 1.0, params)
-      return _update.init_state(params, scales, config, muon_fan_in(params, r))
+      return _update.init_state(params, scales, config,
+                                muon_fan_ins(config, params, r))
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
       del extra_args
@@ -192,7 +190,8 @@ class LearnedOptimizer:
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
       # A step with non-finite gradients or loss is skipped and counted (see
       # _update.update): the containment optax.apply_if_finite gives, built in.
-      fan_in = muon_fan_in(params, resolve_roles(params, warn=False) if by_role else None
+      fan_in = muon_fan_ins(config, params,
+                            resolve_roles(params, warn=False) if by_role else None
                            )  # static: shapes and paths only (init warned)
       return _update.update(config, theta, updates, state, params, value=value,
                             num_steps=num_steps, learning_rate=lr, skip_nonfinite=True,
