@@ -12,8 +12,14 @@ import metaopt
 NUM_STEPS = 6
 
 
-def released_updates(name: str) -> dict:
-  """{f"{step}{path}": update} for NUM_STEPS steps of ``metaopt.pretrained(name)``."""
+# The artifacts released before the orthogonalized-momentum switch, by the name their
+# updates carry in tests/data/released_lo_updates.npz (written when 0.2.0 was "default").
+BEFORE_MUON = {"v0.2.0": "default", "sp": "sp"}
+
+
+def released_updates(name: str, key: str | None = None) -> dict:
+  """{f"{key}/{step}/{path}": update} for NUM_STEPS steps of ``metaopt.pretrained(name)``
+  (``key`` defaults to ``name``)."""
   lo = metaopt.pretrained(name)
   rng = np.random.default_rng(0)
   shapes = {"embed": (11, 8), "conv": (3, 3, 2, 8), "hidden": (8, 16), "bias": (16,),
@@ -32,14 +38,14 @@ def released_updates(name: str) -> dict:
     updates, state = step(grads[t], state, params, jnp.float32(1.0 / (t + 1)))
     params = jax.tree.map(jnp.add, params, updates)
     for k, u in updates.items():
-      out[f"{name}/{t}/{k}"] = np.asarray(u)
+      out[f"{key or name}/{t}/{k}"] = np.asarray(u)
   return out
 
 
 if __name__ == "__main__":
   import sys
   data = {}
-  for artifact in metaopt.checkpoint.available():
-    data.update(released_updates(artifact))
+  for artifact, key in BEFORE_MUON.items():
+    data.update(released_updates(artifact, key))
   np.savez(sys.argv[1], **data)
   print(sorted(data)[:3], len(data))

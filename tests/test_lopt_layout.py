@@ -6,7 +6,8 @@ reduction order. Over a few steps of the shipped artifact that order moves the
 per-tensor statistics by ~1e-6 relative, which the features, the MLP and the exp of a
 clipped magnitude carry through smooth maps: updates agree to ~1e-5 of their scale,
 while a layout bug (a wrong offset, padding counted in a statistic, a tensor's scalar
-applied to its neighbour) changes them by O(1).
+applied to its neighbour) changes them by O(1). The artifact is 0.2.0's (the base rule,
+no Muon switch: the counts of buffers and fusions below are that rule's).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _run(lo, params, flat, with_value, steps=6):
 def test_flat_layout_gives_the_per_tensor_layouts_updates(with_value):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    lo = metaopt.pretrained()
+    lo = metaopt.pretrained("v0.2.0")
   params = _tree()
   flat, flat_state = _run(lo, params, True, with_value)
   ref, ref_state = _run(lo, params, False, with_value)
@@ -91,7 +92,7 @@ def test_own_copy_passes_give_the_shared_passes_updates(monkeypatch):
   of a few float32 operations)."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    lo = metaopt.pretrained()
+    lo = metaopt.pretrained("v0.2.0")
   params = _tree()
   ref, ref_state = _run(lo, params, True, True, steps=3)
   monkeypatch.setattr(_engine, "OWN_COPY_MIN", 0)
@@ -125,13 +126,13 @@ def _mlp_fusions(num_tensors):
   """Fused computations of the compiled update that hold (most of) the MLP."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    opt = metaopt.pretrained().as_optax(num_steps=100)
+    opt = metaopt.pretrained("v0.2.0").as_optax(num_steps=100)
   params = {f"w{i}": jax.ShapeDtypeStruct((32, 16 + i), jnp.float32)
             for i in range(num_tensors)}
   state = jax.eval_shape(opt.init, params)
   hlo = jax.jit(opt.update).lower(params, state, params).compile().as_text()
   bodies = [c for c in hlo.split("\n\n") if c.startswith("%fused")]
-  hidden = metaopt.pretrained().config.hidden_size
+  hidden = metaopt.pretrained("v0.2.0").config.hidden_size
   # The MLP's first layer alone is (features x hidden) multiplies.
   return sum(len(re.findall(r" multiply\(", c)) > 10 * hidden for c in bodies)
 

@@ -23,7 +23,7 @@ from metaopt import optimizers
 from metaopt.lopt import FEATURE_NAMES, LOConfig, LearnedOptimizer
 from metaopt.lopt import _update
 
-from _old_artifact_updates import released_updates
+from _old_artifact_updates import BEFORE_MUON, released_updates
 from test_lopt import _run_both
 
 GOLDEN = "tests/data/released_lo_updates.npz"
@@ -244,7 +244,7 @@ def test_switch_needs_the_fan_ins_when_called_directly():
 
 
 def test_released_artifacts_read_as_off_and_give_the_same_updates():
-  """The released artifacts (written before the switch) load with it off, with the
+  """The artifacts released before the switch (0.2.0's, its SP LO) load with it off, with the
   theta and config they had, and give the updates the engine gave before the switch
   and the flat layout existed (tests/data/released_lo_updates.npz: written by
   tests/_old_artifact_updates.py at commit 902cba5, XLA:CPU), to float32 rounding.
@@ -255,19 +255,20 @@ def test_released_artifacts_read_as_off_and_give_the_same_updates():
   clipped magnitude over six steps: 1e-5 of each update's scale. A changed feature,
   weight or layout offset moves updates by O(1) of their scale."""
   golden = np.load(GOLDEN)
-  for name in checkpoint.available():
+  assert set(BEFORE_MUON) <= set(checkpoint.available())
+  for name, key in BEFORE_MUON.items():
     lo = metaopt.pretrained(name)
     assert not lo.config.muon and "hidden_mix" not in lo.theta
     assert "muon" not in lo.config.to_dict()  # re-saved, the same JSON as before
     assert lo.config.feature_names == FEATURE_NAMES
     if jax.default_backend() != "cpu":
       continue
-    new = released_updates(name)
-    assert set(new) == {k for k in golden.files if k.startswith(name + "/")}
-    for key, value in new.items():
-      want = golden[key]
+    new = released_updates(name, key)
+    assert set(new) == {k for k in golden.files if k.startswith(key + "/")}
+    for path, value in new.items():
+      want = golden[path]
       np.testing.assert_allclose(value, want, rtol=0,
-                                 atol=1e-5 * float(np.max(np.abs(want))), err_msg=key)
+                                 atol=1e-5 * float(np.max(np.abs(want))), err_msg=path)
 
 
 def test_artifact_with_switch_records_it_and_round_trips(tmp_path):

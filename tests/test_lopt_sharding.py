@@ -41,7 +41,7 @@ _WORKER = textwrap.dedent(r"""
   params = jax.device_put(host, shardings)
   labels = {"embed": "input", "dense": "hidden", "conv": "hidden", "bias": "vector",
             "scale": "vector"}
-  opt = metaopt.pretrained().as_optax(num_steps=100, labels=labels)
+  opt = metaopt.pretrained("v0.2.0").as_optax(num_steps=100, labels=labels)
 
   # init on abstract params.
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host)
@@ -58,7 +58,7 @@ _WORKER = textwrap.dedent(r"""
           name, buf.sharding, shardings[name])
 
   # With the step-size features: x_0 is a copy of each parameter, with its sharding.
-  lo_on = metaopt.pretrained().extended(step_size_features=True)
+  lo_on = metaopt.pretrained("v0.2.0").extended(step_size_features=True)
   opt_on = lo_on.as_optax(num_steps=100, labels=labels)
   assert jax.tree.structure(jax.eval_shape(opt_on.init, abstract)) == jax.tree.structure(
       opt_on.init(host))
@@ -124,7 +124,7 @@ _MESH_WORKER = textwrap.dedent("""
            "vector": P("x"), "readout": P(None, "x"), "scale": P()}
   labels = {"hidden": "hidden", "twin_rows": "hidden", "twin_cols": "hidden",
             "vector": "vector", "readout": "output", "scale": "vector"}
-  lo = metaopt.pretrained().extended(muon=True, step_size_features=True)
+  lo = metaopt.pretrained("v0.2.0").extended(muon=True, step_size_features=True)
   opt = lo.with_config(muon_beta=0.5).as_optax(num_steps=100, labels=labels)
   grads_of = lambda p: jax.tree.map(lambda a: jnp.cos(3 * a) * 0.1, p)
 

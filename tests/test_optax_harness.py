@@ -41,7 +41,7 @@ import pytest
 
 import metaopt
 import metaopt.optimizers as mo
-from metaopt import mup
+from metaopt import anchors, mup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -107,9 +107,12 @@ def _classical(name: str) -> Entry:
 
 
 ENTRIES = [_classical(n) for n in mo.OPTIMIZER_NAMES] + [
-    # The released LO with the horizon it is told; learning_rate is its multiplier.
+    # The released LO with the horizon it is told; learning_rate is its multiplier. Its
+    # peak step is Muon's default (anchors.MUON_LR, warmup + cosine): scaled to the same
+    # 0.1 peak as the others (at 1x, Adam's part moves the vector leaf ~0.04 a step and
+    # stops short of the optimum, as optax.contrib.muon at that lr does).
     Entry("lo_pretrained", lambda: _pretrained().as_optax,
-          (("num_steps", PARABOLA_STEPS),), lr=1.0, is_lo=True),
+          (("num_steps", PARABOLA_STEPS),), lr=PARABOLA_LR / anchors.MUON_LR, is_lo=True),
     # muAdamW-free AdamW as an LO (lr 1e-3) times 100: the same 0.1 step as the others.
     Entry("lo_from_classical_adamw", lambda: _from_classical_adamw().as_optax,
           lr=PARABOLA_LR / 1e-3, is_lo=True),

@@ -16,11 +16,15 @@ from metaopt.lopt import CANDIDATE_NAMES, FEATURE_NAMES
 
 def test_default_artifact_metadata_matches_the_code():
   meta = checkpoint.read_metadata(checkpoint._resources.checkpoints_dir() / "default")  # pylint: disable=protected-access
-  assert meta["features"] == list(FEATURE_NAMES)
-  assert meta["candidates"] == list(CANDIDATE_NAMES)
-  assert meta["package"] == "metaopt"
   lo = metaopt.pretrained()
   assert lo.config.to_dict() == meta["config"]
+  assert meta["features"] == list(lo.config.feature_names)
+  assert meta["candidates"] == list(lo.config.candidate_names)
+  # 0.3.0's default: the base rule plus the orthogonalized-momentum switch.
+  assert meta["features"][:len(FEATURE_NAMES)] == list(FEATURE_NAMES)
+  assert meta["candidates"][:len(CANDIDATE_NAMES)] == list(CANDIDATE_NAMES)
+  assert lo.config.muon and lo.config.horizon_decay == "warmup_cosine"
+  assert meta["package"] == "metaopt"
   assert "default" in checkpoint.available()
 
 
@@ -28,9 +32,10 @@ def test_mismatched_feature_list_is_a_clear_error(tmp_path):
   lo = metaopt.pretrained()
   path = checkpoint.save(lo, tmp_path / "copy")
   meta = json.loads((path / "metadata.json").read_text())
-  meta["features"] = meta["features"][:-1]
+  *kept, missing = meta["features"]
+  meta["features"] = kept
   (path / "metadata.json").write_text(json.dumps(meta))
-  with pytest.raises(checkpoint.ArtifactError, match="missing \\['has_horizon'\\]"):
+  with pytest.raises(checkpoint.ArtifactError, match=f"missing \\['{missing}'\\]"):
     metaopt.load(path)
 
 
@@ -46,8 +51,9 @@ class _MLP(nn.Module):
 @pytest.mark.parametrize("pass_value", [True, False])
 def test_pretrained_trains_a_digits_mlp_untuned(pass_value):
   """Untuned, through plain optax, full-batch digits cross-entropy goes from > 2 to
-  < 0.01 by step 100 and < 1e-3 by step 300 (the muAdamW warm start it was meta-trained
-  from is at 0.26 and 0.04: this fails for an artifact that was not meta-trained)."""
+  < 0.01 by step 100 and < 1e-3 by step 300 (AdamW at its default 1e-3 is at 0.26 and
+  0.04, as was 0.2.0's muAdamW warm start: this fails for an optimizer no better than
+  that default)."""
   x, y = load_digits(return_X_y=True)
   x, y = jnp.asarray(x / 16.0, jnp.float32), jnp.asarray(y)
   model = _MLP()

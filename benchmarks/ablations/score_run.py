@@ -3,6 +3,7 @@
 Usage::
 
   python benchmarks/ablations/score_run.py RUN STEPS [--json OUT.json] [--lo-set F=V]
+      [--artifact LABEL=PATH ...]
 
 The same scores as ``meta_train.py --out RUN --score STEPS`` (``validation.score_thetas``
 on ``MetaConfig.selection_suites``: informed runs, 2 seeds, log meta-objective, lower is
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import numpy as np
 
+import metaopt
 from metaopt.meta import config as config_lib
 from metaopt.meta import outer
 from metaopt.meta import run
@@ -41,6 +43,9 @@ def main() -> None:
                       help="score under the run's LOConfig with FIELD changed (VALUE "
                       "as for meta_train.py --set; theta's shapes must not change), e.g. "
                       "warmup_fraction=0.05")
+  parser.add_argument("--artifact", action="append", default=[], metavar="LABEL=PATH",
+                      help="also score this LO artifact (same LOConfig as the run's) "
+                      "under LABEL, e.g. avg=runs/avg")
   args = parser.parse_args()
   run_dir = pathlib.Path(args.run_dir)
   config = config_lib.MetaConfig.from_dict(
@@ -55,6 +60,14 @@ def main() -> None:
     if lo.config != warm.config:
       raise SystemExit(f"checkpoint {step} has another LOConfig than the warm start")
     thetas[str(step)] = lo.theta
+  for spec in args.artifact:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+      raise SystemExit(f"--artifact {spec!r}: expected LABEL=PATH")
+    lo = metaopt.load(path)
+    if lo.config != warm.config:
+      raise SystemExit(f"--artifact {path} has another LOConfig than the run's warm start")
+    thetas[label] = lo.theta
   try:
     lo_config = warm.with_config(**config_lib.parse_overrides(args.lo_set)).config
   except (TypeError, ValueError) as e:
@@ -62,7 +75,7 @@ def main() -> None:
   entries = validation.selection_entries(config.selection_suites)
   scores = validation.score_thetas(lo_config, thetas, entries)
   labels = list(thetas)
-  print("| task | " + " | ".join(f"step {k}" for k in labels) + " |")
+  print("| task | " + " | ".join(f"step {k}" if k.isdigit() else k for k in labels) + " |")
   print("|---" * (len(labels) + 1) + "|")
   for name, row in scores.items():
     print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in labels) + " |")
