@@ -148,10 +148,11 @@ class LearnedOptimizer:
       base_params: a narrower base model's params; roles follow the muP rule.
       sp: turn muP scaling off (standard parametrization).
 
-    Without roles, labels or base_params, :func:`metaopt.mup.infer_roles` guesses
-    (and warns when unsure). With ``config.muon`` the roles also decide which tensors
-    get the orthogonalized candidate (hidden matrices, as in
-    :func:`metaopt.optimizers.muon`), with muP on or off.
+    :func:`metaopt.mup.resolve_roles` reads them in that order; without any,
+    :func:`metaopt.mup.infer_roles` guesses (and warns when unsure). With
+    ``config.muon`` the roles also decide which tensors get the orthogonalized
+    candidate (hidden matrices, as in :func:`metaopt.optimizers.muon`), with muP on
+    or off.
 
     A step whose gradients or ``value`` hold a NaN or inf is skipped, as by
     ``optax.apply_if_finite``: the updates are zero, the state (and so the step count)
@@ -164,13 +165,8 @@ class LearnedOptimizer:
     use_mup = config.mup and not sp
 
     def resolve_roles(params, warn=True):
-      if roles is not None:
-        return mup_lib.check_roles(params, roles)  # masked leaves (optax.masked) dropped
-      if labels is not None:
-        return mup_lib.roles_from_labels(params, labels, base_fan_in=config.base_fan_in)
-      if base_params is not None:
-        return mup_lib.roles_from_base(params, base_params)
-      return mup_lib.infer_roles(params, base_fan_in=config.base_fan_in, warn=warn)
+      return mup_lib.resolve_roles(params, roles, labels=labels, base_params=base_params,
+                                   base_fan_in=config.base_fan_in, warn=warn)
 
     by_role = config.muon and config.muon_matrices == "hidden"
 

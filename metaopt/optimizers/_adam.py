@@ -122,20 +122,6 @@ def adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
                                   weight_decay, mask)
 
 
-def _checked_roles(roles: mup.RolesOrFn) -> optax.GradientTransformation:
-  """Stateless transform whose init checks that ``roles`` match the parameters."""
-
-  def init_fn(params):
-    mup.check_roles(params, roles(params) if callable(roles) else roles)
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    return updates, state
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def mu_adamw(learning_rate: optax.ScalarOrSchedule, roles: mup.RolesOrFn,
              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
              eps_root: float = 0.0, weight_decay: optax.ScalarOrSchedule = 1e-4, *,
@@ -181,8 +167,11 @@ def mu_adamw(learning_rate: optax.ScalarOrSchedule, roles: mup.RolesOrFn,
   """
   _validation.check_learning_rate(learning_rate)
   _validation.check_nonnegative("weight_decay", weight_decay)
+  if roles is None:
+    raise ValueError("mu_adamw: roles is None; expected a metaopt.mup.ParamRole tree or "
+                     "a callable params -> roles (metaopt.mup.resolve_roles makes one).")
   return optax.chain(
-      _checked_roles(roles),
+      _factory.checked_roles(roles),
       scale_by_adam(b1, b2, eps, eps_root),
       optax.add_decayed_weights(weight_decay, mask),
       mup.scale_by_mup(roles),

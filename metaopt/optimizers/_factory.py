@@ -24,6 +24,7 @@ from typing import Any, Callable, Union
 import jax
 import optax
 
+from metaopt import mup
 from metaopt.optimizers import _validation
 
 Tree = Any
@@ -46,6 +47,22 @@ def check_nonnegative(**values) -> None:
   """Each keyword's concrete value must be >= 0 (ValueError naming it)."""
   for name, value in values.items():
     _validation.check_nonnegative(name, value)
+
+
+def checked_roles(roles: mup.RolesOrFn | None, labels: Tree = None
+                  ) -> optax.GradientTransformation:
+  """Stateless; its ``init`` resolves the muP roles (:func:`metaopt.mup.resolve_roles`):
+  explicit ``roles`` are checked against the parameters, inference warns when unsure."""
+
+  def init_fn(params):
+    mup.resolve_roles(params, roles, labels=labels, warn=True)
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def decayed_descent(direction: optax.GradientTransformation,

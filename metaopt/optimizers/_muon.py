@@ -13,7 +13,8 @@ both parts, ``eps`` is shared) on the other leaves. What differs, on purpose:
   embeddings (``input``), the readout (``output``) and vectors go to AdamW, as Jordan
   et al recommend. Roles come from ``roles=``, from ``labels=`` (role names, via
   :func:`metaopt.mup.roles_from_labels`) or, for unlabeled trees, from
-  :func:`metaopt.mup.infer_roles` (which warns at ``init`` when it is unsure).
+  :func:`metaopt.mup.infer_roles` (which warns at ``init`` when it is unsure), as
+  :func:`metaopt.mup.resolve_roles` orders them.
 * **Tensors with more than 2 dims** are one matrix ``[fan_in, size / fan_in]`` with the
   fan-in of :func:`metaopt.mup.default_fan_in`: conv kernels ``[*spatial, in, out]``
   become ``[prod(spatial) * in, out]``; 3-D attention kernels ``[in, heads, head_dim]``
@@ -33,7 +34,6 @@ preset name are not provided.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -179,17 +179,6 @@ def _scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _resolve_roles(tree, roles, labels, *, warn: bool):
-  if roles is not None:
-    return roles(tree) if callable(roles) else roles
-  if labels is not None:
-    return mup.roles_from_labels(tree, labels)
-  with warnings.catch_warnings():
-    if not warn:
-      warnings.simplefilter("ignore", mup.RoleInferenceWarning)
-    return mup.infer_roles(tree, warn=warn)
-
-
 def muon_labels(params, roles=None, labels=None, *, warn: bool = False) -> Tree:
   """``"muon"`` or ``"adam"`` per leaf: which part of :func:`muon` updates it.
 
@@ -205,7 +194,7 @@ def muon_labels(params, roles=None, labels=None, *, warn: bool = False) -> Tree:
   Returns:
     A tree of strings with the structure of ``params``.
   """
-  r = _resolve_roles(params, roles, labels, warn=warn)
+  r = mup.resolve_roles(params, roles, labels=labels, warn=warn)
   return jax.tree.map(lambda leaf, role: MUON if role.kind == "hidden" and
                       jnp.ndim(leaf) >= 2 else ADAM, params, r, is_leaf=mup.is_role)
 
@@ -230,22 +219,6 @@ def muon_fan_ins_2d(params) -> Tree:
   unset), as the learned optimizer's ``LOConfig(muon_matrices="all_2d")`` reads them."""
   return jax.tree.map(lambda leaf: jnp.shape(leaf)[0] if jnp.ndim(leaf) == 2 else 0,
                       params)
-
-
-def _checked_roles(roles, labels) -> optax.GradientTransformation:
-  """Stateless: at ``init`` checks explicit roles, or lets role inference warn."""
-
-  def init_fn(params):
-    r = _resolve_roles(params, roles, labels, warn=True)
-    if roles is not None:
-      mup.check_roles(params, r)
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    return updates, state
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def muon(learning_rate: optax.ScalarOrSchedule,
@@ -340,7 +313,7 @@ def muon(learning_rate: optax.ScalarOrSchedule,
       learning_rate if adam_learning_rate is None else adam_learning_rate,
       adam_weight_decay, mask)
   return optax.chain(
-      _checked_roles(roles, labels),
+      _factory.checked_roles(roles, labels),
       optax.partition({MUON: muon_part, ADAM: adam_part},
                       lambda tree: muon_labels(tree, roles, labels)),
   )
