@@ -152,33 +152,6 @@ def scale_by_muon(ns_coeffs=features.NEWTON_SCHULZ_COEFFS, ns_steps: int = 5,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov
-                   ) -> optax.GradientTransformation:
-  """Adam's direction, with optax's Nesterov look-ahead when ``nesterov`` (NAdam)."""
-  if not nesterov and mu_dtype is None:
-    return _adam.scale_by_adam(b1, b2, eps, eps_root)
-
-  def init_fn(params):
-    return _adam.ScaleByAdamState(jnp.zeros([], jnp.int32),
-                                  optax.tree.zeros_like(params, dtype=mu_dtype),
-                                  optax.tree.zeros_like(params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
-    nu = features.update_second_moment(state.nu, updates, b2)
-    count = optax.safe_increment(state.count)
-    m_hat = (features.nesterov_momentum(mu, updates, b1, count) if nesterov else
-             features.bias_correction(mu, b1, count))
-    direction = features.adam_direction(m_hat, features.bias_correction(nu, b2, count),
-                                        eps, eps_root)
-    mu = optax.tree.cast(mu, mu_dtype) if mu_dtype is not None else (
-        optax.tree.cast_like(mu, state.mu))
-    return direction, _adam.ScaleByAdamState(count, mu, optax.tree.cast_like(nu, state.nu))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def muon_labels(params, roles=None, labels=None, *, warn: bool = False) -> Tree:
   """``"muon"`` or ``"adam"`` per leaf: which part of :func:`muon` updates it.
 
@@ -309,7 +282,8 @@ def muon(learning_rate: optax.ScalarOrSchedule,
                     adaptive=adaptive, consistent_rms=consistent_rms),
       learning_rate, weight_decay, mask)
   adam_part = _factory.decayed_descent(
-      _scale_by_adam(adam_b1, adam_b2, eps, adam_eps_root, mu_dtype, nesterov),
+      _adam.scale_by_adam(adam_b1, adam_b2, eps, adam_eps_root, mu_dtype,
+                          nesterov=nesterov),
       learning_rate if adam_learning_rate is None else adam_learning_rate,
       adam_weight_decay, mask)
   return optax.chain(
