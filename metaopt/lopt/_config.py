@@ -13,6 +13,8 @@ import math
 import numbers
 from typing import Any
 
+from metaopt.optimizers import _validation
+
 # Per-parameter features, RMS-normalized per tensor before entering the MLP.
 NORMALIZED_FEATURES = (
     "grad",
@@ -215,21 +217,18 @@ class LOConfig:
     for f in dataclasses.fields(self):
       if f.type in ("float", float):
         _check_real(f.name, getattr(self, f.name))
-    for name in ("second_moment_decay", "factored_decay", "lion_b1", "tam_beta",
-                 "tam_gamma", "laprop_b1", "muon_beta", "loss_trend_decay"):
-      _check_unit(name, getattr(self, name))
-    for i, d in enumerate(decays):
-      _check_unit(f"momentum_decays[{i}]", d)
-    for name in ("adam_eps", "tam_eps", "adatam_eps", "grams_eps", "laprop_eps",
-                 "momo_alpha", "max_log_step", "feature_clip", "muon_eps"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in (0, inf).")
-    if not 0 <= self.warmup_fraction < 1:
-      raise ValueError(f"warmup_fraction={self.warmup_fraction!r}; expected a value in "
-                       "[0, 1).")
-    for name in ("ademamix_alpha", "step_mult", "log_step_mult"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in [0, inf).")
+    _validation.check_betas(
+        **{name: getattr(self, name) for name in (
+            "second_moment_decay", "factored_decay", "lion_b1", "tam_beta", "tam_gamma",
+            "laprop_b1", "muon_beta", "loss_trend_decay")},
+        **{f"momentum_decays[{i}]": d for i, d in enumerate(decays)})
+    _validation.check_positive(**{name: getattr(self, name) for name in (
+        "adam_eps", "tam_eps", "adatam_eps", "grams_eps", "laprop_eps", "momo_alpha",
+        "max_log_step", "feature_clip", "muon_eps")})
+    _validation.check_range(0.0, 1.0, warmup_fraction=self.warmup_fraction)
+    _validation.check_nonnegative(ademamix_alpha=self.ademamix_alpha,
+                                  step_mult=self.step_mult,
+                                  log_step_mult=self.log_step_mult)
 
   @property
   def feature_names(self) -> tuple[str, ...]:
@@ -299,8 +298,3 @@ def _check_real(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
       not math.isfinite(value):
     raise ValueError(f"{name}={_short(value)}; expected a finite number.")
-
-
-def _check_unit(name: str, value: float) -> None:
-  if not 0.0 <= value < 1.0:
-    raise ValueError(f"{name}={value!r} is out of range; expected a value in [0, 1).")

@@ -160,7 +160,7 @@ class LearnedOptimizer:
     ``learning_rate`` and ``num_steps`` may be traced (``optax.inject_hyperparams``).
     """
     num_steps = _check_num_steps(num_steps)
-    _validation.check_learning_rate(learning_rate)
+    _validation.check_nonnegative(learning_rate=learning_rate)
     config, theta = self.config, self.theta
     use_mup = config.mup and not sp
 

@@ -67,9 +67,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop, 2016
   """
-  _factory.check_betas(b1=b1, b2=b2)
-  _factory.check_positive(eps=eps)
-  _factory.check_nonnegative(eps_root=eps_root)
+  _validation.check_betas(b1=b1, b2=b2)
+  _validation.check_positive(eps=eps)
+  _validation.check_nonnegative(eps_root=eps_root)
 
   def init_fn(params):
     return ScaleByAdamState(jnp.zeros([], jnp.int32),
@@ -176,8 +176,7 @@ def mu_adamw(learning_rate: optax.ScalarOrSchedule, roles: mup.RolesOrFn,
     Yang et al, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot
     Hyperparameter Transfer", arXiv:2203.03466, 2022
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate, weight_decay=weight_decay)
   if roles is None:
     raise ValueError("mu_adamw: roles is None; expected a metaopt.mup.ParamRole tree or "
                      "a callable params -> roles (metaopt.mup.resolve_roles makes one).")
@@ -220,7 +219,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransforma
   References:
     Chen et al, "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675, 2023
   """
-  _factory.check_betas(b1=b1, b2=b2)
+  _validation.check_betas(b1=b1, b2=b2)
 
   def init_fn(params):
     return ScaleByLionState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))

@@ -1,4 +1,4 @@
-"""What the optimizer factories share: their validation preamble and their tail.
+"""What the optimizer factories share: the roles check and their tail.
 
 Most optimizers here are ``scale_by_<algo>(...)`` followed by the same two steps,
 
@@ -29,24 +29,6 @@ from metaopt.optimizers import _validation
 
 Tree = Any
 Mask = Union[None, Tree, Callable[[Tree], Tree]]
-
-
-def check_betas(**betas) -> None:
-  """Each keyword's concrete value must lie in [0, 1) (ValueError naming it)."""
-  for name, value in betas.items():
-    _validation.check_beta(name, value)
-
-
-def check_positive(**values) -> None:
-  """Each keyword's concrete value must be > 0 (ValueError naming it)."""
-  for name, value in values.items():
-    _validation.check_positive(name, value)
-
-
-def check_nonnegative(**values) -> None:
-  """Each keyword's concrete value must be >= 0 (ValueError naming it)."""
-  for name, value in values.items():
-    _validation.check_nonnegative(name, value)
 
 
 def checked_roles(roles: mup.RolesOrFn | None, labels: Tree = None
@@ -81,8 +63,7 @@ def decayed_descent(direction: optax.GradientTransformation,
     ``optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate))``.
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
       direction,
       optax.add_decayed_weights(weight_decay, mask),

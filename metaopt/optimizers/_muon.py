@@ -55,7 +55,7 @@ def _check_ns(ns_coeffs, ns_steps) -> None:
   table = jnp.asarray(ns_coeffs)
   if table.ndim not in (1, 2) or table.shape[-1] != 3:
     raise ValueError(f"ns_coeffs must have shape (3,) or (n, 3); got {table.shape}.")
-  _validation.check_range("ns_steps", ns_steps, 1.0)
+  _validation.check_range(1.0, ns_steps=ns_steps)
 
 
 def _paths_and_leaves(tree):
@@ -115,10 +115,10 @@ def scale_by_muon(ns_coeffs=features.NEWTON_SCHULZ_COEFFS, ns_steps: int = 5,
   References:
     Jordan et al, "Muon: An optimizer for hidden layers in neural networks", blog, 2024
   """
-  _validation.check_beta("beta", beta)
-  _validation.check_positive("eps", eps)
+  _validation.check_betas(beta=beta)
+  _validation.check_positive(eps=eps)
   if consistent_rms is not None:
-    _validation.check_positive("consistent_rms", consistent_rms)
+    _validation.check_positive(consistent_rms=consistent_rms)
   _check_ns(ns_coeffs, ns_steps)
 
   def init_fn(params):
@@ -266,13 +266,12 @@ def muon(learning_rate: optax.ScalarOrSchedule,
 
     Liu et al, "Muon is Scalable for LLM Training", arXiv:2502.16982, 2025
   """
-  _validation.check_learning_rate(learning_rate)
+  _validation.check_nonnegative(learning_rate=learning_rate)
   if adam_learning_rate is not None:
-    _validation.check_learning_rate(adam_learning_rate, "adam_learning_rate")
-  _validation.check_nonnegative("adam_weight_decay", adam_weight_decay)
-  _validation.check_beta("adam_b1", adam_b1)
-  _validation.check_beta("adam_b2", adam_b2)
-  _validation.check_nonnegative("adam_eps_root", adam_eps_root)
+    _validation.check_nonnegative(adam_learning_rate=adam_learning_rate)
+  _validation.check_nonnegative(adam_weight_decay=adam_weight_decay)
+  _validation.check_betas(adam_b1=adam_b1, adam_b2=adam_b2)
+  _validation.check_nonnegative(adam_eps_root=adam_eps_root)
   if roles is not None and labels is not None:
     raise ValueError("muon: pass roles= or labels=, not both.")
   # Each part sees the whole tree with optax.MaskedNode on the other part's leaves, so
