@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -162,36 +163,26 @@ class LearnedOptimizer:
     num_steps = _check_num_steps(num_steps)
     _validation.check_nonnegative(learning_rate=learning_rate)
     config, theta = self.config, self.theta
+    read_roles = functools.partial(mup_lib.resolve_roles, roles=roles, labels=labels,
+                                   base_params=base_params, base_fan_in=config.base_fan_in)
     use_mup = config.mup and not sp
-
-    def resolve_roles(params, warn=True):
-      return mup_lib.resolve_roles(params, roles, labels=labels, base_params=base_params,
-                                   base_fan_in=config.base_fan_in, warn=warn)
-
     by_role = config.muon and config.muon_matrices == "hidden"
 
     def init_fn(params):
       _check_float_leaves(params, "params")
-      r = resolve_roles(params) if use_mup or by_role else None
+      r = read_roles(params) if use_mup or by_role else None
       scales = mup_lib.update_scales(r) if use_mup else jax.tree.map(lambda _: 1.0, params)
-      return _update.init_state(params, scales, config,
-                                muon_fan_ins(config, params, r))
+      return _update.init_state(params, scales, config, muon_fan_ins(config, params, r))
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
       del extra_args
-      if params is None:
-        raise ValueError("the learned optimizer needs the parameters: call "
-                         "`opt.update(grads, state, params, value=loss)`.")
       _check_structure(updates, params, state)
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      # A step with non-finite gradients or loss is skipped and counted (see
-      # _update.update): the containment optax.apply_if_finite gives, built in.
-      fan_in = muon_fan_ins(config, params,
-                            resolve_roles(params, warn=False) if by_role else None
-                           )  # static: shapes and paths only (init warned)
+      r = read_roles(params, warn=False) if by_role else None  # static; init warned
+      # A step with non-finite gradients or loss is skipped and counted (_update.update).
       return _update.update(config, theta, updates, state, params, value=value,
                             num_steps=num_steps, learning_rate=lr, skip_nonfinite=True,
-                            muon_fan_in=fan_in)
+                            muon_fan_in=muon_fan_ins(config, params, r))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -242,6 +233,9 @@ def _check_float_leaves(tree, what: str) -> None:
 
 
 def _check_structure(grads, params, state) -> None:
+  if params is None:
+    raise ValueError("the learned optimizer needs the parameters: call "
+                     "`opt.update(grads, state, params, value=loss)`.")
   ref = jax.tree.structure(state.mup_scale)  # one scalar per tensor, in both layouts.
   for what, tree in (("grads", grads), ("params", params)):
     if jax.tree.structure(tree) != ref:
