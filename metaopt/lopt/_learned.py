@@ -15,7 +15,7 @@ import optax
 from metaopt import mup as mup_lib
 from metaopt import optimizers
 from metaopt.lopt import _network, _update
-from metaopt.lopt._config import CANDIDATE_NAMES, LOConfig
+from metaopt.lopt._config import CANDIDATE_NAMES, SWITCHES, LOConfig
 from metaopt.optimizers import _validation
 
 Tree = Any
@@ -94,9 +94,11 @@ class LearnedOptimizer:
                        "with LearnedOptimizer.random or from_classical instead.")
     return dataclasses.replace(self, config=config)
 
-  def extended(self, *, muon: bool = False, step_size_features: bool = False
-               ) -> "LearnedOptimizer":
+  def extended(self, **switches: bool) -> "LearnedOptimizer":
     """This LO with the named switches turned on and every weight they add zero.
+
+    ``switches``: any of :data:`metaopt.lopt._config.SWITCHES`' names as keywords
+    (``extended(muon=True)``, ``extended(step_size_features=True)``).
 
     What it is for: warm-starting the meta-training of a switch
     (``MetaConfig.muon``, ``MetaConfig.step_size_features``) from an existing artifact.
@@ -109,9 +111,12 @@ class LearnedOptimizer:
     (turning a switch off would drop trained weights: build a new LO instead).
     Switch hyperparameters (``muon_beta``, ...) are then set with :meth:`with_config`.
     """
-    config = dataclasses.replace(self.config, muon=self.config.muon or muon,
-                                 step_size_features=(self.config.step_size_features or
-                                                     step_size_features))
+    unknown = sorted(set(switches) - {s.name for s in SWITCHES})
+    if unknown:
+      raise TypeError(f"extended() got unknown switches {unknown}; expected some of "
+                      f"{[s.name for s in SWITCHES]}.")
+    config = dataclasses.replace(self.config, **{
+        name: getattr(self.config, name) or bool(on) for name, on in switches.items()})
     theta = dict(self.theta)
 
     def by_name(values, old_names, new_names):  # rows of values, by name (new: zeros)
