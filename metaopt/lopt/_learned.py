@@ -149,7 +149,8 @@ class LearnedOptimizer:
         slowly; ``state.count > num_steps`` tells you the horizon was passed).
         ``None``: the LO works without it (and does not decay).
       learning_rate: a multiplier on the learned step (float or optax schedule).
-      roles: explicit muP roles (a :class:`metaopt.mup.ParamRole` tree).
+      roles: explicit muP roles (a :class:`metaopt.mup.ParamRole` tree or a callable
+        ``params -> roles``).
       labels: role names per leaf (``"input"/"hidden"/"output"/"vector"``).
       base_params: a narrower base model's params; roles follow the muP rule.
       sp: turn muP scaling off (standard parametrization).
