@@ -26,6 +26,8 @@ Roles are given in one of three ways:
    rule: dimensions whose size differs are width dimensions).
 
 For unlabeled trees, :func:`infer_roles` applies a documented heuristic and warns.
+:func:`resolve_roles` is the one entry point that picks among them (the optimizers
+and tasks call it).
 """
 
 from __future__ import annotations
@@ -589,3 +591,59 @@ def infer_roles(params, base_fan_in: int = 64, *, warn: bool = True):
         ". Pass roles explicitly (labels=... or base_params=...) to silence this.",
         RoleInferenceWarning, stacklevel=2)
   return jax.tree_util.tree_unflatten(treedef, roles)
+
+
+# ----------------------------------------------------------------------------------
+# The one entry point the optimizers and tasks use.
+
+INFERRED_BASE_FAN_IN = 64
+
+
+def _holds_labels(roles) -> bool:
+  return isinstance(roles, str) or any(
+      isinstance(r, str) for r in jax.tree.leaves(roles, is_leaf=is_role))
+
+
+def resolve_roles(params, roles: RolesOrFn | None = None, *, labels: Any = None,
+                  base_params: Any = None, base_fan_in: int | None = None,
+                  warn: bool = True):
+  """The muP roles of ``params`` from whichever description of them is given.
+
+  The first of these that is not None decides (callers that forbid passing two say so
+  themselves):
+
+  1. ``roles``: a :class:`ParamRole` tree, or a callable ``params -> roles``. A tree of
+     role names (``"hidden"``, ...), or a single name, is read as ``labels``. Checked
+     by :func:`check_roles` (masked leaves dropped).
+  2. ``labels``: role names per leaf (a tree, one name or a callable), by
+     :func:`roles_from_labels` with ``base_fan_in``.
+  3. ``base_params``: a narrower base model's params, by :func:`roles_from_base`.
+  4. none of them: :func:`infer_roles` with ``base_fan_in`` (default
+     ``INFERRED_BASE_FAN_IN``), warning when unsure if ``warn``.
+
+  Args:
+    params: the parameter tree (arrays or ShapeDtypeStructs; may hold
+      ``optax.MaskedNode``).
+    roles: see 1.
+    labels: see 2.
+    base_params: see 3.
+    base_fan_in: the base fan-in of hidden and output leaves that labels or inference
+      give a role; None: labels take each leaf's own fan-in (the model is its own
+      base), inference ``INFERRED_BASE_FAN_IN``.
+    warn: let :func:`infer_roles` warn (:class:`RoleInferenceWarning`).
+
+  Returns:
+    A :class:`ParamRole` tree with the structure of ``params``.
+  """
+  if callable(roles) and not is_role(roles):
+    roles = roles(params)
+  if roles is not None and _holds_labels(roles):
+    roles, labels = None, roles
+  if roles is not None:
+    return check_roles(params, roles)
+  if labels is not None:
+    return roles_from_labels(params, labels, base_fan_in=base_fan_in)
+  if base_params is not None:
+    return roles_from_base(params, base_params)
+  return infer_roles(params, INFERRED_BASE_FAN_IN if base_fan_in is None else base_fan_in,
+                     warn=warn)

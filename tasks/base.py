@@ -140,20 +140,12 @@ class FunctionTaskConfig:
 
 
 def _roles_for(name: str, shapes: Params, roles: Any, base_init: Callable | None) -> Any:
-  """A ParamRole tree from roles, labels (or a callable of params), a base model's init,
-  or, with none of them, :func:`metaopt.mup.infer_roles`."""
+  """A ParamRole tree by :func:`metaopt.mup.resolve_roles` from ``roles`` (roles, labels
+  or a callable of params) or a base model's init."""
   if roles is not None and base_init is not None:
     raise ValueError(f"task {name}: pass roles= or base_init=, not both.")
-  if base_init is not None:
-    return mup.roles_from_base(shapes, jax.eval_shape(base_init, jax.random.key(0)))
-  if roles is None:
-    return mup.infer_roles(shapes)
-  if callable(roles) and not mup.is_role(roles):
-    roles = roles(shapes)
-  if isinstance(roles, str) or any(
-      isinstance(r, str) for r in jax.tree.leaves(roles, is_leaf=mup.is_role)):
-    return mup.roles_from_labels(shapes, roles)
-  return roles
+  base = None if base_init is None else jax.eval_shape(base_init, jax.random.key(0))
+  return mup.resolve_roles(shapes, roles, base_params=base)
 
 
 def from_functions(name: str, *, init: Callable[[jax.Array], Params],

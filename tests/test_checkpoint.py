@@ -210,10 +210,12 @@ def test_malformed_metadata_documents_are_clear_errors(tmp_path, text, match):
 
 @pytest.mark.parametrize("field, value, match", [
     ("step_mult", float("nan"), "step_mult=nan; expected a finite number"),
-    ("step_mult", -1.0, r"step_mult=-1.0; expected a value in \[0, inf\)"),
+    ("step_mult", -1.0, r"step_mult=-1.0 is out of range; expected a value in \[0, inf\)"),
     ("max_log_step", float("inf"), "max_log_step=inf; expected a finite number"),
-    ("max_log_step", 0.0, r"max_log_step=0.0; expected a value in \(0, inf\)"),
-    ("ademamix_alpha", -5.0, r"ademamix_alpha=-5.0; expected a value in \[0, inf\)"),
+    ("max_log_step", 0.0,
+     r"max_log_step=0.0 is out of range; expected a value in \(0, inf\)"),
+    ("ademamix_alpha", -5.0,
+     r"ademamix_alpha=-5.0 is out of range; expected a value in \[0, inf\)"),
     ("ademamix_alpha", "5", "ademamix_alpha='5'; expected a finite number"),
     ("mup", "no", "mup='no'; expected True or False"),
     ("hidden_size", 4.0, "hidden_size=4.0; expected a positive int"),

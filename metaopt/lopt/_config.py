@@ -11,7 +11,9 @@ import dataclasses
 import json
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
+
+from metaopt.optimizers import _validation
 
 # Per-parameter features, RMS-normalized per tensor before entering the MLP.
 NORMALIZED_FEATURES = (
@@ -83,6 +85,24 @@ MUON_FEATURES = ("muon",)
 # per-tensor hidden bias (:func:`metaopt.lopt._network.hidden_bias`): no per-parameter
 # input. Their equations are in :func:`metaopt.lopt._rule.step_size_features`.
 STEP_SIZE_FEATURES = ("log_distance", "displacement_cosine", "loss_trend")
+
+
+class Switch(NamedTuple):
+  """An optional feature of the LO, declared once: the ``LOConfig`` bool that turns it
+  on, its hyperparameter fields, and the features and candidates it appends (after
+  those of the switches declared before it, so existing rows keep their places)."""
+
+  name: str
+  fields: tuple[str, ...]
+  features: tuple[str, ...]
+  candidates: tuple[str, ...]
+
+
+MUON = Switch("muon", ("muon_beta", "muon_ns_steps", "muon_eps", "muon_matrices"),
+              MUON_FEATURES, MUON_CANDIDATES)
+STEP_SIZE = Switch("step_size_features", ("loss_trend_decay",), STEP_SIZE_FEATURES, ())
+# In the order their features and candidates are appended.
+SWITCHES = (MUON, STEP_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +217,7 @@ class LOConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}; expected a positive int.")
-    for name in ("mup", "muon", "step_size_features"):
+    for name in ("mup",) + tuple(switch.name for switch in SWITCHES):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name}={getattr(self, name)!r}; expected True or False.")
     if not isinstance(self.horizon_decay, str) or self.horizon_decay not in HORIZON_DECAYS:
@@ -215,32 +235,33 @@ class LOConfig:
     for f in dataclasses.fields(self):
       if f.type in ("float", float):
         _check_real(f.name, getattr(self, f.name))
-    for name in ("second_moment_decay", "factored_decay", "lion_b1", "tam_beta",
-                 "tam_gamma", "laprop_b1", "muon_beta", "loss_trend_decay"):
-      _check_unit(name, getattr(self, name))
-    for i, d in enumerate(decays):
-      _check_unit(f"momentum_decays[{i}]", d)
-    for name in ("adam_eps", "tam_eps", "adatam_eps", "grams_eps", "laprop_eps",
-                 "momo_alpha", "max_log_step", "feature_clip", "muon_eps"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in (0, inf).")
-    if not 0 <= self.warmup_fraction < 1:
-      raise ValueError(f"warmup_fraction={self.warmup_fraction!r}; expected a value in "
-                       "[0, 1).")
-    for name in ("ademamix_alpha", "step_mult", "log_step_mult"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name}={getattr(self, name)!r}; expected a value in [0, inf).")
+    _validation.check_betas(
+        **{name: getattr(self, name) for name in (
+            "second_moment_decay", "factored_decay", "lion_b1", "tam_beta", "tam_gamma",
+            "laprop_b1", "muon_beta", "loss_trend_decay")},
+        **{f"momentum_decays[{i}]": d for i, d in enumerate(decays)})
+    _validation.check_positive(**{name: getattr(self, name) for name in (
+        "adam_eps", "tam_eps", "adatam_eps", "grams_eps", "laprop_eps", "momo_alpha",
+        "max_log_step", "feature_clip", "muon_eps")})
+    _validation.check_range(0.0, 1.0, warmup_fraction=self.warmup_fraction)
+    _validation.check_nonnegative(ademamix_alpha=self.ademamix_alpha,
+                                  step_mult=self.step_mult,
+                                  log_step_mult=self.log_step_mult)
 
   @property
   def feature_names(self) -> tuple[str, ...]:
     """The MLP's inputs, in the order of the rows of ``theta["w1"]``."""
-    return (FEATURE_NAMES + (MUON_FEATURES if self.muon else ()) +
-            (STEP_SIZE_FEATURES if self.step_size_features else ()))
+    return FEATURE_NAMES + sum((s.features for s in self.switches_on), ())
 
   @property
   def candidate_names(self) -> tuple[str, ...]:
     """The classical directions, in the order of ``theta["mix"]``."""
-    return CANDIDATE_NAMES + (MUON_CANDIDATES if self.muon else ())
+    return CANDIDATE_NAMES + sum((s.candidates for s in self.switches_on), ())
+
+  @property
+  def switches_on(self) -> tuple[Switch, ...]:
+    """The optional features turned on, in :data:`SWITCHES` order."""
+    return tuple(s for s in SWITCHES if getattr(self, s.name))
 
   @property
   def num_features(self) -> int:
@@ -262,7 +283,7 @@ class LOConfig:
     d = dataclasses.asdict(self)
     d["momentum_decays"] = list(self.momentum_decays)
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
-    for group in (_MUON_FIELDS, _STEP_SIZE_FIELDS, _WARMUP_FIELDS):
+    for group in [(s.name,) + s.fields for s in SWITCHES] + [_WARMUP_FIELDS]:
       if all(d[k] == defaults[k] for k in group):
         for k in group:
           del d[k]
@@ -284,8 +305,6 @@ class LOConfig:
     return json.dumps(self.to_dict(), sort_keys=True)
 
 
-_MUON_FIELDS = ("muon", "muon_beta", "muon_ns_steps", "muon_eps", "muon_matrices")
-_STEP_SIZE_FIELDS = ("step_size_features", "loss_trend_decay")
 _WARMUP_FIELDS = ("warmup_fraction",)
 
 
@@ -299,8 +318,3 @@ def _check_real(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
       not math.isfinite(value):
     raise ValueError(f"{name}={_short(value)}; expected a finite number.")
-
-
-def _check_unit(name: str, value: float) -> None:
-  if not 0.0 <= value < 1.0:
-    raise ValueError(f"{name}={value!r} is out of range; expected a value in [0, 1).")

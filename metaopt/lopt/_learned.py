@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ import optax
 from metaopt import mup as mup_lib
 from metaopt import optimizers
 from metaopt.lopt import _network, _update
-from metaopt.lopt._config import CANDIDATE_NAMES, LOConfig
+from metaopt.lopt._config import CANDIDATE_NAMES, SWITCHES, LOConfig
 from metaopt.optimizers import _validation
 
 Tree = Any
@@ -93,9 +94,11 @@ class LearnedOptimizer:
                        "with LearnedOptimizer.random or from_classical instead.")
     return dataclasses.replace(self, config=config)
 
-  def extended(self, *, muon: bool = False, step_size_features: bool = False
-               ) -> "LearnedOptimizer":
+  def extended(self, **switches: bool) -> "LearnedOptimizer":
     """This LO with the named switches turned on and every weight they add zero.
+
+    ``switches``: any of :data:`metaopt.lopt._config.SWITCHES`' names as keywords
+    (``extended(muon=True)``, ``extended(step_size_features=True)``).
 
     What it is for: warm-starting the meta-training of a switch
     (``MetaConfig.muon``, ``MetaConfig.step_size_features``) from an existing artifact.
@@ -108,9 +111,12 @@ class LearnedOptimizer:
     (turning a switch off would drop trained weights: build a new LO instead).
     Switch hyperparameters (``muon_beta``, ...) are then set with :meth:`with_config`.
     """
-    config = dataclasses.replace(self.config, muon=self.config.muon or muon,
-                                 step_size_features=(self.config.step_size_features or
-                                                     step_size_features))
+    unknown = sorted(set(switches) - {s.name for s in SWITCHES})
+    if unknown:
+      raise TypeError(f"extended() got unknown switches {unknown}; expected some of "
+                      f"{[s.name for s in SWITCHES]}.")
+    config = dataclasses.replace(self.config, **{
+        name: getattr(self.config, name) or bool(on) for name, on in switches.items()})
     theta = dict(self.theta)
 
     def by_name(values, old_names, new_names):  # rows of values, by name (new: zeros)
@@ -143,15 +149,17 @@ class LearnedOptimizer:
         slowly; ``state.count > num_steps`` tells you the horizon was passed).
         ``None``: the LO works without it (and does not decay).
       learning_rate: a multiplier on the learned step (float or optax schedule).
-      roles: explicit muP roles (a :class:`metaopt.mup.ParamRole` tree).
+      roles: explicit muP roles (a :class:`metaopt.mup.ParamRole` tree or a callable
+        ``params -> roles``).
       labels: role names per leaf (``"input"/"hidden"/"output"/"vector"``).
       base_params: a narrower base model's params; roles follow the muP rule.
       sp: turn muP scaling off (standard parametrization).
 
-    Without roles, labels or base_params, :func:`metaopt.mup.infer_roles` guesses
-    (and warns when unsure). With ``config.muon`` the roles also decide which tensors
-    get the orthogonalized candidate (hidden matrices, as in
-    :func:`metaopt.optimizers.muon`), with muP on or off.
+    :func:`metaopt.mup.resolve_roles` reads them in that order; without any,
+    :func:`metaopt.mup.infer_roles` guesses (and warns when unsure). With
+    ``config.muon`` the roles also decide which tensors get the orthogonalized
+    candidate (hidden matrices, as in :func:`metaopt.optimizers.muon`), with muP on
+    or off.
 
     A step whose gradients or ``value`` hold a NaN or inf is skipped, as by
     ``optax.apply_if_finite``: the updates are zero, the state (and so the step count)
@@ -159,43 +167,28 @@ class LearnedOptimizer:
     ``learning_rate`` and ``num_steps`` may be traced (``optax.inject_hyperparams``).
     """
     num_steps = _check_num_steps(num_steps)
-    _validation.check_learning_rate(learning_rate)
+    _validation.check_nonnegative(learning_rate=learning_rate)
     config, theta = self.config, self.theta
+    read_roles = functools.partial(mup_lib.resolve_roles, roles=roles, labels=labels,
+                                   base_params=base_params, base_fan_in=config.base_fan_in)
     use_mup = config.mup and not sp
-
-    def resolve_roles(params, warn=True):
-      if roles is not None:
-        return mup_lib.check_roles(params, roles)  # masked leaves (optax.masked) dropped
-      if labels is not None:
-        return mup_lib.roles_from_labels(params, labels, base_fan_in=config.base_fan_in)
-      if base_params is not None:
-        return mup_lib.roles_from_base(params, base_params)
-      return mup_lib.infer_roles(params, base_fan_in=config.base_fan_in, warn=warn)
-
     by_role = config.muon and config.muon_matrices == "hidden"
 
     def init_fn(params):
       _check_float_leaves(params, "params")
-      r = resolve_roles(params) if use_mup or by_role else None
+      r = read_roles(params) if use_mup or by_role else None
       scales = mup_lib.update_scales(r) if use_mup else jax.tree.map(lambda _: 1.0, params)
-      return _update.init_state(params, scales, config,
-                                muon_fan_ins(config, params, r))
+      return _update.init_state(params, scales, config, muon_fan_ins(config, params, r))
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
       del extra_args
-      if params is None:
-        raise ValueError("the learned optimizer needs the parameters: call "
-                         "`opt.update(grads, state, params, value=loss)`.")
       _check_structure(updates, params, state)
       lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      # A step with non-finite gradients or loss is skipped and counted (see
-      # _update.update): the containment optax.apply_if_finite gives, built in.
-      fan_in = muon_fan_ins(config, params,
-                            resolve_roles(params, warn=False) if by_role else None
-                           )  # static: shapes and paths only (init warned)
+      r = read_roles(params, warn=False) if by_role else None  # static; init warned
+      # A step with non-finite gradients or loss is skipped and counted (_update.update).
       return _update.update(config, theta, updates, state, params, value=value,
                             num_steps=num_steps, learning_rate=lr, skip_nonfinite=True,
-                            muon_fan_in=fan_in)
+                            muon_fan_in=muon_fan_ins(config, params, r))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -246,6 +239,9 @@ def _check_float_leaves(tree, what: str) -> None:
 
 
 def _check_structure(grads, params, state) -> None:
+  if params is None:
+    raise ValueError("the learned optimizer needs the parameters: call "
+                     "`opt.update(grads, state, params, value=loss)`.")
   ref = jax.tree.structure(state.mup_scale)  # one scalar per tensor, in both layouts.
   for what, tree in (("grads", grads), ("params", params)):
     if jax.tree.structure(tree) != ref:

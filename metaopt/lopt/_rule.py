@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 from metaopt import features as F
 from metaopt.lopt import _network
-from metaopt.lopt._config import (BOUNDED_FEATURES, CANDIDATE_NAMES, MUON_CANDIDATES,
-                                  NORMALIZED_FEATURES, STEP_SIZE_FEATURES,
-                                  TENSOR_FEATURES, TIME_TAUS, LOConfig)
+from metaopt.lopt._config import (BOUNDED_FEATURES, CANDIDATE_NAMES, NORMALIZED_FEATURES,
+                                  STEP_SIZE_FEATURES, SWITCHES, TENSOR_FEATURES, TIME_TAUS,
+                                  LOConfig)
 from metaopt.lopt._engine import factored_rsqrt, on_whole_matrix
 
 
@@ -103,7 +103,7 @@ class Candidates(NamedTuple):
   nadam: Any = None
 
 
-assert Candidates._fields == CANDIDATE_NAMES + MUON_CANDIDATES
+assert Candidates._fields == CANDIDATE_NAMES + sum((s.candidates for s in SWITCHES), ())
 
 
 def candidate_directions(config: LOConfig, ctx: StepContext, inp: LeafInputs,

@@ -30,24 +30,29 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                  eps_root: float = 0.0) -> optax.GradientTransformation:
-  """Adam's bias-corrected direction (the direction part of AdamW).
+                  eps_root: float = 0.0, mu_dtype=None, *, nesterov: bool = False
+                  ) -> optax.GradientTransformation:
+  """Adam's bias-corrected direction (the direction part of AdamW), or NAdam's.
 
   .. math::
 
     m_t = \\beta_1 m_{t-1} + (1-\\beta_1) g_t, \\quad
     v_t = \\beta_2 v_{t-1} + (1-\\beta_2) g_t^2, \\quad
-    u_t = \\frac{m_t / (1-\\beta_1^t)}{\\sqrt{v_t / (1-\\beta_2^t) + \\bar\\epsilon}
-      + \\epsilon}
+    u_t = \\frac{\\hat m_t}{\\sqrt{v_t / (1-\\beta_2^t) + \\bar\\epsilon} + \\epsilon},
+    \\quad \\hat m_t = \\frac{m_t}{1-\\beta_1^t}
 
   with :math:`\\beta_1, \\beta_2, \\epsilon, \\bar\\epsilon` = ``b1, b2, eps,
-  eps_root``.
+  eps_root``; with ``nesterov``, :math:`\\hat m_t` is the look-ahead
+  :math:`\\beta_1 m_t / (1-\\beta_1^{t+1}) + (1-\\beta_1) g_t / (1-\\beta_1^t)`
+  (:func:`metaopt.features.nesterov_momentum`), as in ``optax.scale_by_adam``.
 
   Args:
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to the denominator outside the square root.
     eps_root: added inside the square root.
+    mu_dtype: dtype of the first moment (None: the parameters').
+    nesterov: use the Nesterov look-ahead (NAdam; Dozat, 2016).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
@@ -59,24 +64,30 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
   References:
     Kingma et al, "Adam: A Method for Stochastic Optimization", arXiv:1412.6980, 2014
+
+    Dozat, "Incorporating Nesterov Momentum into Adam", ICLR workshop, 2016
   """
-  _factory.check_betas(b1=b1, b2=b2)
-  _factory.check_positive(eps=eps)
-  _factory.check_nonnegative(eps_root=eps_root)
+  _validation.check_betas(b1=b1, b2=b2)
+  _validation.check_positive(eps=eps)
+  _validation.check_nonnegative(eps_root=eps_root)
 
   def init_fn(params):
-    zeros = optax.tree.zeros_like(params)
-    return ScaleByAdamState(jnp.zeros([], jnp.int32), zeros, zeros)
+    return ScaleByAdamState(jnp.zeros([], jnp.int32),
+                            optax.tree.zeros_like(params, dtype=mu_dtype),
+                            optax.tree.zeros_like(params))
 
   def update_fn(updates, state, params=None):
     del params
     mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
     nu = features.update_second_moment(state.nu, updates, b2)
     count = optax.safe_increment(state.count)
-    direction = features.adam_direction(features.bias_correction(mu, b1, count),
-                                        features.bias_correction(nu, b2, count), eps,
-                                        eps_root)
-    return direction, ScaleByAdamState(count, mu, nu)
+    m_hat = (features.nesterov_momentum(mu, updates, b1, count) if nesterov else
+             features.bias_correction(mu, b1, count))
+    direction = features.adam_direction(m_hat, features.bias_correction(nu, b2, count),
+                                        eps, eps_root)
+    mu = optax.tree.cast(mu, mu_dtype) if mu_dtype is not None else (
+        optax.tree.cast_like(mu, state.mu))
+    return direction, ScaleByAdamState(count, mu, optax.tree.cast_like(nu, state.nu))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -122,20 +133,6 @@ def adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9,
                                   weight_decay, mask)
 
 
-def _checked_roles(roles: mup.RolesOrFn) -> optax.GradientTransformation:
-  """Stateless transform whose init checks that ``roles`` match the parameters."""
-
-  def init_fn(params):
-    mup.check_roles(params, roles(params) if callable(roles) else roles)
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    return updates, state
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
 def mu_adamw(learning_rate: optax.ScalarOrSchedule, roles: mup.RolesOrFn,
              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
              eps_root: float = 0.0, weight_decay: optax.ScalarOrSchedule = 1e-4, *,
@@ -179,10 +176,12 @@ def mu_adamw(learning_rate: optax.ScalarOrSchedule, roles: mup.RolesOrFn,
     Yang et al, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot
     Hyperparameter Transfer", arXiv:2203.03466, 2022
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate, weight_decay=weight_decay)
+  if roles is None:
+    raise ValueError("mu_adamw: roles is None; expected a metaopt.mup.ParamRole tree or "
+                     "a callable params -> roles (metaopt.mup.resolve_roles makes one).")
   return optax.chain(
-      _checked_roles(roles),
+      _factory.checked_roles(roles),
       scale_by_adam(b1, b2, eps, eps_root),
       optax.add_decayed_weights(weight_decay, mask),
       mup.scale_by_mup(roles),
@@ -220,7 +219,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransforma
   References:
     Chen et al, "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675, 2023
   """
-  _factory.check_betas(b1=b1, b2=b2)
+  _validation.check_betas(b1=b1, b2=b2)
 
   def init_fn(params):
     return ScaleByLionState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))

@@ -142,9 +142,9 @@ def scale_by_adamp(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delta=0.1, wd_r
     Heo et al, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", arXiv:2006.08217, 2020
   """
-  _factory.check_betas(b1=b1, b2=b2)
-  _factory.check_positive(eps=eps)
-  _factory.check_nonnegative(weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio)
+  _validation.check_betas(b1=b1, b2=b2)
+  _validation.check_positive(eps=eps)
+  _validation.check_nonnegative(weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio)
 
   def init_fn(params):
     return ScaleByAdampState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
@@ -208,7 +208,7 @@ def adamp(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, delt
     Heo et al, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", arXiv:2006.08217, 2020
   """
-  _validation.check_learning_rate(learning_rate)
+  _validation.check_nonnegative(learning_rate=learning_rate)
   return optax.chain(
       scale_by_adamp(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, delta=delta,
                      wd_ratio=wd_ratio, nesterov=bool(nesterov), mask=mask),
@@ -252,10 +252,10 @@ def scale_by_sgdp(momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1, wd_r
     Heo et al, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", arXiv:2006.08217, 2020
   """
-  _factory.check_betas(momentum=momentum)
-  _validation.check_range("dampening", dampening, 0.0, 1.0, high_inclusive=True)
-  _factory.check_nonnegative(weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio)
-  _factory.check_positive(eps=eps)
+  _validation.check_betas(momentum=momentum)
+  _validation.check_range(0.0, 1.0, high_inclusive=True, dampening=dampening)
+  _validation.check_nonnegative(weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio)
+  _validation.check_positive(eps=eps)
 
   def init_fn(params):
     return ScaleBySgdpState(momentum=optax.tree.zeros_like(params))
@@ -312,7 +312,7 @@ def sgdp(learning_rate, momentum=0.9, dampening=0.0, weight_decay=0.0, delta=0.1
     Heo et al, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
     Scale-invariant Weights", arXiv:2006.08217, 2020
   """
-  _validation.check_learning_rate(learning_rate)
+  _validation.check_nonnegative(learning_rate=learning_rate)
   return optax.chain(
       scale_by_sgdp(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                     delta=delta, wd_ratio=wd_ratio, eps=eps, nesterov=bool(nesterov),

@@ -70,8 +70,8 @@ def scale_by_adan(b1=0.98, b2=0.92, b3=0.99, eps=1e-8) -> optax.GradientTransfor
     Xie et al, "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep
     Models", arXiv:2208.06677, 2022
   """
-  _factory.check_betas(b1=b1, b2=b2, b3=b3)
-  _factory.check_positive(eps=eps)
+  _validation.check_betas(b1=b1, b2=b2, b3=b3)
+  _validation.check_positive(eps=eps)
 
   def init_fn(params):
     zeros = optax.tree.zeros_like(params)
@@ -125,8 +125,7 @@ def proximal_decay_step(learning_rate, weight_decay=0.0, *, mask: _factory.Mask 
     An ``optax.GradientTransformation`` with state :class:`ProximalDecayState`; it
     needs ``params`` unless ``weight_decay`` is the constant 0.
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate, weight_decay=weight_decay)
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
 
   def init_fn(params):
@@ -187,8 +186,7 @@ def adan(learning_rate=1e-3, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0
     Xie et al, "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep
     Models", arXiv:2208.06677, 2022
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
       scale_by_adan(b1=b1, b2=b2, b3=b3, eps=eps),
       proximal_decay_step(learning_rate, weight_decay, mask=mask),

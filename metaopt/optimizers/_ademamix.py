@@ -84,12 +84,12 @@ def scale_by_ademamix(b1: float = 0.9, b2: float = 0.999, b3=0.9999, alpha=5.0,
     Pagliardini et al, "The AdEMAMix Optimizer: Better, Faster, Older",
     arXiv:2409.03137, 2024
   """
-  _factory.check_betas(b1=b1, b2=b2, b3=b3)
-  _factory.check_nonnegative(alpha=alpha)
-  _factory.check_positive(eps=eps)
+  _validation.check_betas(b1=b1, b2=b2, b3=b3)
+  _validation.check_nonnegative(alpha=alpha)
+  _validation.check_positive(eps=eps)
   for name, horizon in (("t_alpha", t_alpha), ("t_beta3", t_beta3)):
     if horizon is not None:
-      _validation.check_positive(name, horizon)
+      _validation.check_positive(**{name: horizon})
   alpha_at = _schedule_or_scheduler("alpha", alpha, t_alpha, features.ademamix_alpha)
   b3_at = _schedule_or_scheduler(
       "beta3", b3, t_beta3,

@@ -1,4 +1,4 @@
-"""What the optimizer factories share: their validation preamble and their tail.
+"""What the optimizer factories share: the roles check and their tail.
 
 Most optimizers here are ``scale_by_<algo>(...)`` followed by the same two steps,
 
@@ -24,28 +24,27 @@ from typing import Any, Callable, Union
 import jax
 import optax
 
+from metaopt import mup
 from metaopt.optimizers import _validation
 
 Tree = Any
 Mask = Union[None, Tree, Callable[[Tree], Tree]]
 
 
-def check_betas(**betas) -> None:
-  """Each keyword's concrete value must lie in [0, 1) (ValueError naming it)."""
-  for name, value in betas.items():
-    _validation.check_beta(name, value)
+def checked_roles(roles: mup.RolesOrFn | None, labels: Tree = None
+                  ) -> optax.GradientTransformation:
+  """Stateless; its ``init`` resolves the muP roles (:func:`metaopt.mup.resolve_roles`):
+  explicit ``roles`` are checked against the parameters, inference warns when unsure."""
 
+  def init_fn(params):
+    mup.resolve_roles(params, roles, labels=labels, warn=True)
+    return optax.EmptyState()
 
-def check_positive(**values) -> None:
-  """Each keyword's concrete value must be > 0 (ValueError naming it)."""
-  for name, value in values.items():
-    _validation.check_positive(name, value)
+  def update_fn(updates, state, params=None):
+    del params
+    return updates, state
 
-
-def check_nonnegative(**values) -> None:
-  """Each keyword's concrete value must be >= 0 (ValueError naming it)."""
-  for name, value in values.items():
-    _validation.check_nonnegative(name, value)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def decayed_descent(direction: optax.GradientTransformation,
@@ -64,8 +63,7 @@ def decayed_descent(direction: optax.GradientTransformation,
     ``optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate))``.
   """
-  _validation.check_learning_rate(learning_rate)
-  _validation.check_nonnegative("weight_decay", weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate, weight_decay=weight_decay)
   return optax.chain(
       direction,
       optax.add_decayed_weights(weight_decay, mask),

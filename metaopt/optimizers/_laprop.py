@@ -21,6 +21,7 @@ import optax
 
 from metaopt import features
 from metaopt.optimizers import _factory
+from metaopt.optimizers import _validation
 
 
 class ScaleByLapropState(NamedTuple):
@@ -56,8 +57,8 @@ def scale_by_laprop(b1=0.9, b2=0.999, eps=1e-15) -> optax.GradientTransformation
     Ziyin et al, "LaProp: Separating Momentum and Adaptivity in Adam",
     arXiv:2002.04839, 2020
   """
-  _factory.check_betas(b1=b1, b2=b2)
-  _factory.check_positive(eps=eps)
+  _validation.check_betas(b1=b1, b2=b2)
+  _validation.check_positive(eps=eps)
 
   def init_fn(params):
     return ScaleByLapropState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),

@@ -28,6 +28,7 @@ import optax
 from metaopt import features
 from metaopt.optimizers import _adam
 from metaopt.optimizers import _factory
+from metaopt.optimizers import _validation
 
 
 class ScaleByMarsAdamwState(NamedTuple):
@@ -77,7 +78,7 @@ def scale_by_mars_adamw(b1=0.95, b2=0.99, gamma=0.025, eps=1e-8
     Yuan et al, "MARS: Unleashing the Power of Variance Reduction for Training Large
     Models", arXiv:2411.10438, 2024
   """
-  _factory.check_nonnegative(gamma=gamma)
+  _validation.check_nonnegative(gamma=gamma)
   adam = _adam.scale_by_adam(b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):

@@ -15,6 +15,7 @@ import optax
 
 from metaopt import features
 from metaopt.optimizers import _factory
+from metaopt.optimizers import _validation
 
 Tree = Any
 
@@ -52,7 +53,7 @@ def scale_by_momentum(momentum: float = 0.9, *,
     Sutskever et al, "On the importance of initialization and momentum in deep
     learning", ICML, 2013
   """
-  _factory.check_betas(momentum=momentum)
+  _validation.check_betas(momentum=momentum)
 
   def init_fn(params):
     return ScaleByMomentumState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))

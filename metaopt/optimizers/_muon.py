@@ -13,7 +13,8 @@ both parts, ``eps`` is shared) on the other leaves. What differs, on purpose:
   embeddings (``input``), the readout (``output``) and vectors go to AdamW, as Jordan
   et al recommend. Roles come from ``roles=``, from ``labels=`` (role names, via
   :func:`metaopt.mup.roles_from_labels`) or, for unlabeled trees, from
-  :func:`metaopt.mup.infer_roles` (which warns at ``init`` when it is unsure).
+  :func:`metaopt.mup.infer_roles` (which warns at ``init`` when it is unsure), as
+  :func:`metaopt.mup.resolve_roles` orders them.
 * **Tensors with more than 2 dims** are one matrix ``[fan_in, size / fan_in]`` with the
   fan-in of :func:`metaopt.mup.default_fan_in`: conv kernels ``[*spatial, in, out]``
   become ``[prod(spatial) * in, out]``; 3-D attention kernels ``[in, heads, head_dim]``
@@ -33,7 +34,6 @@ preset name are not provided.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -55,7 +55,7 @@ def _check_ns(ns_coeffs, ns_steps) -> None:
   table = jnp.asarray(ns_coeffs)
   if table.ndim not in (1, 2) or table.shape[-1] != 3:
     raise ValueError(f"ns_coeffs must have shape (3,) or (n, 3); got {table.shape}.")
-  _validation.check_range("ns_steps", ns_steps, 1.0)
+  _validation.check_range(1.0, ns_steps=ns_steps)
 
 
 def _paths_and_leaves(tree):
@@ -115,10 +115,10 @@ def scale_by_muon(ns_coeffs=features.NEWTON_SCHULZ_COEFFS, ns_steps: int = 5,
   References:
     Jordan et al, "Muon: An optimizer for hidden layers in neural networks", blog, 2024
   """
-  _validation.check_beta("beta", beta)
-  _validation.check_positive("eps", eps)
+  _validation.check_betas(beta=beta)
+  _validation.check_positive(eps=eps)
   if consistent_rms is not None:
-    _validation.check_positive("consistent_rms", consistent_rms)
+    _validation.check_positive(consistent_rms=consistent_rms)
   _check_ns(ns_coeffs, ns_steps)
 
   def init_fn(params):
@@ -152,44 +152,6 @@ def scale_by_muon(ns_coeffs=features.NEWTON_SCHULZ_COEFFS, ns_steps: int = 5,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov
-                   ) -> optax.GradientTransformation:
-  """Adam's direction, with optax's Nesterov look-ahead when ``nesterov`` (NAdam)."""
-  if not nesterov and mu_dtype is None:
-    return _adam.scale_by_adam(b1, b2, eps, eps_root)
-
-  def init_fn(params):
-    return _adam.ScaleByAdamState(jnp.zeros([], jnp.int32),
-                                  optax.tree.zeros_like(params, dtype=mu_dtype),
-                                  optax.tree.zeros_like(params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    mu = features.update_ema(updates=updates, moments=state.mu, decay=b1)
-    nu = features.update_second_moment(state.nu, updates, b2)
-    count = optax.safe_increment(state.count)
-    m_hat = (features.nesterov_momentum(mu, updates, b1, count) if nesterov else
-             features.bias_correction(mu, b1, count))
-    direction = features.adam_direction(m_hat, features.bias_correction(nu, b2, count),
-                                        eps, eps_root)
-    mu = optax.tree.cast(mu, mu_dtype) if mu_dtype is not None else (
-        optax.tree.cast_like(mu, state.mu))
-    return direction, _adam.ScaleByAdamState(count, mu, optax.tree.cast_like(nu, state.nu))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _resolve_roles(tree, roles, labels, *, warn: bool):
-  if roles is not None:
-    return roles(tree) if callable(roles) else roles
-  if labels is not None:
-    return mup.roles_from_labels(tree, labels)
-  with warnings.catch_warnings():
-    if not warn:
-      warnings.simplefilter("ignore", mup.RoleInferenceWarning)
-    return mup.infer_roles(tree, warn=warn)
-
-
 def muon_labels(params, roles=None, labels=None, *, warn: bool = False) -> Tree:
   """``"muon"`` or ``"adam"`` per leaf: which part of :func:`muon` updates it.
 
@@ -205,7 +167,7 @@ def muon_labels(params, roles=None, labels=None, *, warn: bool = False) -> Tree:
   Returns:
     A tree of strings with the structure of ``params``.
   """
-  r = _resolve_roles(params, roles, labels, warn=warn)
+  r = mup.resolve_roles(params, roles, labels=labels, warn=warn)
   return jax.tree.map(lambda leaf, role: MUON if role.kind == "hidden" and
                       jnp.ndim(leaf) >= 2 else ADAM, params, r, is_leaf=mup.is_role)
 
@@ -230,22 +192,6 @@ def muon_fan_ins_2d(params) -> Tree:
   unset), as the learned optimizer's ``LOConfig(muon_matrices="all_2d")`` reads them."""
   return jax.tree.map(lambda leaf: jnp.shape(leaf)[0] if jnp.ndim(leaf) == 2 else 0,
                       params)
-
-
-def _checked_roles(roles, labels) -> optax.GradientTransformation:
-  """Stateless: at ``init`` checks explicit roles, or lets role inference warn."""
-
-  def init_fn(params):
-    r = _resolve_roles(params, roles, labels, warn=True)
-    if roles is not None:
-      mup.check_roles(params, r)
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    return updates, state
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def muon(learning_rate: optax.ScalarOrSchedule,
@@ -320,13 +266,12 @@ def muon(learning_rate: optax.ScalarOrSchedule,
 
     Liu et al, "Muon is Scalable for LLM Training", arXiv:2502.16982, 2025
   """
-  _validation.check_learning_rate(learning_rate)
+  _validation.check_nonnegative(learning_rate=learning_rate)
   if adam_learning_rate is not None:
-    _validation.check_learning_rate(adam_learning_rate, "adam_learning_rate")
-  _validation.check_nonnegative("adam_weight_decay", adam_weight_decay)
-  _validation.check_beta("adam_b1", adam_b1)
-  _validation.check_beta("adam_b2", adam_b2)
-  _validation.check_nonnegative("adam_eps_root", adam_eps_root)
+    _validation.check_nonnegative(adam_learning_rate=adam_learning_rate)
+  _validation.check_nonnegative(adam_weight_decay=adam_weight_decay)
+  _validation.check_betas(adam_b1=adam_b1, adam_b2=adam_b2)
+  _validation.check_nonnegative(adam_eps_root=adam_eps_root)
   if roles is not None and labels is not None:
     raise ValueError("muon: pass roles= or labels=, not both.")
   # Each part sees the whole tree with optax.MaskedNode on the other part's leaves, so
@@ -336,11 +281,12 @@ def muon(learning_rate: optax.ScalarOrSchedule,
                     adaptive=adaptive, consistent_rms=consistent_rms),
       learning_rate, weight_decay, mask)
   adam_part = _factory.decayed_descent(
-      _scale_by_adam(adam_b1, adam_b2, eps, adam_eps_root, mu_dtype, nesterov),
+      _adam.scale_by_adam(adam_b1, adam_b2, eps, adam_eps_root, mu_dtype,
+                          nesterov=nesterov),
       learning_rate if adam_learning_rate is None else adam_learning_rate,
       adam_weight_decay, mask)
   return optax.chain(
-      _checked_roles(roles, labels),
+      _factory.checked_roles(roles, labels),
       optax.partition({MUON: muon_part, ADAM: adam_part},
                       lambda tree: muon_labels(tree, roles, labels)),
   )

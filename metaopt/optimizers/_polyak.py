@@ -112,9 +112,9 @@ def momo(learning_rate: optax.ScalarOrSchedule = 1.0, beta: float = 0.9,
     Schaipp et al, "MoMo: Momentum Models for Adaptive Learning Rates",
     arXiv:2305.07583, 2023
   """
-  _validation.check_learning_rate(learning_rate)
-  _factory.check_betas(beta=beta)
-  _factory.check_nonnegative(weight_decay=weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate)
+  _validation.check_betas(beta=beta)
+  _validation.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
     dtype = features.tree_lowest_dtype(params)  # also of ShapeDtypeStructs
@@ -218,10 +218,10 @@ def momo_adam(learning_rate: optax.ScalarOrSchedule = 1e-2, b1: float = 0.9,
     Schaipp et al, "MoMo: Momentum Models for Adaptive Learning Rates",
     arXiv:2305.07583, 2023
   """
-  _validation.check_learning_rate(learning_rate)
-  _factory.check_betas(b1=b1, b2=b2)
-  _factory.check_positive(eps=eps)
-  _factory.check_nonnegative(weight_decay=weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate)
+  _validation.check_betas(b1=b1, b2=b2)
+  _validation.check_positive(eps=eps)
+  _validation.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
     dtype = features.tree_lowest_dtype(params)  # also of ShapeDtypeStructs
@@ -315,10 +315,10 @@ def alr_smag(learning_rate: optax.ScalarOrSchedule = 0.1, beta: float = 0.9,
     Wang et al, "Generalized Polyak Step Size for First Order Optimization with
     Momentum", arXiv:2305.12939, 2023
   """
-  _validation.check_learning_rate(learning_rate)
-  _factory.check_betas(beta=beta)
-  _factory.check_positive(c=c)
-  _factory.check_nonnegative(weight_decay=weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate)
+  _validation.check_betas(beta=beta)
+  _validation.check_positive(c=c)
+  _validation.check_nonnegative(weight_decay=weight_decay)
 
   def init_fn(params):
     return AlrSmagState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))

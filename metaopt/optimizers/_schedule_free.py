@@ -84,12 +84,11 @@ def schedule_free_adamw(learning_rate: optax.ScalarOrSchedule = 0.0025,
   References:
     Defazio et al, "The Road Less Scheduled", arXiv:2405.15682, 2024
   """
-  _validation.check_learning_rate(learning_rate)
-  _factory.check_nonnegative(warmup_steps=warmup_steps)
-  _validation.check_range("b1", b1, 0.0, 1.0, low_inclusive=False)
-  _factory.check_betas(b2=b2)
-  _factory.check_positive(eps=eps)
-  _factory.check_nonnegative(weight_decay=weight_decay)
+  _validation.check_nonnegative(learning_rate=learning_rate, warmup_steps=warmup_steps)
+  _validation.check_range(0.0, 1.0, low_inclusive=False, b1=b1)
+  _validation.check_betas(b2=b2)
+  _validation.check_positive(eps=eps)
+  _validation.check_nonnegative(weight_decay=weight_decay)
   # Arrays (optax.inject_hyperparams passes them, concrete in init and traced in update)
   # always take the 0-safe warmup, so that init and update build the same state.
   if not isinstance(warmup_steps, numbers.Number) or warmup_steps:

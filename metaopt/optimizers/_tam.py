@@ -17,6 +17,7 @@ import optax
 
 from metaopt import features
 from metaopt.optimizers import _factory
+from metaopt.optimizers import _validation
 
 
 class ScaleByTamState(NamedTuple):
@@ -83,8 +84,8 @@ def scale_by_tam(beta=0.9, gamma=0.9, eps=1e-8) -> optax.GradientTransformation:
     Malviya et al, "Torque-Aware Momentum", arXiv:2412.18790, 2024
     (no official code was found; the per-tensor scalar cosine follows the paper).
   """
-  _factory.check_betas(beta=beta, gamma=gamma)
-  _factory.check_positive(eps=eps)
+  _validation.check_betas(beta=beta, gamma=gamma)
+  _validation.check_positive(eps=eps)
 
   def init_fn(params):
     return ScaleByTamState(count=jnp.zeros([], jnp.int32),
@@ -169,8 +170,8 @@ def scale_by_adatam(beta=0.9, gamma=0.9, b2=0.999, eps=1e-8
     Malviya et al, "Torque-Aware Momentum", arXiv:2412.18790, 2024
     (no official code was found; the per-tensor scalar cosine follows the paper).
   """
-  _factory.check_betas(beta=beta, gamma=gamma, b2=b2)
-  _factory.check_positive(eps=eps)
+  _validation.check_betas(beta=beta, gamma=gamma, b2=b2)
+  _validation.check_positive(eps=eps)
 
   def init_fn(params):
     return ScaleByAdatamState(count=jnp.zeros([], jnp.int32),

@@ -1,4 +1,8 @@
-"""Hyperparameter validation shared by every optimizer factory.
+"""Hyperparameter validation shared by every optimizer factory and ``LOConfig``.
+
+One style: each check takes the hyperparameters as keywords (``check_betas(b1=b1,
+b2=b2)``) and raises a one-line ``ValueError`` naming the bad one, its value and the
+expected range: ``b1=1.5 is out of range; expected a value in [0, 1).``
 
 Only concrete values are checked: schedules (callables) and traced values (under
 ``optax.inject_hyperparams``, ``jit`` or ``vmap``) pass through untouched, so the
@@ -34,13 +38,10 @@ def concrete_value(value):
   return float(arr) if arr.shape == () else None
 
 
-def check_range(name: str, value, low: float | None = None, high: float | None = None,
-                *, low_inclusive: bool = True, high_inclusive: bool = False) -> None:
-  """Raises ValueError naming ``name`` when a concrete ``value`` leaves the range.
-
-  Concrete values must be finite (an unbounded side means any finite value); a value
-  that is not a number raises ``TypeError`` naming ``name``.
-  """
+def _check_in(name: str, value, low: float | None, high: float | None,
+              low_inclusive: bool, high_inclusive: bool) -> None:
+  """Raises ValueError naming ``name``, its value and the range when a concrete
+  ``value`` leaves the range (or is not finite); TypeError for what is not a number."""
   try:
     v = concrete_value(value)
   except TypeError as e:
@@ -53,24 +54,37 @@ def check_range(name: str, value, low: float | None = None, high: float | None =
     return
   lb = "-inf" if low is None else f"{low:g}"
   ub = "inf" if high is None else f"{high:g}"
-  interval = f"{'[' if low_inclusive and low is not None else '('}{lb}, {ub}{']' if high_inclusive and high is not None else ')'}"
+  interval = (f"{'[' if low_inclusive and low is not None else '('}{lb}, "
+              f"{ub}{']' if high_inclusive and high is not None else ')'}")
   raise ValueError(f"{name}={value!r} is out of range; expected a value in {interval}.")
 
 
-def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
-  check_range(name, learning_rate, 0.0)
+def check_range(low: float | None = None, high: float | None = None, *,
+                low_inclusive: bool = True, high_inclusive: bool = False,
+                **values) -> None:
+  """Each keyword's concrete value must lie between ``low`` and ``high`` (None:
+  unbounded; by default ``[low, high)``) and be finite.
+
+  Example: ``check_range(0.0, 1.0, high_inclusive=True, dampening=dampening)``.
+  """
+  for name, value in values.items():
+    _check_in(name, value, low, high, low_inclusive, high_inclusive)
 
 
-def check_beta(name: str, value) -> None:
-  check_range(name, value, 0.0, 1.0)
+def check_betas(**values) -> None:
+  """Each keyword's concrete value (a decay or an interpolation) must lie in [0, 1)."""
+  check_range(0.0, 1.0, **values)
 
 
-def check_positive(name: str, value) -> None:
-  check_range(name, value, 0.0, low_inclusive=False)
+def check_positive(**values) -> None:
+  """Each keyword's concrete value must lie in (0, inf)."""
+  check_range(0.0, low_inclusive=False, **values)
 
 
-def check_nonnegative(name: str, value) -> None:
-  check_range(name, value, 0.0)
+def check_nonnegative(**values) -> None:
+  """Each keyword's concrete value (learning rates, weight decays, ...) must lie in
+  [0, inf)."""
+  check_range(0.0, **values)
 
 
 def require_value(value, optimizer: str):
