@@ -403,11 +403,13 @@ class MetaTrainer:
     args_of = {}
     for i, specs in self.groups.items():
       # Arguments typed (shape, dtype, sharding) as a step passes them: one compilation.
-      keys = jax.device_put(np.stack([np.asarray(_group_key(key, g.name)) for g in specs]),
-                            self._rep)
-      blank = {g.name: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding),
-                                    shapes.populations[g.name]) for g in specs}
-      done = tuple(jax.device_put(np.ones([g.size], bool), self._pop_sharding)
+      # Global arrays (every process places its devices' slices), as a step's are.
+      keys = shard_lib.global_array(
+          np.stack([np.asarray(_group_key(key, g.name)) for g in specs]), self._rep)
+      blank = {g.name: jax.tree.map(
+          lambda s: shard_lib.global_zeros(s.shape, s.dtype, s.sharding),
+          shapes.populations[g.name]) for g in specs}
+      done = tuple(shard_lib.global_array(np.ones([g.size], bool), self._pop_sharding)
                    for g in specs)
       args_of[i] = self._restart_args(i, blank, keys, done, first)
     compile_all(self._lower_restarts(args_of))
@@ -418,8 +420,8 @@ class MetaTrainer:
     theta, opt_state = jax.jit(lambda: (theta, self.optimizer.init(theta)),
                                out_shardings=self._rep)()
     return MetaState(theta=theta, opt_state=opt_state, populations=pops,
-                     key=jax.device_put(key, self._rep),
-                     step=jax.device_put(np.int32(0), self._rep))
+                     key=shard_lib.global_array(key, self._rep),
+                     step=shard_lib.global_array(np.int32(0), self._rep))
 
   # ------------------------------------------------------------------ programs
   def _task_estimate(self, task_index: int, theta, pops: dict, key, step):
@@ -515,8 +517,9 @@ class MetaTrainer:
 
   def _first_flag(self, first: bool) -> jax.Array:
     if self._not_first is None:
-      self._not_first = jax.device_put(np.bool_(False), self._rep)
-    return self._not_first if not first else jax.device_put(np.bool_(True), self._rep)
+      self._not_first = shard_lib.global_array(np.bool_(False), self._rep)
+    return self._not_first if not first else shard_lib.global_array(np.bool_(True),
+                                                                    self._rep)
 
   def learned_optimizer(self, state: MetaState) -> metaopt.LearnedOptimizer:
     theta = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float32), state.theta)
