@@ -47,10 +47,20 @@ def _timed(fn):
   return out, time.perf_counter() - start
 
 
+class _Phases(dict):
+  """Seconds per phase; each one is also printed to stderr as it ends, so a run cut
+  short by a timeout still tells how far it got."""
+
+  def __setitem__(self, phase: str, seconds: float) -> None:
+    super().__setitem__(phase, seconds)
+    print(f"[meta_startup] {phase}: {seconds:.1f} s (load {os.getloadavg()[0]:.1f})",
+          file=sys.stderr, flush=True)
+
+
 def measure(config: config_lib.MetaConfig, *, validation: bool = True,
             step: bool = True, reference_init: bool = False) -> dict:
   """Seconds per phase (and a few counts) of one start-up with ``config``."""
-  seconds, counts = {}, {}
+  seconds, counts = _Phases(), {}
   trainer, seconds["build"] = _timed(lambda: outer.MetaTrainer(config))
   state, seconds["init"] = _timed(trainer.init)
   validate = run_lib._Validator(trainer) if (  # pylint: disable=protected-access
@@ -72,7 +82,7 @@ def measure(config: config_lib.MetaConfig, *, validation: bool = True,
   counts["populations"] = len(state.populations)
   counts["programs"] = len(lowered)
   counts["init programs"] = getattr(trainer, "init_programs", lambda: None)()
-  return {"seconds": seconds, "counts": counts}
+  return {"seconds": dict(seconds), "counts": counts}
 
 
 def main() -> None:
