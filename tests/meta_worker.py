@@ -30,7 +30,8 @@ def run_steps(trainer: MetaTrainer, state, n: int, record: dict, prefix: str = "
     step = int(state.step)
     for i in trainer.active_tasks(step):
       sub = {g.name: state.populations[g.name] for g in trainer.groups[i]}
-      loss, grad, _, _ = trainer.program(i)(state.theta, sub, state.key, state.step)
+      # A task's program returns (loss, gradient, populations, metrics, restarts).
+      loss, grad = trainer.program(i)(state.theta, sub, state.key, state.step)[:2]
       record[f"{prefix}grad_{step}_{i}"] = np.asarray(grad)
       record[f"{prefix}loss_{step}_{i}"] = np.asarray(loss)
     state, _ = trainer.step(state)

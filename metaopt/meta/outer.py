@@ -16,6 +16,15 @@ Per outer step ``s`` (all in jitted, sharded programs):
 Every task keeps its populations between its windows, so episodes run to their
 horizons. One program is compiled per task (and one for the update), however the
 tasks are drawn.
+
+Members whose episode ended are restarted after the task's program, by a program of
+their own (:func:`metaopt.meta.population.restart_groups`): it initializes every
+population of the task in one vmapped ``init``, serves the run's first episodes and
+every reset, and is shared by the tasks whose inits compute the same function
+(:func:`metaopt.meta.population.init_signature`). Keeping ``init`` out of the task's
+program halves an MLP task's compile time, and the start-up compiles one small init
+program per distinct task (in parallel threads) instead of one program holding every
+population's init, whose compile time grows superlinearly with the tasks.
 """
 
 from __future__ import annotations
@@ -276,7 +285,7 @@ class MetaTrainer:
     self.dim = int(flat.size)
     self.optimizer = outer_optimizer(config, lo.theta)
     self.antithetic = est_lib.is_antithetic(config.estimator)
-    self.estimator = est_lib.get_estimator(config.estimator, config.sigma)
+    self.estimator = est_lib.get_estimator(config.estimator, config.sigma, reset=False)
     self.schedule = pop_lib.TruncationSchedule(
         config.truncation_length, config.horizon, config.min_horizon,
         config.horizon_schedule)
@@ -285,6 +294,10 @@ class MetaTrainer:
     self._rep = shard_lib.replicated(self.mesh)
     self._pop_sharding = shard_lib.population_sharding(self.mesh)
     self._programs: dict[int, Any] = {}
+    self._restarts: dict[int, Any] = {}  # task index -> its restart program
+    self._restarts_by_init: dict[Any, Any] = {}  # init signature -> restart program
+    self._compiled_restarts: set = set()  # (program id, population sizes) compiled
+    self._not_first = None
     self._state_shapes = None
     self._update = jax.jit(self._apply_update, out_shardings=self._rep)
 
@@ -313,19 +326,54 @@ class MetaTrainer:
 
   # ------------------------------------------------------------------ state
   def _init_state(self) -> MetaState:
+    """The initial state, one :func:`~metaopt.meta.population.init_population` per
+    population: the reference :meth:`init` equals (and the state's shapes)."""
     c = self.config
     key = jax.random.PRNGKey(c.seed)
     pops = {}
     for i, specs in self.groups.items():
       for g in specs:
         spec = self.spec(g)
-        gkey = jax.random.fold_in(jax.random.fold_in(key, 1_000_003), hash_name(g.name))
-        pops[g.name] = pop_lib.init_population(spec.problem.init, self.schedule, gkey,
-                                               g.size, self.dim,
+        pops[g.name] = pop_lib.init_population(spec.problem.init, self.schedule,
+                                               _group_key(key, g.name), g.size, self.dim,
                                                antithetic=self.antithetic)
     theta = self.warm_theta
     return MetaState(theta=theta, opt_state=self.optimizer.init(theta), populations=pops,
                      key=key, step=jnp.zeros([], jnp.int32))
+
+  def restart_program(self, task_index: int):
+    """The jitted :func:`~metaopt.meta.population.restart_groups` of a task's
+    populations: ``(group keys [G, 2], populations, done masks, first) -> populations``;
+    one program per distinct init (:func:`~metaopt.meta.population.init_signature`)."""
+    if task_index not in self._restarts:
+      init_fn = self.spec(self.groups[task_index][0]).problem.init  # informed or not
+      signature = pop_lib.init_signature(init_fn)
+      if signature not in self._restarts_by_init:
+        fn = functools.partial(pop_lib.restart_groups, init_fn, self.schedule, self.dim,
+                               self.antithetic)
+        pop = self._pop_sharding
+        self._restarts_by_init[signature] = jax.jit(
+            fn, in_shardings=(self._rep, pop, pop, self._rep), out_shardings=pop)
+      self._restarts[task_index] = self._restarts_by_init[signature]
+    return self._restarts[task_index]
+
+  def init_programs(self) -> int:
+    """How many distinct init (restart) programs the run's tasks need."""
+    return len({id(self.restart_program(i)) for i in self.groups})
+
+  def _restart_args(self, task_index: int, populations: dict, group_keys, done, first):
+    names = [g.name for g in self.groups[task_index]]
+    return (group_keys, tuple(populations[n] for n in names), done, first)
+
+  def _lower_restarts(self, args_of: dict[int, tuple]) -> list:
+    """The restart programs not compiled yet, lowered once per (program, sizes)."""
+    lowered = {}
+    for i, args in args_of.items():
+      key = (id(self.restart_program(i)), tuple(g.size for g in self.groups[i]))
+      if key not in self._compiled_restarts and key not in lowered:
+        lowered[key] = self.restart_program(i).lower(*args)
+    self._compiled_restarts.update(lowered)
+    return list(lowered.values())
 
   def shardings(self) -> MetaState:
     """The sharding of every leaf of the state (a :class:`MetaState` tree)."""
@@ -343,19 +391,52 @@ class MetaTrainer:
                         shapes, self.shardings())
 
   def init(self) -> MetaState:
-    """The initial state, created directly on the devices with its shardings."""
-    return jax.jit(self._init_state, out_shardings=self.shardings())()
+    """The initial state, created directly on the devices with its shardings.
+
+    Every task's first episodes come from its restart program (every member ``done``,
+    ``first`` set): the init programs are compiled in parallel threads, then run. The
+    values equal :meth:`_init_state`'s (``tests/test_meta_startup.py``).
+    """
+    shapes = self.abstract_state()
+    key = jax.random.PRNGKey(self.config.seed)
+    first = self._first_flag(True)
+    args_of = {}
+    for i, specs in self.groups.items():
+      # Arguments typed (shape, dtype, sharding) as a step passes them: one compilation.
+      # Global arrays (every process places its devices' slices), as a step's are.
+      keys = shard_lib.global_array(
+          np.stack([np.asarray(_group_key(key, g.name)) for g in specs]), self._rep)
+      blank = {g.name: jax.tree.map(
+          lambda s: shard_lib.global_zeros(s.shape, s.dtype, s.sharding),
+          shapes.populations[g.name]) for g in specs}
+      done = tuple(shard_lib.global_array(np.ones([g.size], bool), self._pop_sharding)
+                   for g in specs)
+      args_of[i] = self._restart_args(i, blank, keys, done, first)
+    compile_all(self._lower_restarts(args_of))
+    pops = {}
+    for i, specs in self.groups.items():
+      pops.update(zip([g.name for g in specs], self.restart_program(i)(*args_of[i])))
+    theta = self.warm_theta
+    theta, opt_state = jax.jit(lambda: (theta, self.optimizer.init(theta)),
+                               out_shardings=self._rep)()
+    return MetaState(theta=theta, opt_state=opt_state, populations=pops,
+                     key=shard_lib.global_array(key, self._rep),
+                     step=shard_lib.global_array(np.int32(0), self._rep))
 
   # ------------------------------------------------------------------ programs
   def _task_estimate(self, task_index: int, theta, pops: dict, key, step):
-    """Meta-loss, flat meta-gradient, new populations, metrics of one task."""
+    """Meta-loss, flat meta-gradient, new populations (not restarted yet), metrics of
+    one task, and its populations' restart keys ``[G, 2]`` and done masks."""
     flat, _ = ravel_pytree(theta)
     task_key = jax.random.fold_in(jax.random.fold_in(key, step), task_index)
     losses, grads, weights, new_pops, metrics = [], [], [], {}, {}
+    reset_keys, done = [], []
     for g in self.groups[task_index]:
       gkey = jax.random.fold_in(task_key, hash_name(g.name))
       e = self.estimator(self.spec(g), flat, pops[g.name], gkey)
       new_pops[g.name] = e.population
+      reset_keys.append(e.reset_key)
+      done.append(e.done)
       losses.append(e.meta_loss)
       grads.append(e.gradient)
       weights.append(g.size)
@@ -366,7 +447,7 @@ class MetaTrainer:
     w = jnp.asarray(weights, jnp.float32) / sum(weights)
     loss = jnp.dot(w, jnp.stack(losses))
     grad = w @ jnp.stack(grads)
-    return loss, grad, new_pops, metrics
+    return loss, grad, new_pops, metrics, (jnp.stack(reset_keys), tuple(done))
 
   def program(self, task_index: int):
     """The jitted estimate of one task (compiled on first use)."""
@@ -376,15 +457,22 @@ class MetaTrainer:
                 for g in self.groups[task_index]}
       self._programs[task_index] = jax.jit(
           functools.partial(self._task_estimate, task_index),
-          out_shardings=(self._rep, self._rep, pop_sh, self._rep))
+          out_shardings=(self._rep, self._rep, pop_sh, self._rep,
+                         (self._rep, self._pop_sharding)))
     return self._programs[task_index]
 
   def lower_programs(self, state: MetaState) -> list:
-    """Every task's program and the update, lowered for ``state`` (not compiled)."""
-    lowered = []
+    """Every task's program, the restart programs not compiled yet (by :meth:`init`)
+    and the update, lowered for ``state`` (not compiled)."""
+    lowered, restart_args = [], {}
     for i in range(len(self.tasks)):
       sub = {g.name: state.populations[g.name] for g in self.groups[i]}
       lowered.append(self.program(i).lower(state.theta, sub, state.key, state.step))
+      keys = jax.ShapeDtypeStruct((len(self.groups[i]), 2), jnp.uint32, sharding=self._rep)
+      done = tuple(jax.ShapeDtypeStruct((g.size,), jnp.bool_, sharding=self._pop_sharding)
+                   for g in self.groups[i])
+      restart_args[i] = self._restart_args(i, sub, keys, done, self._first_flag(False))
+    lowered += self._lower_restarts(restart_args)
     count = len(self.active_tasks(0))
     grads = jax.ShapeDtypeStruct((count, self.dim), jnp.float32, sharding=self._rep)
     lowered.append(self._update.lower(state.theta, state.opt_state, grads, state.step))
@@ -409,8 +497,11 @@ class MetaTrainer:
     losses, grads, metrics = [], [], {}
     for i in self.active_tasks(step):
       sub = {g.name: pops[g.name] for g in self.groups[i]}
-      loss, grad, sub, m = self.program(i)(state.theta, sub, state.key, state.step)
-      pops.update(sub)
+      loss, grad, sub, m, (keys, done) = self.program(i)(state.theta, sub, state.key,
+                                                         state.step)
+      names = [g.name for g in self.groups[i]]
+      pops.update(zip(names, self.restart_program(i)(
+          *self._restart_args(i, sub, keys, done, self._first_flag(False)))))
       losses.append(loss)
       grads.append(grad)
       for k, v in m.items():
@@ -423,6 +514,12 @@ class MetaTrainer:
                 grad_norm=float(grad_norm), log_lr=float(theta["log_lr"]),
                 tasks=[self.tasks[i].name for i in self.active_tasks(step)])
     return new, host
+
+  def _first_flag(self, first: bool) -> jax.Array:
+    if self._not_first is None:
+      self._not_first = shard_lib.global_array(np.bool_(False), self._rep)
+    return self._not_first if not first else shard_lib.global_array(np.bool_(True),
+                                                                    self._rep)
 
   def learned_optimizer(self, state: MetaState) -> metaopt.LearnedOptimizer:
     theta = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float32), state.theta)
@@ -437,6 +534,11 @@ def compile_all(lowered: list, workers: int | None = None) -> float:
   with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(lowered)))) as pool:
     list(pool.map(lambda low: low.compile(), lowered))
   return time.perf_counter() - start
+
+
+def _group_key(key: jax.Array, name: str) -> jax.Array:
+  """The key of a population's first episodes (from the run's base key)."""
+  return jax.random.fold_in(jax.random.fold_in(key, 1_000_003), hash_name(name))
 
 
 def hash_name(name: str) -> int:

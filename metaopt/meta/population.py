@@ -16,11 +16,13 @@ population so that every truncation sees members at all stages of training.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Sub-keys of an episode key (jax.random.fold_in data): what each one seeds.
 INIT_STREAM, DATA_STREAM, HORIZON_STREAM = 0, 1, 2
@@ -116,14 +118,34 @@ def init_population(init_fn, schedule: TruncationSchedule, key: jax.Array, size:
                     ) -> Population:
   """A population at the start of (staggered) episodes."""
   pop = fresh_members(init_fn, schedule, episode_keys(key, size, antithetic), dim)
-  if stagger:
-    # First episode: a uniform number of truncations in [1, its sampled length / K].
-    n = pop.horizon // schedule.length
-    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, HORIZON_STREAM + 1))
-                 )(pop.episode_key)
-    first = jnp.clip(jnp.ceil(u * n), 1, n).astype(jnp.int32) * schedule.length
-    pop = pop._replace(horizon=first)
-  return pop
+  return stagger_horizons(pop, schedule) if stagger else pop
+
+
+def stagger_horizons(pop: Population, schedule: TruncationSchedule) -> Population:
+  """Cuts every first episode to a uniform number of truncations in [1, its sampled
+  length / K] (drawn from the episode key, so pairs stay equal)."""
+  n = pop.horizon // schedule.length
+  u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, HORIZON_STREAM + 1))
+               )(pop.episode_key)
+  first = jnp.clip(jnp.ceil(u * n), 1, n).astype(jnp.int32) * schedule.length
+  return pop._replace(horizon=first)
+
+
+def finished(pop: Population, finite: jax.Array, *, antithetic: bool = True
+             ) -> tuple[jax.Array, jax.Array]:
+  """``(done, non-finite)`` masks: members at their horizon or whose run (or, paired,
+  whose partner's) went non-finite are done; a pair is always done together."""
+  bad = ~finite
+  if antithetic:
+    bad = bad | partner(bad)
+  return (pop.step >= pop.horizon) | bad, ~finite
+
+
+def restart(pop: Population, fresh: Population, done: jax.Array) -> Population:
+  """``fresh``'s members where ``done``, ``pop``'s elsewhere."""
+  select = lambda new, old: jnp.where(
+      done.reshape(done.shape + (1,) * (old.ndim - 1)), new, old)
+  return jax.tree.map(select, fresh, pop)
 
 
 def reset_finished(init_fn, schedule: TruncationSchedule, pop: Population,
@@ -134,13 +156,55 @@ def reset_finished(init_fn, schedule: TruncationSchedule, pop: Population,
   Returns ``(population, reset mask, non-finite mask)``; a pair is always reset
   together, so partners keep sharing their episode.
   """
-  size = pop.step.shape[0]
-  bad = ~finite
-  if antithetic:
-    bad = bad | partner(bad)
-  done = (pop.step >= pop.horizon) | bad
-  fresh = fresh_members(init_fn, schedule, episode_keys(key, size, antithetic),
+  done, nonfinite = finished(pop, finite, antithetic=antithetic)
+  fresh = fresh_members(init_fn, schedule, episode_keys(key, pop.step.shape[0], antithetic),
                         pop.perturbation.shape[1])
-  select = lambda new, old: jnp.where(
-      done.reshape(done.shape + (1,) * (old.ndim - 1)), new, old)
-  return jax.tree.map(select, fresh, pop), done, ~finite
+  return restart(pop, fresh, done), done, nonfinite
+
+
+def restart_groups(init_fn, schedule: TruncationSchedule, dim: int, antithetic: bool,
+                   group_keys: jax.Array, pops: tuple[Population, ...],
+                   done: tuple[jax.Array, ...], first: jax.Array) -> tuple[Population, ...]:
+  """Restarts the ``done`` members of several populations of one inner problem.
+
+  Population ``g``'s new episodes are ``fresh_members`` of
+  ``episode_keys(group_keys[g], P_g, antithetic)``, the same as :func:`reset_finished`
+  and :func:`init_population` draw, but every population's members go through one
+  vmapped ``init_fn``, so a task's populations (informed, blind) share one traced init.
+  With ``first`` (a bool scalar) the new episodes are first episodes, staggered as in
+  :func:`init_population`; a new run is ``done`` everywhere with ``first``.
+
+  Args:
+    init_fn: ``key -> inner state`` of every population.
+    schedule: the episode lengths.
+    dim: the size of theta (the perturbation accumulators' width).
+    antithetic: whether members are in antithetic pairs.
+    group_keys: uint32 ``[G, 2]``, one key per population.
+    pops, done: the populations and bool ``[P_g]`` masks of members to restart.
+    first: whether the new episodes are a run's first ones.
+  """
+  sizes = [d.shape[0] for d in done]
+  keys = jnp.concatenate([episode_keys(group_keys[g], size, antithetic)
+                          for g, size in enumerate(sizes)])
+  fresh = fresh_members(init_fn, schedule, keys, dim)
+  out, start = [], 0
+  for pop, mask, size in zip(pops, done, sizes):
+    new = jax.tree.map(lambda a, s=start, n=size: a[s:s + n], fresh)
+    new = new._replace(horizon=jnp.where(first, stagger_horizons(new, schedule).horizon,
+                                         new.horizon))
+    out.append(restart(pop, new, mask))
+    start += size
+  return tuple(out)
+
+
+def init_signature(init_fn: Callable[[jax.Array], Any]) -> Hashable:
+  """What ``init_fn`` computes, as a hashable key: its jaxpr (text) for one key and a
+  digest of every constant it closes over. Inits with equal signatures compute the same
+  function, so their populations can share one compiled program (tasks of equal
+  parameter shapes whose inits do not depend on the rest of their config, e.g. two
+  quadratics of one dimension)."""
+  closed = jax.make_jaxpr(init_fn)(jax.ShapeDtypeStruct((2,), jnp.uint32))
+  consts = tuple((np.shape(c), str(np.result_type(c)),
+                  hashlib.sha256(np.ascontiguousarray(np.asarray(c))).hexdigest())
+                 for c in closed.consts)
+  return str(closed.jaxpr), consts

@@ -85,6 +85,29 @@ def abstract(tree: Any, sharding) -> Any:
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
 
+def global_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """``value`` (host data, equal on every process) as one global ``jax.Array`` laid out
+  by ``sharding``: each process places the slices of its own devices.
+
+  Unlike ``jax.device_put`` of host data, this also holds in a multi-process run, where
+  ``sharding`` spans devices of other processes: the result is an array of the global
+  mesh, as a jitted program with ``out_shardings`` would return, which orbax can save
+  shard by shard.
+  """
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda index: np.asarray(host[index]))
+
+
+def global_zeros(shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding
+                 ) -> jax.Array:
+  """Zeros as a global ``jax.Array`` on ``sharding`` (see :func:`global_array`), built
+  shard by shard: no host copy of the whole array."""
+  shard = sharding.shard_shape(tuple(shape))
+  return jax.make_array_from_callback(tuple(shape), sharding,
+                                      lambda index: np.zeros(shard, dtype))
+
+
 def is_primary() -> bool:
   """Process 0 writes logs and exported artifacts."""
   return jax.process_index() == 0
