@@ -5,13 +5,13 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from sklearn.datasets import load_digits
 
 import metaopt
-from metaopt import checkpoint
-from metaopt.lopt import CANDIDATE_NAMES, FEATURE_NAMES
+from metaopt import anchors, checkpoint
 
 
 def test_default_artifact_metadata_matches_the_code():
@@ -20,10 +20,12 @@ def test_default_artifact_metadata_matches_the_code():
   assert lo.config.to_dict() == meta["config"]
   assert meta["features"] == list(lo.config.feature_names)
   assert meta["candidates"] == list(lo.config.candidate_names)
-  # 0.3.0's default: the base rule plus the orthogonalized-momentum switch.
-  assert meta["features"][:len(FEATURE_NAMES)] == list(FEATURE_NAMES)
-  assert meta["candidates"][:len(CANDIDATE_NAMES)] == list(CANDIDATE_NAMES)
-  assert lo.config.muon and lo.config.horizon_decay == "warmup_cosine"
+  # 0.3.0's default is the prior the release rule shipped (release_030.md): exactly
+  # anchors.learned_prior(mup=True), config and theta.
+  prior = anchors.learned_prior(mup=True)
+  assert lo.config == prior.config and set(lo.theta) == set(prior.theta)
+  for name, value in prior.theta.items():
+    np.testing.assert_array_equal(lo.theta[name], value, err_msg=name)
   assert meta["package"] == "metaopt"
   assert "default" in checkpoint.available()
 

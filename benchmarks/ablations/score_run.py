@@ -51,23 +51,21 @@ def main() -> None:
   config = config_lib.MetaConfig.from_dict(
       json.loads((run_dir / run.CONFIG_FILE).read_text()))
   warm = outer.warm_start(config)
+
+  def theta_of(lo, what: str):
+    if lo.config != warm.config:
+      raise SystemExit(f"{what} has another LOConfig than the run's warm start")
+    return lo.theta
+
   thetas = {}
   for step in (int(s) for s in args.steps.split(",")):
-    if step == 0:
-      thetas["0"] = warm.theta
-      continue
-    lo, _ = run.checkpoint_lo(run_dir, step)
-    if lo.config != warm.config:
-      raise SystemExit(f"checkpoint {step} has another LOConfig than the warm start")
-    thetas[str(step)] = lo.theta
+    thetas[str(step)] = warm.theta if step == 0 else theta_of(
+        run.checkpoint_lo(run_dir, step)[0], f"checkpoint {step}")
   for spec in args.artifact:
     label, sep, path = spec.partition("=")
     if not sep or not label or not path:
       raise SystemExit(f"--artifact {spec!r}: expected LABEL=PATH")
-    lo = metaopt.load(path)
-    if lo.config != warm.config:
-      raise SystemExit(f"--artifact {path} has another LOConfig than the run's warm start")
-    thetas[label] = lo.theta
+    thetas[label] = theta_of(metaopt.load(path), f"--artifact {path}")
   try:
     lo_config = warm.with_config(**config_lib.parse_overrides(args.lo_set)).config
   except (TypeError, ValueError) as e:
@@ -75,7 +73,8 @@ def main() -> None:
   entries = validation.selection_entries(config.selection_suites)
   scores = validation.score_thetas(lo_config, thetas, entries)
   labels = list(thetas)
-  print("| task | " + " | ".join(f"step {k}" if k.isdigit() else k for k in labels) + " |")
+  shown = {k: f"step {k}" if k.isdigit() else k for k in labels}
+  print("| task | " + " | ".join(shown[k] for k in labels) + " |")
   print("|---" * (len(labels) + 1) + "|")
   for name, row in scores.items():
     print(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in labels) + " |")
@@ -84,7 +83,7 @@ def main() -> None:
   first = labels[0]
   for k in labels:
     diffs = [row[k] - row[first] for row in scores.values()]
-    print(f"step {k}: mean {np.mean(diffs):+.4f}, worst {np.max(diffs):+.4f} vs step {first}")
+    print(f"{shown[k]}: mean {np.mean(diffs):+.4f}, worst {np.max(diffs):+.4f} vs {shown[first]}")
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(scores, indent=1) + "\n")
 
