@@ -297,6 +297,8 @@ class ScaleByMupState(NamedTuple):
 
 
 RolesOrFn = Union[Any, Callable[[Any], Any]]
+# The base fan-in role inference gives hidden and output leaves by default.
+INFERRED_BASE_FAN_IN = 64
 
 
 def scale_by_mup(roles: RolesOrFn) -> optax.GradientTransformation:
@@ -476,7 +478,7 @@ def _classify(leaf: _Leaf, children: Mapping[tuple[str, ...], set[str]]) -> None
     leaf.group = (parent_path, "qkv")  # one attention layer reads its input thrice
 
 
-def infer_roles(params, base_fan_in: int = 64, *, warn: bool = True):
+def infer_roles(params, base_fan_in: int = INFERRED_BASE_FAN_IN, *, warn: bool = True):
   """Guesses muP roles for an unlabeled Flax/Haiku parameter tree (documented fallback).
 
   Rules, by parameter name, module name and shape (what ``flax.linen`` and Haiku name
@@ -595,8 +597,6 @@ def infer_roles(params, base_fan_in: int = 64, *, warn: bool = True):
 
 # ----------------------------------------------------------------------------------
 # The one entry point the optimizers and tasks use.
-
-INFERRED_BASE_FAN_IN = 64
 
 
 def _holds_labels(roles) -> bool:
