@@ -15,6 +15,7 @@ import numpy as np
 import tasks
 from metaopt.meta import MetaConfig, MetaTrainer
 from metaopt.meta import estimators as est_lib
+from metaopt.meta import outer
 
 QUADRATIC_A = tasks.QuadraticConfig(dim=8, condition_number=10.0)
 QUADRATIC_B = tasks.QuadraticConfig(dim=8, condition_number=100.0, rotate=True)
@@ -66,6 +67,7 @@ def test_steps_equal_steps_with_resets_inside_the_estimator():
   new, old = MetaTrainer(config), MetaTrainer(config)
   old.estimator = est_lib.get_estimator(config.estimator, config.sigma, reset=True)
   old.restart_program = lambda i: lambda keys, pops, done, first: pops  # already reset
+  old.prepare = lambda state: (state, ())  # every task started and compiled by new.init
   state = new.init()
   resets, steps = 0, 6
   # Reordered float32 sums: the meta-gradient sums n = members x K x tasks terms, each
@@ -88,3 +90,34 @@ def test_steps_equal_steps_with_resets_inside_the_estimator():
                                  atol=rtol * float(np.max(np.abs(np.asarray(y)), initial=0)))
     state = a
   assert resets > 0, "some episodes ended and were restarted"
+
+
+def test_pooled_tasks_start_when_first_drawn_with_the_values_of_a_full_init():
+  """With family pools, init starts (and compiles) only the tasks of step 0; a config
+  drawn later starts then, with its first episodes' values, so every step is bitwise
+  the step of a run whose init started every population."""
+  config = MetaConfig(suite="", families=("quadratic",), family_pool=3, family_samples=1,
+                      family_window=1, seed=3, **SMALL)
+  lazy, eager = MetaTrainer(config), MetaTrainer(config)
+  state = lazy.init()
+  first = set(lazy.active_tasks(0))
+  later = {i for s in range(1, 3) for i in lazy.active_tasks(s)} - first
+  assert first and later, "seed 3 draws another config at step 1 or 2"
+  assert set(lazy.unstarted_tasks(state, tuple(range(len(lazy.tasks))))) == (
+      set(range(len(lazy.tasks))) - first)
+  outer.compile_all(lazy.lower_programs(state))  # as meta_train's start-up does
+  assert lazy._compiled_programs == first | {-1}  # pylint: disable=protected-access
+  reference = jax.jit(eager._init_state)()  # pylint: disable=protected-access
+  full = state._replace(populations=reference.populations)
+  for i in first:
+    for g in lazy.groups[i]:
+      _assert_trees_equal(state.populations[g.name], reference.populations[g.name])
+  drawn = set(first)
+  for step in range(3):
+    drawn |= set(lazy.active_tasks(step))
+    state, _ = lazy.step(state)
+    full, _ = eager.step(full)
+    started = lambda s: (s.theta, s.opt_state, s.step, {  # pylint: disable=cell-var-from-loop
+        g.name: s.populations[g.name] for i in drawn for g in lazy.groups[i]})
+    _assert_trees_equal(started(state), started(full))
+  assert not lazy.unstarted_tasks(state, tuple(sorted(first | later)))

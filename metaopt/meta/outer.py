@@ -300,6 +300,9 @@ class MetaTrainer:
     self._not_first = None
     self._state_shapes = None
     self._update = jax.jit(self._apply_update, out_shardings=self._rep)
+    self._all_zero = jax.jit(lambda xs: jnp.stack([jnp.all(x == 0) for x in xs]),
+                             out_shardings=self._rep)
+    self._compiled_programs: set[int] = set()  # tasks whose program is compiled
 
   # ------------------------------------------------------------------ structure
   def _group_specs(self) -> dict[int, tuple[GroupSpec, ...]]:
@@ -390,38 +393,68 @@ class MetaTrainer:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.shardings())
 
+  def blank_populations(self) -> dict[str, pop_lib.Population]:
+    """Every population as zeros, placed with its sharding: members not started yet
+    (horizon 0, which a started episode never has; :meth:`start_tasks` starts them)."""
+    return jax.tree.map(lambda s: shard_lib.global_zeros(s.shape, s.dtype, s.sharding),
+                        self.abstract_state().populations)
+
   def init(self) -> MetaState:
     """The initial state, created directly on the devices with its shardings.
 
-    Every task's first episodes come from its restart program (every member ``done``,
-    ``first`` set): the init programs are compiled in parallel threads, then run. The
-    values equal :meth:`_init_state`'s (``tests/test_meta_startup.py``).
+    The tasks active at step 0 start their first episodes (:meth:`start_tasks`); the
+    other tasks of family pools get blank populations, started when first drawn, so
+    the start-up initializes and compiles only what the first step runs. Started
+    populations equal :meth:`_init_state`'s (``tests/test_meta_startup.py``), whenever
+    they start.
     """
-    shapes = self.abstract_state()
+    theta = self.warm_theta
+    theta, opt_state = jax.jit(lambda: (theta, self.optimizer.init(theta)),
+                               out_shardings=self._rep)()
+    state = MetaState(theta=theta, opt_state=opt_state,
+                      populations=self.blank_populations(),
+                      key=shard_lib.global_array(jax.random.PRNGKey(self.config.seed),
+                                                 self._rep),
+                      step=shard_lib.global_array(np.int32(0), self._rep))
+    return self.start_tasks(state, self.active_tasks(0))
+
+  def unstarted_tasks(self, state: MetaState, tasks: tuple[int, ...]) -> tuple[int, ...]:
+    """Those of ``tasks`` whose populations are blank (every horizon 0)."""
+    if not tasks:
+      return ()
+    horizons = [state.populations[g.name].horizon for i in tasks for g in self.groups[i]]
+    blank = np.asarray(self._all_zero(horizons))
+    per_task = np.split(blank, np.cumsum([len(self.groups[i]) for i in tasks])[:-1])
+    return tuple(i for i, b in zip(tasks, per_task) if b.any())
+
+  def start_tasks(self, state: MetaState, tasks: tuple[int, ...]) -> MetaState:
+    """``state`` with the first episodes of ``tasks``' blank populations started.
+
+    Each task's first episodes come from its restart program (every member ``done``,
+    ``first`` set, the run's first-episode keys): the same values whenever a task
+    starts. The restart programs not compiled yet are compiled in parallel threads.
+    """
+    pending = self.unstarted_tasks(state, tuple(tasks))
+    if not pending:
+      return state
     key = jax.random.PRNGKey(self.config.seed)
     first = self._first_flag(True)
     args_of = {}
-    for i, specs in self.groups.items():
+    for i in pending:
+      specs = self.groups[i]
       # Arguments typed (shape, dtype, sharding) as a step passes them: one compilation.
       # Global arrays (every process places its devices' slices), as a step's are.
       keys = shard_lib.global_array(
           np.stack([np.asarray(_group_key(key, g.name)) for g in specs]), self._rep)
-      blank = {g.name: jax.tree.map(
-          lambda s: shard_lib.global_zeros(s.shape, s.dtype, s.sharding),
-          shapes.populations[g.name]) for g in specs}
       done = tuple(shard_lib.global_array(np.ones([g.size], bool), self._pop_sharding)
                    for g in specs)
-      args_of[i] = self._restart_args(i, blank, keys, done, first)
+      args_of[i] = self._restart_args(i, state.populations, keys, done, first)
     compile_all(self._lower_restarts(args_of))
-    pops = {}
-    for i, specs in self.groups.items():
-      pops.update(zip([g.name for g in specs], self.restart_program(i)(*args_of[i])))
-    theta = self.warm_theta
-    theta, opt_state = jax.jit(lambda: (theta, self.optimizer.init(theta)),
-                               out_shardings=self._rep)()
-    return MetaState(theta=theta, opt_state=opt_state, populations=pops,
-                     key=shard_lib.global_array(key, self._rep),
-                     step=shard_lib.global_array(np.int32(0), self._rep))
+    pops = dict(state.populations)
+    for i in pending:
+      pops.update(zip([g.name for g in self.groups[i]],
+                      self.restart_program(i)(*args_of[i])))
+    return state._replace(populations=pops)
 
   # ------------------------------------------------------------------ programs
   def _task_estimate(self, task_index: int, theta, pops: dict, key, step):
@@ -461,11 +494,19 @@ class MetaTrainer:
                          (self._rep, self._pop_sharding)))
     return self._programs[task_index]
 
-  def lower_programs(self, state: MetaState) -> list:
-    """Every task's program, the restart programs not compiled yet (by :meth:`init`)
-    and the update, lowered for ``state`` (not compiled)."""
+  def lower_programs(self, state: MetaState, tasks: tuple[int, ...] | None = None
+                     ) -> list:
+    """The programs of ``tasks`` (default: those active at ``state``'s step) not lowered
+    before, their restart programs not compiled yet and (the first time) the update,
+    lowered for ``state`` (not compiled). Tasks drawn later are compiled when drawn
+    (:meth:`prepare`)."""
+    if tasks is None:
+      tasks = self.active_tasks(int(state.step))
     lowered, restart_args = [], {}
-    for i in range(len(self.tasks)):
+    for i in tasks:
+      if i in self._compiled_programs:
+        continue
+      self._compiled_programs.add(i)
       sub = {g.name: state.populations[g.name] for g in self.groups[i]}
       lowered.append(self.program(i).lower(state.theta, sub, state.key, state.step))
       keys = jax.ShapeDtypeStruct((len(self.groups[i]), 2), jnp.uint32, sharding=self._rep)
@@ -473,10 +514,22 @@ class MetaTrainer:
                    for g in self.groups[i])
       restart_args[i] = self._restart_args(i, sub, keys, done, self._first_flag(False))
     lowered += self._lower_restarts(restart_args)
-    count = len(self.active_tasks(0))
-    grads = jax.ShapeDtypeStruct((count, self.dim), jnp.float32, sharding=self._rep)
-    lowered.append(self._update.lower(state.theta, state.opt_state, grads, state.step))
+    if _UPDATE not in self._compiled_programs:
+      self._compiled_programs.add(_UPDATE)
+      count = len(self.active_tasks(0))
+      grads = jax.ShapeDtypeStruct((count, self.dim), jnp.float32, sharding=self._rep)
+      lowered.append(self._update.lower(state.theta, state.opt_state, grads, state.step))
     return lowered
+
+  def prepare(self, state: MetaState) -> tuple[MetaState, tuple[int, ...]]:
+    """``state`` ready for its step: the active tasks' programs compiled (in parallel
+    threads) and their blank populations started. Returns it and the tasks compiled or
+    started now (a redraw of the family pools brings new ones; else none)."""
+    active = self.active_tasks(int(state.step))
+    compiled = tuple(i for i in active if i not in self._compiled_programs)
+    compile_all(self.lower_programs(state, active))
+    started = self.unstarted_tasks(state, active)
+    return self.start_tasks(state, started), tuple(sorted(set(compiled) | set(started)))
 
   def state_shapes(self) -> MetaState:
     """``ShapeDtypeStruct`` tree of the state (traced once, no computation)."""
@@ -492,6 +545,7 @@ class MetaTrainer:
 
   def step(self, state: MetaState) -> tuple[MetaState, dict]:
     """One outer step; returns the new state and host-side metrics."""
+    state, _ = self.prepare(state)
     step = int(state.step)
     pops = dict(state.populations)
     losses, grads, metrics = [], [], {}
@@ -526,10 +580,15 @@ class MetaTrainer:
     return metaopt.LearnedOptimizer(self.lo_config, theta)
 
 
+_UPDATE = -1  # the update's entry in MetaTrainer._compiled_programs (tasks are >= 0)
+
+
 def compile_all(lowered: list, workers: int | None = None) -> float:
   """Compiles lowered programs in parallel threads (XLA compiles outside the GIL);
   later calls of the same jitted functions reuse the executables. Returns seconds."""
   start = time.perf_counter()
+  if not lowered:
+    return 0.0
   workers = workers or os.cpu_count() or 1
   with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(lowered)))) as pool:
     list(pool.map(lambda low: low.compile(), lowered))

@@ -269,7 +269,7 @@ def _restore(out: pathlib.Path, manager, trainer: MetaTrainer, expected: dict[st
   """
   state, start, skipped = ckpt.restore_newest(
       manager, trainer.abstract_state(), expected, fallback=fallback,
-      init_populations=lambda: trainer.init().populations)
+      init_populations=trainer.blank_populations)
   if not skipped:
     return state, start, manager
   if primary:
@@ -291,7 +291,9 @@ def _compile(trainer: MetaTrainer, validate: _Validator | None, state: Any,
              bar: log_lib.Progress) -> float:
   """Compiles the run's programs (outer step, validation) together; returns seconds."""
   lowered = trainer.lower_programs(state) + (validate.lower(state.theta) if validate else [])
-  bar.message(f"compiling {len(lowered)} programs ({len(trainer.tasks)} tasks) ...")
+  active = len(trainer.active_tasks(int(state.step)))
+  bar.message(f"compiling {len(lowered)} programs ({active} tasks active of "
+              f"{len(trainer.tasks)}; the others compile when drawn) ...")
   seconds = outer.compile_all(lowered)
   bar.message(f"compiled in {seconds:.1f} s")
   return seconds
@@ -342,6 +344,7 @@ def _outer_loop(session: _Session, state: Any, stop: stopping.Stop
   try:
     while step < c.outer_steps and not stop.requested:
       stop.set_phase("stepping")
+      state = _prepare(session, state, step)
       state, metrics = session.trainer.step(state)
       step = metrics["step"]
       stop.finished_step(step, state)
@@ -364,6 +367,17 @@ def _outer_loop(session: _Session, state: Any, stop: stopping.Stop
   stop.set_phase("checkpointing")
   session.manager.wait_until_finished()
   return state, step, last_val
+
+
+def _prepare(session: _Session, state: Any, step: int) -> Any:
+  """The state with the step's tasks compiled and started; one line when a redraw of the
+  family pools brought tasks not compiled or started before."""
+  began = time.perf_counter()
+  state, new = session.trainer.prepare(state)
+  if new and step:
+    session.bar.message(f"step {step}: {len(new)} newly drawn tasks compiled and started "
+                        f"in {time.perf_counter() - began:.1f} s")
+  return state
 
 
 def _validate_current(session: _Session, theta: Any, step: int) -> dict[str, Any]:
