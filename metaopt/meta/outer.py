@@ -24,7 +24,10 @@ every reset, and is shared by the tasks whose inits compute the same function
 (:func:`metaopt.meta.population.init_signature`). Keeping ``init`` out of the task's
 program halves an MLP task's compile time, and the start-up compiles one small init
 program per distinct task (in parallel threads) instead of one program holding every
-population's init, whose compile time grows superlinearly with the tasks.
+population's init, whose compile time grows superlinearly with the tasks. Only the tasks
+of the first step are started and compiled up front; a config of a family pool drawn
+later gets its programs and first episodes then (:meth:`MetaTrainer.prepare`), with the
+values it would have had from the start.
 """
 
 from __future__ import annotations
@@ -235,9 +238,10 @@ def active_tasks(config: MetaConfig, num_tasks: int, step: int,
   is a new compilation (tens of seconds, then used for one episode). A bounded cache of
   fresh samples would also drop the populations of evicted configs mid-episode (a bias
   against long horizons) and make the checkpointed state's shapes depend on the step.
-  With a pool, compilations are bounded (K per family, all compiled up front), the state
-  has fixed shapes (bit-exact resume), and a paused config keeps its populations, so
-  its episodes resume where they stopped and always reach their horizons. The window
+  With a pool, compilations are bounded (K per family, each compiled when first drawn:
+  :meth:`MetaTrainer.prepare`), the state has fixed shapes (bit-exact resume), and a
+  paused config keeps its populations, so its episodes resume where they stopped and
+  always reach their horizons. The window
   defaults to the longest episode (``ceil(horizon / K)`` truncations): an active
   population runs about one episode per draw, so the configs a family trains change
   about once per episode.
