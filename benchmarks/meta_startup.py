@@ -14,6 +14,10 @@ Phases, in the order ``meta_train.py`` runs them:
 * compile: ``outer.compile_all`` of those lowered programs (in threads).
 * first step: ``trainer.step`` once, blocked on its result.
 
+``--redraw`` then times the first redraw of the family pools (``MetaTrainer.prepare``
+of the state moved to the next window: the configs drawn there for the first time are
+compiled and started; not counted in the total).
+
 ``--reference-init`` then times, in the same process, the init as it was before
 metaopt 0.3: one jitted program holding every population's ``init_population``
 (``MetaTrainer._init_state``), so old and new are measured under the same load.
@@ -35,10 +39,12 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
 
 from metaopt.meta import config as config_lib  # pylint: disable=wrong-import-position
 from metaopt.meta import outer  # pylint: disable=wrong-import-position
 from metaopt.meta import run as run_lib  # pylint: disable=wrong-import-position
+from metaopt.meta import sharding as shard_lib  # pylint: disable=wrong-import-position
 
 
 def _timed(fn):
@@ -58,7 +64,8 @@ class _Phases(dict):
 
 
 def measure(config: config_lib.MetaConfig, *, validation: bool = True,
-            step: bool = True, reference_init: bool = False) -> dict:
+            step: bool = True, reference_init: bool = False,
+            redraw: bool = False) -> dict:
   """Seconds per phase (and a few counts) of one start-up with ``config``."""
   seconds, counts = _Phases(), {}
   trainer, seconds["build"] = _timed(lambda: outer.MetaTrainer(config))
@@ -74,6 +81,12 @@ def measure(config: config_lib.MetaConfig, *, validation: bool = True,
   seconds["compile"] = outer.compile_all(lowered)
   if step:
     _, seconds["first step"] = _timed(lambda: trainer.step(state)[0])
+  if redraw and trainer.pools:
+    window = outer.family_window(config)
+    later = state._replace(step=shard_lib.global_array(np.int32(window), trainer._rep))  # pylint: disable=protected-access
+    counts["drawn at the redraw"] = len(set(trainer.active_tasks(window))
+                                        - set(trainer.active_tasks(0)))
+    _, seconds["redraw (prepare)"] = _timed(lambda: trainer.prepare(later)[0])
   if reference_init:
     reference = jax.jit(trainer._init_state,  # pylint: disable=protected-access
                         out_shardings=trainer.shardings())
@@ -93,6 +106,9 @@ def main() -> None:
   parser.add_argument("--no-validation", action="store_true",
                       help="leave the validation programs out of trace and compile")
   parser.add_argument("--skip-step", action="store_true", help="stop after compile")
+  parser.add_argument("--redraw", action="store_true",
+                      help="also time the first redraw of the family pools: "
+                           "MetaTrainer.prepare of the state moved to the next window")
   parser.add_argument("--reference-init", action="store_true",
                       help="also time the one-program init of before (same process)")
   args = parser.parse_args()
@@ -101,7 +117,7 @@ def main() -> None:
     config = dataclasses.replace(config, **config_lib.parse_overrides(args.set))
   load_before = os.getloadavg()[0]
   r = measure(config, validation=not args.no_validation, step=not args.skip_step,
-              reference_init=args.reference_init)
+              reference_init=args.reference_init, redraw=args.redraw)
   load_after = os.getloadavg()[0]
   s = r["seconds"]
   print(f"# Meta-training start-up: preset {args.preset} {' '.join(args.set)}\n")
@@ -109,7 +125,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, jax {jax.__version__}; load (1 min) "
         f"{load_before:.1f} -> {load_after:.1f}")
   print(", ".join(f"{k} {v}" for k, v in r["counts"].items() if v is not None) + "\n")
-  phases = [k for k in s if "before" not in k]
+  phases = [k for k in s if "before" not in k and "redraw" not in k]
   print("| " + " | ".join(s) + " | total |")
   print("|" + "---|" * (len(s) + 1))
   print("| " + " | ".join(f"{v:.1f}" for v in s.values())
