@@ -96,7 +96,7 @@ class LearnedOptimizer:
   def extended(self, **switches: bool) -> "LearnedOptimizer":
     """This LO with the named switches turned on and every weight they add zero.
 
-    ``switches``: any of :data:`metaopt.lopt._config.SWITCHES`' names as keywords
+    ``switches``: any of :data:`metaopt.lopt._switches.SWITCHES`' names as keywords
     (``extended(muon=True)``, ``extended(step_size_features=True)``).
 
     What it is for: warm-starting the meta-training of a switch
