@@ -128,7 +128,7 @@ class LearnedOptimizer:
                            config.candidate_names)
     for entry, shape in _network.theta_shapes(config).items():  # a switch's: zeros
       if entry not in theta:
-        theta[entry] = jnp.zeros(shape, theta["mix"].dtype)
+        theta[entry] = jnp.zeros_like(theta["mix"], shape=shape)
     shapes = {k: tuple(jnp.shape(v)) for k, v in theta.items()}
     assert shapes == _network.theta_shapes(config), shapes
     return dataclasses.replace(self, config=config, theta=theta)
