@@ -233,6 +233,8 @@ def _with_tensor_inputs(step: _Step, inputs: list, switch_steps: dict) -> list:
           if ss.tensor_inputs is not None]
   if not late:
     return inputs
+  assert all(t[i] is None for _, t in late for i in step.blocks.small), (
+      "a switch's per-tensor input on a tensor of the flat buffer: list it in Switch.apart")
   inputs = [inp if i is None else inp._replace(extra={**inp.extra,
                                                       **{n: t[i] for n, t in late}})
             for inp, i in zip(inputs, step.blocks.tensor_of_blocks())]
