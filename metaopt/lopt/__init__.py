@@ -5,7 +5,7 @@ from metaopt.lopt._config import CANDIDATE_NAMES
 from metaopt.lopt._config import FEATURE_NAMES
 from metaopt.lopt._config import LOConfig
 from metaopt.lopt._learned import LearnedOptimizer
-from metaopt.lopt._learned import muon_fan_ins
+from metaopt.lopt._switches.muon import muon_fan_ins
 from metaopt.lopt._network import init_theta
 from metaopt.lopt._network import theta_shapes
 from metaopt.lopt._update import LOState

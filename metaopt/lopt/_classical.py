@@ -4,11 +4,10 @@ Defaults are read from the signatures of :mod:`metaopt.optimizers` so the two ne
 drift; each hyperparameter maps to an LO config field, a mixing weight or the global
 step size, or must keep a value the LO's state represents.
 
-Muon (Jordan et al, "Muon: An optimizer for hidden layers in neural networks", 2024)
-treats two kinds of tensors differently, so its theta uses the ``muon`` switch's
-per-role gate: ``mix`` is Nesterov AdamW's (every tensor but the hidden matrices) and
-``mix + hidden_mix`` Muon's (hidden matrices), with the AdamW part's learning rate and
-decay as mixing weights relative to Muon's learning rate:
+An optimizer that needs a switch (:mod:`metaopt.lopt._switches`) is declared by it
+(``Switch.classical``, ``classical_mix``): Muon (Jordan et al, "Muon: An optimizer for
+hidden layers in neural networks", 2024) by the ``muon`` switch, whose theta uses its
+per-role gate:
 
   hidden:  -eta (s NS(mu_hat) + lambda x),   others:  -eta (r c_nadam + r lambda_A x),
   r = eta_A / eta.
@@ -16,11 +15,11 @@ decay as mixing weights relative to Muon's learning rate:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 
-from metaopt.features import NEWTON_SCHULZ_COEFFS
-from metaopt.lopt._config import CANDIDATE_NAMES, MUON_CANDIDATES
+from metaopt.lopt._config import CANDIDATE_NAMES, SWITCHES, LOConfig
 
 _NOT_GIVEN = inspect.Parameter.empty
 
@@ -36,13 +35,6 @@ _ADAM = {"learning_rate": ("lr",), "b1": ("decay", 0),
 _TAM = {"learning_rate": ("lr",), "beta": ("config", "tam_beta"),
         "gamma": ("config", "tam_gamma"), "eps": ("config", "tam_eps"),
         "weight_decay": ("wd",)}
-_MUON = {"learning_rate": ("lr",), "ns_coeffs": ("fixed", NEWTON_SCHULZ_COEFFS),
-         "ns_steps": ("config", "muon_ns_steps"), "beta": ("config", "muon_beta"),
-         "eps": ("config", "muon_eps", "adam_eps"), "weight_decay": ("wd",),
-         "nesterov": ("fixed", True), "adaptive": ("fixed", False),
-         "adam_b1": ("decay", 0), "adam_b2": ("config", "second_moment_decay"),
-         "adam_eps_root": ("fixed", 0.0), "adam_weight_decay": ("adam_wd",),
-         "adam_learning_rate": ("adam_lr",)}
 CLASSICAL = {
     "sgdm": ("sgdm", {"learning_rate": ("lr",), "momentum": ("decay", 0),
                       "nesterov": ("fixed", False),
@@ -71,27 +63,19 @@ CLASSICAL = {
     "laprop": ("laprop", {"learning_rate": ("lr",), "b1": ("config", "laprop_b1"),
                           "b2": ("config", "second_moment_decay"),
                           "eps": ("config", "laprop_eps"), "weight_decay": ("wd",)}),
-    "muon": ("muon", _MUON),
 }
+# The optimizers a switch lets the LO equal (Muon, with the ``muon`` switch).
+_SWITCH_OF = {name: s for s in SWITCHES for name in s.classical}
+CLASSICAL.update({name: entry for s in SWITCHES for name, entry in s.classical.items()})
 # The candidate of the tensors an optimizer does not give its own candidate (Muon's
 # AdamW part): the mix of the non-hidden tensors.
-OTHER_CANDIDATE = {"muon": "nadam"}
-
-
-def _muon_mix(names, wd: float, adam_wd: float, adam_lr: float | None, lr: float):
-  """(mix, hidden_mix) of Muon: Nesterov AdamW on ``mix``, Muon on ``mix + hidden_mix``."""
-  ratio = 1.0 if adam_lr is None else adam_lr / lr
-  mix, hidden = [0.0] * len(names), [0.0] * len(names)
-  mix[names.index("nadam")] = ratio
-  mix[names.index("weight_decay")] = ratio * adam_wd
-  hidden[names.index("muon")] = 1.0
-  hidden[names.index("weight_decay")] = wd
-  return mix, [h - m for h, m in zip(hidden, mix)]
+OTHER_CANDIDATE = {name: c for s in SWITCHES for name, c in s.classical_other.items()}
+_INT_FIELDS = {f.name for f in dataclasses.fields(LOConfig) if f.type in ("int", int)}
 
 
 def classical_config_and_mix(name: str, hparams: dict):
-  """Returns (LOConfig kwargs, mixing weights, log step size, hidden-matrix mixing
-  offsets or None) equal to ``name``."""
+  """Returns (LOConfig kwargs, mixing weights, log step size, the theta entries of the
+  switch it needs (``{"hidden_mix": ...}`` for Muon; ``{}``)) equal to ``name``."""
   import metaopt.optimizers as optimizers  # pylint: disable=g-import-not-at-top
   if name not in CLASSICAL:
     raise ValueError(f"from_classical: unknown optimizer {name!r}; the LO subsumes "
@@ -105,7 +89,8 @@ def classical_config_and_mix(name: str, hparams: dict):
   values = {k: p.default for k, p in signature.parameters.items()}
   values.update(hparams)
   config, decays = {}, [0.9, 0.99, 0.9999]
-  names = CANDIDATE_NAMES + (MUON_CANDIDATES if name == "muon" else ())
+  switch = _SWITCH_OF.get(name)
+  names = CANDIDATE_NAMES + (() if switch is None else switch.candidates)
   mix = [0.0] * len(names)
   mix[names.index(candidate)] = 1.0
   log_lr, lr, parts = 0.0, 1.0, {"wd": 0.0, "adam_wd": 0.0, "adam_lr": None}
@@ -138,10 +123,10 @@ def classical_config_and_mix(name: str, hparams: dict):
       decays[mapping[key][1]] = float(value)
     else:
       for field in mapping[key][1:]:
-        config[field] = int(value) if field == "muon_ns_steps" else float(value)
+        config[field] = int(value) if field in _INT_FIELDS else float(value)
   config["momentum_decays"] = tuple(decays)
-  if name != "muon":
-    return config, mix, log_lr, None
-  config["muon"] = True
-  mix, hidden_mix = _muon_mix(names, parts["wd"], parts["adam_wd"], parts["adam_lr"], lr)
-  return config, mix, log_lr, hidden_mix
+  if switch is None:
+    return config, mix, log_lr, {}
+  config[switch.name] = True
+  mix, entries = switch.classical_mix(names, parts, lr)
+  return config, mix, log_lr, entries

@@ -11,8 +11,11 @@ import dataclasses
 import json
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
+from metaopt.lopt._switches import SWITCHES, Switch
+from metaopt.lopt._switches.muon import MUON_CANDIDATES, MUON_FEATURES, MUON_MATRICES  # pylint: disable=unused-import
+from metaopt.lopt._switches.step_size import STEP_SIZE_FEATURES  # pylint: disable=unused-import
 from metaopt.optimizers import _validation
 
 # Per-parameter features, RMS-normalized per tensor before entering the MLP.
@@ -54,8 +57,6 @@ TIME_FEATURES = (
 FEATURE_NAMES = NORMALIZED_FEATURES + BOUNDED_FEATURES + TENSOR_FEATURES + TIME_FEATURES
 TIME_TAUS = (10.0, 100.0, 1000.0, 10000.0)
 HORIZON_DECAYS = ("none", "linear", "warmup_cosine")
-# Which tensors get Muon's orthogonalized candidate (``LOConfig.muon_matrices``).
-MUON_MATRICES = ("hidden", "all_2d")
 
 # Classical candidate directions the LO mixes (built from raw, unnormalized state).
 CANDIDATE_NAMES = (
@@ -71,41 +72,27 @@ CANDIDATE_NAMES = (
     "laprop",
     "weight_decay",
 )
-# With ``LOConfig.muon``: Muon's two directions (Jordan et al 2024), appended to the
-# candidates -- the orthogonalized Nesterov momentum (hidden matrices only) and the
-# Nesterov Adam Muon applies to every other tensor -- and the orthogonalized momentum
-# appended to the features (after the time features: the rows of an LO without the
-# switch keep their places).
-MUON_CANDIDATES = ("muon", "nadam")
-MUON_FEATURES = ("muon",)
-# With ``LOConfig.step_size_features``: per-tensor scalars that carry step-size
-# information (D-Adaptation/Prodigy's distance from the initialization and its alignment
-# with the momentum; the loss trend), appended after the muon feature (if any), so the
-# rows of an LO without the switch keep their places. They enter the MLP through its
-# per-tensor hidden bias (:func:`metaopt.lopt._network.hidden_bias`): no per-parameter
-# input. Their equations are in :func:`metaopt.lopt._rule.step_size_features`.
-STEP_SIZE_FEATURES = ("log_distance", "displacement_cosine", "loss_trend")
+# The optional features (switches: Muon's candidate, the step-size features, ...) append
+# their features and candidates after these, and their fields after LOConfig's: each is
+# declared by its module in metaopt.lopt._switches and registered in SWITCHES.
 
 
-class Switch(NamedTuple):
-  """An optional feature of the LO, declared once: the ``LOConfig`` bool that turns it
-  on, its hyperparameter fields, and the features and candidates it appends (after
-  those of the switches declared before it, so existing rows keep their places)."""
-
-  name: str
-  fields: tuple[str, ...]
-  features: tuple[str, ...]
-  candidates: tuple[str, ...]
-
-
-MUON = Switch("muon", ("muon_beta", "muon_ns_steps", "muon_eps", "muon_matrices"),
-              MUON_FEATURES, MUON_CANDIDATES)
-STEP_SIZE = Switch("step_size_features", ("loss_trend_decay",), STEP_SIZE_FEATURES, ())
-# In the order their features and candidates are appended.
-SWITCHES = (MUON, STEP_SIZE)
+def _with_switch_fields(cls):
+  """``cls`` with each switch's bool and fields appended (off and at their defaults),
+  its config properties, and its attributes documented."""
+  for switch in SWITCHES:
+    for name, kind, default in [(switch.name, "bool", False)] + [
+        (f.name, f.type, f.default) for f in switch.fields]:
+      cls.__annotations__[name] = kind
+      setattr(cls, name, default)
+    for name, fn in switch.config_properties.items():
+      setattr(cls, name, property(fn))
+  cls.__doc__ = cls.__doc__.rstrip() + "\n" + "".join(s.doc for s in SWITCHES)
+  return cls
 
 
 @dataclasses.dataclass(frozen=True)
+@_with_switch_fields
 class LOConfig:
   """Static configuration of a :class:`~metaopt.lopt.LearnedOptimizer`.
 
@@ -153,29 +140,8 @@ class LOConfig:
     mup: scale hidden-layer updates by base_fan_in / fan_in.
     base_fan_in: the hidden width the LO was meta-trained at; used as the base of
       hidden/output roles given by labels or guessed by the fallback.
-    muon: the orthogonalized-momentum switch (off by default; artifacts without it
-      read as off). On: the candidates :data:`MUON_CANDIDATES` -- Muon's direction
-      ``s NS(mu_hat)`` on hidden matrices (zero on other tensors) and Nesterov Adam --
-      and the feature :data:`MUON_FEATURES` join the mix and the MLP, and on hidden
-      matrices the mix is ``theta["mix"] + theta["hidden_mix"]`` (the per-role gate
-      that lets the LO equal Muon, which applies AdamW to everything else). Hidden
-      matrices are those :func:`metaopt.optimizers.muon_labels` selects by muP role.
-    muon_beta: Muon's momentum decay. The LO reuses the momentum EMA of
-      ``momentum_decays`` with this decay, or keeps one more buffer (hidden matrices
-      only) when none has it.
-    muon_ns_steps: Newton-Schulz iterations.
-    muon_eps: added to the Frobenius norm before Newton-Schulz.
-    muon_matrices: which tensors get the orthogonalized candidate: ``"hidden"``, the
-      hidden matrices by muP role (:func:`metaopt.optimizers.muon_labels`; conv and
-      3-D attention kernels as matrices), or ``"all_2d"``, every 2-D tensor and no
-      other (``optax.contrib.muon``'s default: embeddings and readouts included, conv
-      kernels not), which needs no roles.
-    step_size_features: the step-size switch (off by default; artifacts without it
-      read as off). On: the state keeps the parameters at ``init`` (x_0, one more
-      parameter-shaped buffer) and a slow loss EMA, and the per-tensor features
-      :data:`STEP_SIZE_FEATURES` join the MLP (see :func:`metaopt.lopt._rule.step_size_features`).
-    loss_trend_decay: decay of the slow loss EMA the ``loss_trend`` feature compares
-      with MoMo's fast one (decay ``momentum_decays[0]``).
+
+  Then each switch's bool and fields (:data:`metaopt.lopt._switches.SWITCHES`):
   """
 
   hidden_size: int = 8
@@ -202,18 +168,12 @@ class LOConfig:
   warmup_fraction: float = 0.0
   mup: bool = True
   base_fan_in: int = 64
-  muon: bool = False
-  muon_beta: float = 0.95
-  muon_ns_steps: int = 5
-  muon_eps: float = 1e-8
-  muon_matrices: str = "hidden"
-  step_size_features: bool = False
-  loss_trend_decay: float = 0.99
 
   def __post_init__(self):
     # Types first (a config read from JSON may hold anything), then ranges: the same
     # checks for construction and for metaopt.load, which builds the config from JSON.
-    for name in ("hidden_size", "base_fan_in", "muon_ns_steps"):
+    for name in ("hidden_size", "base_fan_in") + tuple(
+        f.name for s in SWITCHES for f in s.fields if f.type == "int"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}; expected a positive int.")
@@ -223,9 +183,6 @@ class LOConfig:
     if not isinstance(self.horizon_decay, str) or self.horizon_decay not in HORIZON_DECAYS:
       raise ValueError(f"horizon_decay={self.horizon_decay!r}; expected one of "
                        f"{HORIZON_DECAYS}.")
-    if not isinstance(self.muon_matrices, str) or self.muon_matrices not in MUON_MATRICES:
-      raise ValueError(f"muon_matrices={self.muon_matrices!r}; expected one of "
-                       f"{MUON_MATRICES}.")
     if not isinstance(self.momentum_decays, (tuple, list)) or len(self.momentum_decays) != 3:
       raise ValueError(f"momentum_decays={self.momentum_decays!r}; expected 3 decays.")
     for i, d in enumerate(self.momentum_decays):
@@ -238,15 +195,17 @@ class LOConfig:
     _validation.check_betas(
         **{name: getattr(self, name) for name in (
             "second_moment_decay", "factored_decay", "lion_b1", "tam_beta", "tam_gamma",
-            "laprop_b1", "muon_beta", "loss_trend_decay")},
+            "laprop_b1")},
         **{f"momentum_decays[{i}]": d for i, d in enumerate(decays)})
     _validation.check_positive(**{name: getattr(self, name) for name in (
         "adam_eps", "tam_eps", "adatam_eps", "grams_eps", "laprop_eps", "momo_alpha",
-        "max_log_step", "feature_clip", "muon_eps")})
+        "max_log_step", "feature_clip")})
     _validation.check_range(0.0, 1.0, warmup_fraction=self.warmup_fraction)
     _validation.check_nonnegative(ademamix_alpha=self.ademamix_alpha,
                                   step_mult=self.step_mult,
                                   log_step_mult=self.log_step_mult)
+    for switch in SWITCHES:  # its fields' ranges, on or off (they are saved either way)
+      switch.validate(self)
 
   @property
   def feature_names(self) -> tuple[str, ...]:
@@ -267,15 +226,6 @@ class LOConfig:
   def num_features(self) -> int:
     return len(self.feature_names)
 
-  @property
-  def muon_momentum(self) -> int | None:
-    """Index of the momentum EMA Muon reads: that of ``momentum_decays`` equal to
-    ``muon_beta``, else 3 (a buffer of its own); None with the switch off."""
-    if not self.muon:
-      return None
-    return self.momentum_decays.index(self.muon_beta) if (
-        self.muon_beta in self.momentum_decays) else 3
-
   def to_dict(self) -> dict[str, Any]:
     """The fields as JSON values. Each switch's fields (muon, step size, warmup) are
     left out while they all hold their defaults (the switch off): such a config writes
@@ -283,7 +233,8 @@ class LOConfig:
     d = dataclasses.asdict(self)
     d["momentum_decays"] = list(self.momentum_decays)
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
-    for group in [(s.name,) + s.fields for s in SWITCHES] + [_WARMUP_FIELDS]:
+    for group in [(s.name,) + tuple(f.name for f in s.fields) for s in SWITCHES] + [
+        _WARMUP_FIELDS]:
       if all(d[k] == defaults[k] for k in group):
         for k in group:
           del d[k]

@@ -13,7 +13,6 @@ import numpy as np
 import optax
 
 from metaopt import mup as mup_lib
-from metaopt import optimizers
 from metaopt.lopt import _network, _update
 from metaopt.lopt._config import CANDIDATE_NAMES, SWITCHES, LOConfig
 from metaopt.optimizers import _validation
@@ -68,7 +67,7 @@ class LearnedOptimizer:
     ``labels=``, ``base_params=`` or inferred), as to ``metaopt.optimizers.muon``.
     """
     from metaopt.lopt._classical import classical_config_and_mix  # pylint: disable=g-import-not-at-top
-    config_kwargs, mix, log_lr, hidden_mix = classical_config_and_mix(name, hparams)
+    config_kwargs, mix, log_lr, switch_entries = classical_config_and_mix(name, hparams)
     config = LOConfig(mup=mup, **config_kwargs)
     key = jax.random.key(0) if key is None else key
     dtype = jnp.result_type(float)  # float64 when x64 is enabled: exact parity tests.
@@ -76,8 +75,8 @@ class LearnedOptimizer:
     theta = jax.tree.map(lambda a: a.astype(dtype), theta)
     theta["log_lr"] = jnp.asarray(log_lr, dtype)
     theta["mix"] = jnp.asarray(mix, dtype)
-    if hidden_mix is not None:
-      theta["hidden_mix"] = jnp.asarray(hidden_mix, dtype)
+    for entry, value in switch_entries.items():  # a switch's theta (Muon's hidden_mix)
+      theta[entry] = jnp.asarray(value, dtype)
     return cls(config, theta, {"from_classical": name, "hparams": _jsonable(hparams)})
 
   def with_theta(self, theta: dict) -> "LearnedOptimizer":
@@ -97,7 +96,7 @@ class LearnedOptimizer:
   def extended(self, **switches: bool) -> "LearnedOptimizer":
     """This LO with the named switches turned on and every weight they add zero.
 
-    ``switches``: any of :data:`metaopt.lopt._config.SWITCHES`' names as keywords
+    ``switches``: any of :data:`metaopt.lopt._switches.SWITCHES`' names as keywords
     (``extended(muon=True)``, ``extended(step_size_features=True)``).
 
     What it is for: warm-starting the meta-training of a switch
@@ -127,8 +126,9 @@ class LearnedOptimizer:
     theta["w1"] = by_name(theta["w1"], self.config.feature_names, config.feature_names)
     theta["mix"] = by_name(theta["mix"], self.config.candidate_names,
                            config.candidate_names)
-    if config.muon:
-      theta.setdefault("hidden_mix", jnp.zeros_like(theta["mix"]))
+    for entry, shape in _network.theta_shapes(config).items():  # a switch's: zeros
+      if entry not in theta:
+        theta[entry] = jnp.zeros_like(theta["mix"], shape=shape)
     shapes = {k: tuple(jnp.shape(v)) for k, v in theta.items()}
     assert shapes == _network.theta_shapes(config), shapes
     return dataclasses.replace(self, config=config, theta=theta)
@@ -172,13 +172,13 @@ class LearnedOptimizer:
     read_roles = functools.partial(mup_lib.resolve_roles, roles=roles, labels=labels,
                                    base_params=base_params, base_fan_in=config.base_fan_in)
     use_mup = config.mup and not sp
-    by_role = config.muon and config.muon_matrices == "hidden"
+    by_role = any(s.needs_roles(config) for s in config.switches_on)
 
     def init_fn(params):
       _check_float_leaves(params, "params")
       r = read_roles(params) if use_mup or by_role else None
       scales = mup_lib.update_scales(r) if use_mup else jax.tree.map(lambda _: 1.0, params)
-      return _update.init_state(params, scales, config, muon_fan_ins(config, params, r))
+      return _update.init_state(params, scales, config, **switch_statics(config, params, r))
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
       del extra_args
@@ -188,21 +188,16 @@ class LearnedOptimizer:
       # A step with non-finite gradients or loss is skipped and counted (_update.update).
       return _update.update(config, theta, updates, state, params, value=value,
                             num_steps=num_steps, learning_rate=lr, skip_nonfinite=True,
-                            muon_fan_in=muon_fan_ins(config, params, r))
+                            **switch_statics(config, params, r))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def muon_fan_ins(config: LOConfig, params: Tree, roles: Tree | None) -> Tree | None:
-  """Per leaf, the fan-in of the matrix the Muon candidate orthogonalizes (0: none), by
-  ``config.muon_matrices``: hidden matrices by muP ``roles``
-  (:func:`metaopt.optimizers.muon_fan_ins`) or every 2-D leaf (roles unused); None with
-  the switch off."""
-  if not config.muon:
-    return None
-  if config.muon_matrices == "all_2d":
-    return optimizers.muon_fan_ins_2d(params)
-  return optimizers.muon_fan_ins(params, roles)
+def switch_statics(config: LOConfig, params: Tree, roles: Tree | None) -> dict:
+  """The static per-leaf inputs of ``init_state``/``update`` the switches turned on
+  read off the params and muP ``roles`` (``muon_fan_in`` with ``muon``)."""
+  return {k: v for s in config.switches_on
+          for k, v in s.statics_from_roles(config, params, roles).items()}
 
 
 def _check_num_steps(num_steps):

@@ -3,7 +3,8 @@
 theta = {
   "log_lr":  ()        global log step size,
   "mix":     (C,)      weights of the classical candidate directions,
-  "hidden_mix": (C,)   only with ``LOConfig.muon``: added to ``mix`` on hidden matrices,
+  "hidden_mix": (C,)   only with ``LOConfig.muon``: added to ``mix`` on hidden matrices
+                       (each switch's entries: ``Switch.theta_shapes``),
   "w1": (F, H), "b1": (H,), "w2": (H, 2), "b2": (2,)   the one-hidden-layer MLP,
 }
 
@@ -32,11 +33,11 @@ Theta = dict
 
 
 def init_theta(config: LOConfig, key: jax.Array, *, mix=None, log_lr: float = 0.0,
-               hidden_scale: float = 1.0, hidden_mix=None) -> Theta:
+               hidden_scale: float = 1.0, **switch_entries) -> Theta:
   """A fresh theta: random first layer (N(0, hidden_scale^2 / F)), zero output layer.
 
-  ``mix`` and ``hidden_mix`` default to zeros; ``hidden_mix`` is only kept with the
-  ``muon`` switch on.
+  ``mix`` and the entries the switches turned on add (``hidden_mix=`` with ``muon``)
+  default to zeros; an entry of a switch turned off is dropped.
   """
   num_f, hidden = config.num_features, config.hidden_size
   w1 = jax.random.normal(key, (num_f, hidden), jnp.float32) * (hidden_scale / num_f**0.5)
@@ -49,10 +50,18 @@ def init_theta(config: LOConfig, key: jax.Array, *, mix=None, log_lr: float = 0.
       "w2": jnp.zeros((hidden, 2), jnp.float32),
       "b2": jnp.zeros((2,), jnp.float32),
   }
-  if config.muon:
-    theta["hidden_mix"] = zeros if hidden_mix is None else jnp.asarray(hidden_mix,
-                                                                        jnp.float32)
+  for name, shape in _switch_shapes(config).items():
+    value = switch_entries.get(name)
+    theta[name] = (jnp.zeros(shape, jnp.float32) if value is None else
+                   jnp.asarray(value, jnp.float32))
   return theta
+
+
+def _switch_shapes(config: LOConfig) -> dict[str, tuple[int, ...]]:
+  """The theta entries the switches turned on add, with their shapes."""
+  num_c = len(config.candidate_names)
+  return {name: shape for s in config.switches_on
+          for name, shape in s.theta_shapes(config, num_c).items()}
 
 
 def theta_shapes(config: LOConfig) -> dict[str, tuple[int, ...]]:
@@ -61,9 +70,7 @@ def theta_shapes(config: LOConfig) -> dict[str, tuple[int, ...]]:
   num_c = len(config.candidate_names)
   shapes = {"log_lr": (), "mix": (num_c,), "w1": (num_f, hidden), "b1": (hidden,),
             "w2": (hidden, 2), "b2": (2,)}
-  if config.muon:
-    shapes["hidden_mix"] = (num_c,)
-  return shapes
+  return {**shapes, **_switch_shapes(config)}
 
 
 def hidden_bias(theta: Theta, tensor_features: jax.Array, rows: Sequence[int]) -> jax.Array:

@@ -21,9 +21,8 @@ import jax.numpy as jnp
 from metaopt import features as F
 from metaopt.lopt import _network
 from metaopt.lopt._config import (BOUNDED_FEATURES, CANDIDATE_NAMES, NORMALIZED_FEATURES,
-                                  STEP_SIZE_FEATURES, SWITCHES, TENSOR_FEATURES, TIME_TAUS,
-                                  LOConfig)
-from metaopt.lopt._engine import factored_rsqrt, on_whole_matrix
+                                  TENSOR_FEATURES, TIME_TAUS, LOConfig)
+from metaopt.lopt._engine import factored_rsqrt
 
 
 class StepContext(NamedTuple):
@@ -51,13 +50,15 @@ class LeafInputs(NamedTuple):
   rsqrt_fact: Any  # 1 / sqrt(Adafactor's V_hat); on a tensor's own block its
   # accumulators (F.FactoredMoment), from which each pass rebuilds it (with_rsqrt_fact).
   mup_scale: jax.Array
-  muon: Any = None  # Muon's direction on a hidden matrix (LOConfig.muon), else None.
-  x0: Any = None  # the initial parameters (LOConfig.step_size_features), else None.
+  # Per switch turned on, its inputs ({switch name: arrays or None}; see
+  # metaopt.lopt._switches): x_0 with step_size_features, Muon's direction on a matrix
+  # it orthogonalizes with muon.
+  extra: Any = None
 
 
 # The parameter-shaped fields of LeafInputs (what a pass may read on its own copy).
 BUFFER_FIELDS = ("g", "x", "m_fast", "m_mid_prev", "m_slow", "v", "tam_m", "laprop_m",
-                 "rsqrt_fact", "muon", "x0")
+                 "rsqrt_fact", "extra")
 
 
 def with_rsqrt_fact(inp: LeafInputs) -> LeafInputs:
@@ -80,13 +81,13 @@ class TensorScalars(NamedTuple):
   """Per-tensor statistics the elementwise pass reads."""
 
   cautious_norm: jax.Array  # 1 / max(mean(cautious mask), 1e-3)
-  inv_rms: jax.Array  # [len(NORMALIZED_FEATURES) (+ 1: the muon feature)] 1 / RMS.
+  inv_rms: jax.Array  # [len(normalized_names(config))] 1 / RMS.
   bias: jax.Array  # [hidden] the MLP's first-layer bias with per-tensor features.
 
 
 class Candidates(NamedTuple):
-  """The classical directions of one tensor, in ``LOConfig.candidate_names`` order
-  (None: a candidate absent from this tensor, or with the muon switch off)."""
+  """The classical directions of one tensor, in :data:`CANDIDATE_NAMES` order (the
+  switches' follow: :func:`switch_candidates`)."""
 
   sgdm: jax.Array
   adam: jax.Array
@@ -99,11 +100,9 @@ class Candidates(NamedTuple):
   grams: jax.Array
   laprop: jax.Array
   weight_decay: jax.Array
-  muon: Any = None
-  nadam: Any = None
 
 
-assert Candidates._fields == CANDIDATE_NAMES + sum((s.candidates for s in SWITCHES), ())
+assert Candidates._fields == CANDIDATE_NAMES
 
 
 def candidate_directions(config: LOConfig, ctx: StepContext, inp: LeafInputs,
@@ -112,9 +111,8 @@ def candidate_directions(config: LOConfig, ctx: StepContext, inp: LeafInputs,
 
   SGD-M, Adam, Lion, cautious Adam, TAM, AdaTAM, AdEMAMix, MoMo-Adam, Grams, LaProp and
   decoupled weight decay from the raw state (their papers are cited where
-  :mod:`metaopt.features` computes each); with ``config.muon`` also Muon's direction
-  (:func:`muon_candidate`; zero off hidden matrices) and Nesterov Adam
-  ``m_hat_nesterov / (sqrt(v_hat) + eps)``.
+  :mod:`metaopt.features` computes each); the switches' candidates are
+  :func:`switch_candidates`'.
 
   ``cautious_norm`` is the per-tensor renormalization 1 / max(mean(mask), 1e-3) of the
   cautious mask (:func:`metaopt.features.cautious_mask`). Returns the candidates and
@@ -149,17 +147,26 @@ def candidate_directions(config: LOConfig, ctx: StepContext, inp: LeafInputs,
       laprop=inp.laprop_m * (1 / ctx.bc_laprop),
       weight_decay=inp.x,
   )
-  if config.muon:
-    b_fast = config.momentum_decays[0]
-    cands = cands._replace(
-        muon=inp.muon,
-        nadam=F.nesterov_momentum(inp.m_fast, g, b_fast, ctx.count) *
-        inverse_denominator(config.adam_eps))
   return cands, inverse_denominator
 
 
+def switch_candidates(config: LOConfig, ctx: StepContext, inp: LeafInputs,
+                      inverse_denominator) -> list:
+  """The candidates of the switches turned on, in ``LOConfig.candidate_names`` order
+  after :class:`Candidates` (None: absent from this tensor)."""
+  return [c for s in config.switches_on
+          for c in s.leaf_candidates(config, ctx, inp, inverse_denominator)]
+
+
+def normalized_names(config: LOConfig) -> tuple[str, ...]:
+  """The RMS-normalized per-parameter features: :data:`NORMALIZED_FEATURES`, then the
+  switches' (``TensorScalars.inv_rms``'s columns)."""
+  return NORMALIZED_FEATURES + sum((s.elementwise_features for s in config.switches_on), ())
+
+
 def elementwise_features(config, ctx, inp: LeafInputs):
-  """(candidates, raw normalized-feature values, bounded features) of one tensor.
+  """(candidates, raw normalized-feature values, bounded features,
+  ``inverse_denominator``) of one tensor (the switches' not included).
 
   The cautious candidate and feature are returned *before* their per-tensor
   renormalization (``cautious_norm = 1``): the norm is a statistic of this same pass.
@@ -174,7 +181,7 @@ def elementwise_features(config, ctx, inp: LeafInputs):
                  cautious_adam=cands.cautious_adam, grams=cands.grams,
                  ademamix=cands.ademamix)
   agreement = F.agreement(cands.adam, g)
-  return cands, [by_name[n] for n in NORMALIZED_FEATURES], [agreement]
+  return cands, [by_name[n] for n in NORMALIZED_FEATURES], [agreement], inverse_denominator
 
 
 assert BOUNDED_FEATURES == ("cautious_agreement",)
@@ -235,99 +242,41 @@ def advance_tam_laprop(config: LOConfig, bc_v, damping, tam_m, laprop_m, g, v):
   return tam_m, laprop_m
 
 
-def muon_candidate(config: LOConfig, count, fan_in: int, with_ema: bool, mu, g):
-  """Muon's momentum, direction and the direction's sum of squares for one hidden
-  matrix W (Jordan et al, "Muon: An optimizer for hidden layers in neural networks",
-  2024), viewed as ``[fan_in, size / fan_in]`` (a conv kernel as one matrix)::
-
-    c_muon = s NS_5(mu_hat),  mu_t = beta mu_{t-1} + (1 - beta) g_t,
-    mu_hat = beta mu_t / (1 - beta^(t+1)) + (1 - beta) g_t / (1 - beta^t),
-    s = sqrt(max(1, fan_out / fan_in)),
-
-  NS_5 the quintic Newton-Schulz iteration
-  (:func:`metaopt.features.newton_schulz_orthogonalize`). ``mu`` is this step's
-  momentum EMA of decay beta, or with ``with_ema`` the previous one of Muon's own
-  buffer, advanced here."""
-  if with_ema:
-    mu = F.update_ema(updates=g, moments=mu, decay=config.muon_beta)
-  m_hat = F.nesterov_momentum(mu, g, config.muon_beta, count)
-  direction = on_whole_matrix(lambda m: F.muon_direction(
-      m, fan_in, config.muon_ns_steps, F.NEWTON_SCHULZ_COEFFS, config.muon_eps), m_hat)
-  return mu, direction, jnp.sum(jnp.square(direction))
-
-
 def feature_statistics(config: LOConfig, ctx: StepContext, inp: LeafInputs):
   """(None, the terms of every per-tensor sum the features need): each normalized
   feature's square (the cautious one before its renormalization), the cautious mask,
-  then with ``config.step_size_features`` the :data:`STEP_SIZE_SUMS` terms."""
-  _, raw, bounded = elementwise_features(config, ctx, inp)
+  then each switch's ``statistic_sums`` terms (in ``config.switches_on`` order)."""
+  _, raw, bounded, _ = elementwise_features(config, ctx, inp)
   terms = [jnp.square(f) for f in raw] + bounded
-  if config.step_size_features:
-    disp = inp.x - inp.x0
-    terms += [jnp.square(disp), jnp.square(inp.x0), -inp.m_fast * disp]
+  for switch in config.switches_on:
+    terms += switch.statistic_terms(config, inp)
   return None, terms
 
 
-# The statistics pass's step-size sums: ||x - x_0||^2, ||x_0||^2, <m_fast, x_0 - x>.
-STEP_SIZE_SUMS = 3
-
-
 # Per-parameter features: the rows of w1 before the per-tensor ones, and the statistics
-# pass's sums before its step-size sums (one per feature: a sum of squares or a count).
+# pass's sums before the switches' (one per feature: a sum of squares or a count).
 NUM_ELEMENTWISE = len(NORMALIZED_FEATURES) + len(BOUNDED_FEATURES)
 
 
-def step_size_features(disp_sq, x0_sq, x_sq, m_dot_disp, m_sq, trend) -> jax.Array:
-  """The :data:`metaopt.lopt._config.STEP_SIZE_FEATURES` of every tensor, ``[n, 3]``,
-  from per-tensor sums (``[n]`` each: ||x - x_0||^2, ||x_0||^2, ||x||^2,
-  <m_fast, x_0 - x>, ||m_fast||^2) and the global loss trend (a scalar).
-
-  The signals D-Adaptation (Defazio & Mishchenko, "Learning-Rate-Free Learning by
-  D-Adaptation", arXiv:2301.07733, 2023) and Prodigy (Mishchenko & Defazio, "Prodigy:
-  An Expeditiously Adaptive Parameter-Free Learner", arXiv:2306.06101, 2023) set their
-  step from: their distance estimate is ``sum_k lambda_k <g_k, x_0 - x_k> /
-  ||sum_k lambda_k g_k||`` (Prodigy Alg. 1). With x_0 the parameters at ``init``,
-  x = x_{t-1} the parameters the step is given and m the fast momentum after this
-  step's gradient, per tensor::
-
-    log_distance        = log10(r + 1e-8) / 4,
-                          r = RMS(x - x_0) / max(RMS(x_0), RMS(x))  (0 if both are 0),
-    displacement_cosine = <m, x_0 - x> / (||m|| ||x_0 - x||)        (0 if either is 0),
-    loss_trend          = (fbar - fslow) / (|fbar| + |fslow|)       (global; 0 without
-                          ``value``), fbar = MoMo's b_fast-EMA of the loss / (1 - b_fast^t),
-                          fslow = its ``loss_trend_decay``-EMA / (1 - decay^t).
-
-  Each is scale-free per tensor (unchanged when a tensor and its initialization are
-  multiplied by s > 0; the loss trend when the loss is), finite at step 1 (x = x_0:
-  -2, 0, 0) and bounded: [-2, 0.08], [-1, 1], [-1, 1]. The max in r keeps it finite
-  for zero-initialized tensors (biases), whose r is 1 once they move. The cosine is
-  Prodigy's numerator normalized: positive while the momentum keeps pointing along the
-  path travelled, negative once it points back to x_0 (overshoot). A rising loss is
-  the classic sign of a step too large. Their sums are the statistics pass's
-  (:func:`feature_statistics`): no extra pass, one more buffer (x_0).
-  """
-  log_distance = F.log_distance(F.distance_ratio_from_sums(disp_sq, x0_sq, x_sq))
-  cosine = F.cosine_from_sums(m_dot_disp, m_sq, disp_sq, eps=1e-30)
-  feats = jnp.stack([log_distance, cosine, jnp.broadcast_to(trend, cosine.shape)], axis=1)
-  assert feats.shape[1] == len(STEP_SIZE_FEATURES)
-  return feats
-
-
 def tensor_scalars(config: LOConfig, theta: dict, sums, sizes, tensor_features, time,
-                    muon_sum_sq=None, trend=None) -> TensorScalars:
+                   switch_steps: dict | None = None) -> TensorScalars:
   """Per-tensor statistics of every tensor at once (rows: tensors).
 
   ``tensor_features``: the first per-tensor features (damping, Polyak ratio, has-loss),
   to which the two log-RMS features and the time features are appended, as in
-  :data:`metaopt.lopt.FEATURE_NAMES`. ``muon_sum_sq``: the muon feature's sums of
-  squares (0 where it is absent), with the switch on. ``trend``: the loss trend, with
-  ``config.step_size_features`` (whose features follow, at their rows).
+  :data:`metaopt.lopt.FEATURE_NAMES`. ``switch_steps``: per switch turned on, what it
+  computed this step (:class:`metaopt.lopt._switches.SwitchStep`: the sums of squares
+  of its per-parameter features, what its per-tensor features need); the sums past
+  :data:`NUM_ELEMENTWISE` are the switches' ``statistic_sums``, in order.
   """
-  stats, step_size_sums = sums[:, :NUM_ELEMENTWISE], sums[:, NUM_ELEMENTWISE:]
+  switch_steps = switch_steps or {}
+  stats = sums[:, :NUM_ELEMENTWISE]
   cautious_norm = 1 / jnp.maximum(stats[:, -1] / sizes, 1e-3)
   sum_sq = stats[:, :-1].at[:, _CAUTIOUS].multiply(jnp.square(cautious_norm))
-  if muon_sum_sq is not None:
-    sum_sq = jnp.concatenate([sum_sq, muon_sum_sq[:, None]], axis=1)
+  switch_sq = [switch_steps[s.name].sum_sq for s in config.switches_on
+               if s.elementwise_features]
+  if switch_sq:
+    sum_sq = jnp.concatenate([sum_sq] + switch_sq, axis=1)
   inv_rms = jax.lax.rsqrt(sum_sq / sizes[:, None] + 1e-8)
   idx_x, idx_g = NORMALIZED_FEATURES.index("param"), NORMALIZED_FEATURES.index("grad")
   log_rms = [_log_rms(sum_sq[:, idx_x], sizes), _log_rms(sum_sq[:, idx_g], sizes)]
@@ -335,37 +284,55 @@ def tensor_scalars(config: LOConfig, theta: dict, sums, sizes, tensor_features, 
              jnp.broadcast_to(time, (sizes.shape[0], time.shape[0]))]
   rows = list(range(NUM_ELEMENTWISE,
                     NUM_ELEMENTWISE + len(TENSOR_FEATURES) + len(TIME_TAUS) + 2))
-  if config.step_size_features:
-    idx_m = NORMALIZED_FEATURES.index("momentum_fast")
-    assert step_size_sums.shape[1] == STEP_SIZE_SUMS
-    disp_sq, x0_sq, m_dot_disp = step_size_sums.T
-    scalars.append(step_size_features(disp_sq, x0_sq, sum_sq[:, idx_x], m_dot_disp,
-                                      sum_sq[:, idx_m], trend))
-    first = config.feature_names.index(STEP_SIZE_FEATURES[0])
-    rows += list(range(first, first + len(STEP_SIZE_FEATURES)))
-  scalars = jnp.concatenate(scalars, axis=1)
-  return TensorScalars(cautious_norm, inv_rms, _network.hidden_bias(theta, scalars, rows))
+  switch_scalars, switch_rows = _switch_tensor_features(config, sums, sum_sq, switch_steps)
+  scalars = jnp.concatenate(scalars + switch_scalars, axis=1)
+  return TensorScalars(cautious_norm, inv_rms,
+                       _network.hidden_bias(theta, scalars, rows + switch_rows))
+
+
+def _switch_tensor_features(config: LOConfig, sums, sum_sq, switch_steps: dict):
+  """(the per-tensor features of each switch turned on, ``[n, k]`` each, their rows of
+  ``w1``), from its statistics-pass sums and the normalized features' sums of squares."""
+  by_name = {n: sum_sq[:, i] for i, n in enumerate(normalized_names(config))}
+  values, rows, start = [], [], NUM_ELEMENTWISE
+  for switch in config.switches_on:
+    own_sums = sums[:, start:start + switch.statistic_sums]
+    start += switch.statistic_sums
+    if switch.tensor_features:
+      values.append(switch.tensor_feature_values(config, own_sums, by_name,
+                                                 switch_steps[switch.name]))
+      rows += [config.feature_names.index(n) for n in switch.tensor_features]
+  assert start == sums.shape[1], (start, sums.shape)
+  return values, rows
 
 
 def tensor_update(config: LOConfig, theta: dict, ctx: StepContext, inp: LeafInputs,
-                   scalars: TensorScalars):
-  """The update of one tensor: features, MLP and classical mix in one elementwise pass."""
+                  scalars: TensorScalars):
+  """The update of one tensor: features, MLP and classical mix in one elementwise pass.
+
+  Each switch turned on adds its candidates, its per-parameter features present on this
+  tensor (RMS-normalized and clipped like the others) and may change the mix
+  (:class:`metaopt.lopt._switches.Switch`).
+  """
   dtype = inp.g.dtype
-  cands, raw, bounded = elementwise_features(config, ctx, inp)
+  cands, raw, bounded, inverse_denominator = elementwise_features(config, ctx, inp)
   cautious_norm = scalars.cautious_norm.astype(dtype)
   cands = cands._replace(cautious_adam=cands.cautious_adam * cautious_norm)
   raw[_CAUTIOUS] = raw[_CAUTIOUS] * cautious_norm
   clip = config.feature_clip
   inv_rms = scalars.inv_rms.astype(dtype)
   feats = [jnp.clip(f * inv_rms[i], -clip, clip) for i, f in enumerate(raw)] + bounded
-  rows, mix = None, theta["mix"]
-  if inp.muon is not None:  # a hidden matrix: the muon feature and the hidden mix
-    feats.append(jnp.clip(inp.muon * inv_rms[len(raw)], -clip, clip))
-    rows = list(range(len(feats) - 1)) + [config.feature_names.index("muon")]
-    mix = mix + theta["hidden_mix"]
+  rows, mix = list(range(len(feats))), theta["mix"]
+  columns = normalized_names(config)
+  for switch in config.switches_on:
+    values, mix = switch.leaf_features(config, theta, inp, mix)
+    for name, value in values:
+      feats.append(jnp.clip(value * inv_rms[columns.index(name)], -clip, clip))
+      rows.append(config.feature_names.index(name))
   direction, log_mag = _network.mlp_outputs_elementwise(theta, feats, scalars.bias,
                                                          dtype, rows)
   mix = mix.astype(dtype)
+  cands = tuple(cands) + tuple(switch_candidates(config, ctx, inp, inverse_denominator))
   classical = sum(mix[k] * c for k, c in enumerate(cands) if c is not None)
   step = classical + config.step_mult * direction
   log_mag = jnp.clip(config.log_step_mult * log_mag, -config.max_log_step,

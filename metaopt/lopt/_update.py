@@ -6,7 +6,9 @@ One step, for every tensor (leaf) W with gradient g and parameter x:
    v, with the raw per-tensor sums (TAM's torque cosine, MoMo's inner products);
    Adafactor's row/column accumulators (:func:`_advance_factored`).
 2. :func:`_cross_tensor_scalars`: TAM's damping per tensor, MoMo-Adam's global step,
-   the loss trend, the learning rate with its horizon decay and warmup.
+   the learning rate with its horizon decay and warmup. Then each switch turned on
+   advances (:func:`_advance_switches`; Muon's direction per hidden matrix, the loss
+   trend, ...).
 3. :func:`_advance_tam_laprop`: TAM's and LaProp's momenta (they need the damping).
 4. :func:`_statistics`: every feature's per-tensor statistic in one pass, then the
    per-tensor scalars of all tensors at once (:func:`metaopt.lopt._rule.tensor_scalars`).
@@ -16,9 +18,9 @@ One step, for every tensor (leaf) W with gradient g and parameter x:
 The rule for one tensor (candidates, features, MLP, update, each equation with its
 paper) is :mod:`metaopt.lopt._rule`; where each pass runs (flat or per-tensor layout,
 batched programs) and every backend workaround are :mod:`metaopt.lopt._engine`'s; the
-state and its layouts are :mod:`metaopt.lopt._state`'s. With ``config.muon`` (Jordan et
-al, "Muon: An optimizer for hidden layers in neural networks", 2024) Muon's direction
-is computed per hidden matrix between stages 2 and 3 (:func:`_muon_directions`).
+state and its layouts are :mod:`metaopt.lopt._state`'s. Each optional feature is a
+switch (:mod:`metaopt.lopt._switches`): the stages call its hooks for every switch
+turned on and never name one.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from metaopt.lopt import _layout
 from metaopt.lopt import _rule
 from metaopt.lopt._config import TIME_TAUS, LOConfig
 from metaopt.lopt._rule import LeafInputs, Moments, StepContext
-from metaopt.lopt._rule import step_size_features  # pylint: disable=unused-import
-from metaopt.lopt._state import LOState, check_muon_fan_in, init_state, is_flat, muon_tensors
+from metaopt.lopt._state import LOState, apart_tensors, init_state, is_flat, switch_infos
 from metaopt.lopt._state import parameter_shapes, state_dtype  # pylint: disable=unused-import
+from metaopt.lopt._switches import SWITCHES, SwitchStep
+from metaopt.lopt._switches.step_size import step_size_features  # pylint: disable=unused-import
 
 Tree = Any
 
@@ -55,7 +58,8 @@ class _Step:
   scalar_dtype: Any
   with_loss: bool
   blocks: _engine.Blocks
-  fan_in: list | None  # Muon's fan-in per tensor (0: not orthogonalized), with muon
+  infos: dict  # per switch turned on, its checked static inputs (Switch.prepare)
+  value: Any  # the loss, or None
   keep: Callable = lambda new, old: new  # new on a finite step, old on a skipped one
   finite: Any = None  # with skip_nonfinite: whether this step's inputs are finite
 
@@ -78,12 +82,11 @@ def _start(config, state: LOState, grads, params, value, muon_fan_in) -> _Step:
   dtypes = [s.dtype for s in treedef.flatten_up_to(state.mup_scale)]
   g = [a.astype(dt) for a, dt in zip(treedef.flatten_up_to(grads), dtypes)]
   x = [p.astype(dt) for p, dt in zip(treedef.flatten_up_to(params), dtypes)]
-  fan_in = (treedef.flatten_up_to(check_muon_fan_in(params, muon_fan_in)) if config.muon
-            else None)
+  infos = switch_infos(config, params, {"muon_fan_in": muon_fan_in})
   blocks = _engine.Blocks([_engine.group_key(a) for a in g], is_flat(state), state.count,
-                          muon_tensors(fan_in))
+                          apart_tensors(config, infos))
   return _Step(config, treedef, g, x, optax.safe_increment(state.count),
-               state.loss_ema.dtype, value is not None, blocks, fan_in)
+               state.loss_ema.dtype, value is not None, blocks, infos, value)
 
 
 def _advance_moments(step: _Step, state: LOState, value, skip_nonfinite: bool):
@@ -128,14 +131,12 @@ class _CrossTensor(NamedTuple):
   momo_cap: jax.Array  # MoMo-Adam's step cap alpha / (1 - b_fast^t)
   loss_ema: jax.Array
   grad_param_ema: jax.Array
-  loss_ema_slow: Any  # with step_size_features
-  loss_trend: Any  # with step_size_features
 
 
 def _cross_tensor_scalars(step: _Step, state: LOState, raw_sums, value, num_steps,
                           learning_rate) -> tuple[_CrossTensor, StepContext]:
-  """Stage 2: what couples the tensors (TAM's damping, MoMo-Adam's global step, the
-  loss trend) and the step's learning rate."""
+  """Stage 2: what couples the tensors (TAM's damping, MoMo-Adam's global step) and the
+  step's learning rate."""
   config, dtype = step.config, step.scalar_dtype
   bc_fast = step.bias_correction(config.momentum_decays[0])
   prev_torque = (state.torque_ema if is_flat(state) else
@@ -155,27 +156,12 @@ def _cross_tensor_scalars(step: _Step, state: LOState, raw_sums, value, num_step
     momo_tau = F.momo_polyak_step(config.momo_alpha, loss_ema, gp_ema, d_dot_x, d_norm,
                                   lower_bound=bc_fast * config.momo_lower_bound,
                                   denom_eps=jnp.finfo(float).eps, max_step=momo_cap)
-  loss_slow, trend = _loss_trend(step, state, value, loss_ema, bc_fast)
   ctx = StepContext(bc_fast=bc_fast, bc_v=step.bias_correction(config.second_moment_decay),
                     bc_laprop=step.bias_correction(config.laprop_b1), momo_tau=momo_tau,
                     learning_rate=jnp.asarray(_scheduled_learning_rate(
                         config, step.count, num_steps, learning_rate)),
                     count=step.count)
-  return _CrossTensor(torque, damping, momo_cap, loss_ema, gp_ema, loss_slow, trend), ctx
-
-
-def _loss_trend(step: _Step, state: LOState, value, loss_ema, bc_fast):
-  """(the slow loss EMA, the loss trend) with ``step_size_features``: the bias-corrected
-  fast loss EMA against the slow one (:func:`metaopt.features.loss_trend`)."""
-  config = step.config
-  if not config.step_size_features:
-    return state.loss_ema_slow, None
-  if not step.with_loss:
-    return state.loss_ema_slow, jnp.zeros([], step.scalar_dtype)
-  slow = F.update_ema(updates=jnp.asarray(value, step.scalar_dtype),
-                      moments=state.loss_ema_slow, decay=config.loss_trend_decay)
-  return slow, F.loss_trend(loss_ema / bc_fast,
-                            slow / step.bias_correction(config.loss_trend_decay))
+  return _CrossTensor(torque, damping, momo_cap, loss_ema, gp_ema), ctx
 
 
 def _scheduled_learning_rate(config: LOConfig, count, num_steps, learning_rate):
@@ -232,25 +218,29 @@ def warmup_cosine_multiplier(count: jax.Array, num_steps, warmup_fraction: float
   return jnp.where(n <= warmup, 1.0, jnp.where(c < warmup, c / warmup, cosine))
 
 
-def _muon_directions(step: _Step, state: LOState, moments: list):
-  """Muon's direction and its sum of squares on each hidden matrix (per matrix:
-  Newton-Schulz matmuls), and Muon's own momentum where it has one."""
-  config, count = step.config, step.count
-  own = config.muon_momentum == 3
-  mu = step.leaves(state.momenta[3]) if own else [
-      getattr(moments[step.blocks.block_of(i)], Moments._fields[config.muon_momentum])
-      if f else None for i, f in enumerate(step.fan_in)]
-  directions = [None] * len(step.g)
-  sum_sq, new_mu = [jnp.zeros([], step.scalar_dtype)] * len(step.g), list(mu)
-  for f in sorted({f for f in step.fan_in if f}):  # one program per (fan-in, key)
-    idx = [i for i, fi in enumerate(step.fan_in) if fi == f]
-    muon = lambda m_i, g_i, f=f: _rule.muon_candidate(config, count, f, own, m_i, g_i)
-    for i, (m_i, d_i, sq_i) in zip(idx, _engine.map_grouped(
-        muon, [step.blocks.keys[i] for i in idx], [(mu[i], step.g[i]) for i in idx])):
-      new_mu[i], directions[i], sum_sq[i] = m_i, d_i, sq_i
-  sum_sq = jnp.stack([a.astype(step.scalar_dtype) for a in sum_sq])
-  own_momenta = step.keep(new_mu, step.leaves(state.momenta[3])) if own else None
-  return directions, sum_sq, own_momenta
+def _advance_switches(step: _Step, state: LOState, moments: list, cross: _CrossTensor
+                      ) -> dict[str, SwitchStep]:
+  """Per switch turned on, what it computes after stage 2 (``Switch.advance``)."""
+  config = step.config
+  return {s.name: s.advance(config, step, state, step.infos[s.name], moments, cross)
+          for s in config.switches_on}
+
+
+def _with_tensor_inputs(step: _Step, inputs: list, switch_steps: dict) -> list:
+  """``inputs`` with the switches' per-tensor inputs to the update pass (Muon's
+  direction); the tensors that have one become programs of their own."""
+  late = [(name, ss.tensor_inputs) for name, ss in switch_steps.items()
+          if ss.tensor_inputs is not None]
+  if not late:
+    return inputs
+  assert all(t[i] is None for _, t in late for i in step.blocks.small), (
+      "a switch's per-tensor input on a tensor of the flat buffer: list it in Switch.apart")
+  inputs = [inp if i is None else inp._replace(extra={**inp.extra,
+                                                      **{n: t[i] for n, t in late}})
+            for inp, i in zip(inputs, step.blocks.tensor_of_blocks())]
+  step.blocks.keys = [k + tuple(t[i] is not None for _, t in late)
+                      for i, k in enumerate(step.blocks.keys)]
+  return inputs
 
 
 def _advance_tam_laprop(step: _Step, state: LOState, damping, moments: list):
@@ -265,26 +255,26 @@ def _advance_tam_laprop(step: _Step, state: LOState, damping, moments: list):
           step.keep(list(laprop), step.buffers(state.laprop_momentum)))
 
 
-def _leaf_inputs(step: _Step, state: LOState, moments, tam, laprop, factored, rsqrt_fact
-                 ) -> list[LeafInputs]:
+def _leaf_inputs(step: _Step, state: LOState, moments, tam, laprop, factored, rsqrt_fact,
+                 switch_steps: dict) -> list[LeafInputs]:
   """Per block, what the features read."""
   blocks = step.blocks
   # Flat: one state dtype, the scales reach the flat buffer's rows like any per-tensor
   # value; per tensor: each tensor's own scalar in its own dtype.
   mup_scales = (blocks.split(jnp.stack(step.leaves(state.mup_scale))) if is_flat(state)
                 else step.leaves(state.mup_scale))
-  x0 = (step.buffers(state.initial_params) if step.config.step_size_features else
-        [None] * len(moments))
+  extra = [{name: ss.block_inputs[b] for name, ss in switch_steps.items()
+            if ss.block_inputs is not None} for b in range(len(moments))]
   # Adafactor's 1 / sqrt(V_hat): packed once for the flat buffer; a tensor of its own
   # hands its accumulators on (each pass rebuilds it: _rule.with_rsqrt_fact).
   small = set(blocks.small)
   rsqrt_fact = blocks.pack([r if i in small else acc for i, (r, acc) in enumerate(
       zip(rsqrt_fact, factored))])
   return [LeafInputs(g=g, x=x, m_fast=m.m_fast, m_mid_prev=mid, m_slow=m.m_slow, v=m.v,
-                     tam_m=t, laprop_m=lp, rsqrt_fact=rf, mup_scale=s, x0=x0_)
-          for g, x, m, mid, t, lp, rf, s, x0_ in zip(
+                     tam_m=t, laprop_m=lp, rsqrt_fact=rf, mup_scale=s, extra=e)
+          for g, x, m, mid, t, lp, rf, s, e in zip(
               blocks.pack(step.g), blocks.pack(step.x), moments,
-              step.buffers(state.momenta[1]), tam, laprop, rsqrt_fact, mup_scales, x0)]
+              step.buffers(state.momenta[1]), tam, laprop, rsqrt_fact, mup_scales, extra)]
 
 
 def _own_copy(step: _Step, k: int):
@@ -295,7 +285,7 @@ def _own_copy(step: _Step, k: int):
 
 
 def _statistics(step: _Step, theta, ctx: StepContext, cross: _CrossTensor, inputs,
-                muon_sum_sq, num_steps) -> _rule.TensorScalars:
+                switch_steps: dict, num_steps) -> _rule.TensorScalars:
   """Stage 4: every feature's per-tensor statistic, then the per-tensor scalars."""
   config, dtype = step.config, step.scalar_dtype
   read = _own_copy(step, 2)
@@ -309,8 +299,7 @@ def _statistics(step: _Step, theta, ctx: StepContext, cross: _CrossTensor, input
                           jnp.broadcast_to(ctx.momo_tau / cross.momo_cap, damping.shape),
                           jnp.full(damping.shape, step.with_loss, dtype)], axis=1)
   sizes = jnp.asarray([a.size for a in step.g], dtype)
-  return _rule.tensor_scalars(config, theta, sums, sizes, per_tensor, time, muon_sum_sq,
-                              cross.loss_trend)
+  return _rule.tensor_scalars(config, theta, sums, sizes, per_tensor, time, switch_steps)
 
 
 def _updates(step: _Step, theta, ctx: StepContext, inputs, scalars, params) -> list:
@@ -340,11 +329,7 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   (so does a gradient above ~1e19 in magnitude, whose square overflows float32), and
   the selection is applied where each buffer is produced: no extra pass.
   """
-  if config.step_size_features != (state.initial_params is not None):
-    raise ValueError(f"LOConfig.step_size_features={config.step_size_features} but the "
-                     "state was made " + ("without" if config.step_size_features else
-                                          "with") + " it: make it with init_state(params, "
-                     "mup_scale, config) for this config.")
+  _check_state_fields(config, state)
   if not jax.tree.structure(params).num_leaves:  # an empty partition (optax.masked, ...)
     return params, state._replace(count=optax.safe_increment(state.count))
   step = _start(config, state, grads, params, value, muon_fan_in)
@@ -352,24 +337,33 @@ def update(config: LOConfig, theta: dict, grads: Tree, state: LOState, params: T
   factored, rsqrt_fact = _advance_factored(step, state)
   cross, ctx = _cross_tensor_scalars(step, state, raw_sums, value, num_steps,
                                      learning_rate)
-  muon_dirs, muon_sum_sq, muon_momenta = ((None,) * len(step.g), None, None)
-  if config.muon:
-    muon_dirs, muon_sum_sq, muon_momenta = _muon_directions(step, state, moments)
+  switch_steps = _advance_switches(step, state, moments, cross)
   tam, laprop = _advance_tam_laprop(step, state, cross.damping, moments)
-  inputs = _leaf_inputs(step, state, moments, tam, laprop, factored, rsqrt_fact)
-  scalars = _statistics(step, theta, ctx, cross, inputs, muon_sum_sq, num_steps)
-  if config.muon:  # hidden matrices (with Muon's direction) are programs of their own
-    inputs = [inp if i is None else inp._replace(muon=muon_dirs[i])
-              for inp, i in zip(inputs, step.blocks.tensor_of_blocks())]
-    step.blocks.keys = [k + (d is not None,) for k, d in zip(step.blocks.keys, muon_dirs)]
+  inputs = _leaf_inputs(step, state, moments, tam, laprop, factored, rsqrt_fact,
+                        switch_steps)
+  scalars = _statistics(step, theta, ctx, cross, inputs, switch_steps, num_steps)
+  inputs = _with_tensor_inputs(step, inputs, switch_steps)
   updates = _updates(step, theta, ctx, inputs, scalars, params)
-  new_state = _new_state(step, state, moments, factored, tam, laprop, cross, muon_momenta,
-                         skip_nonfinite)
+  new_state = _new_state(step, state, moments, factored, tam, laprop, cross, skip_nonfinite)
+  for switch_step in switch_steps.values():
+    new_state = switch_step.update_state(new_state)
   return jax.tree.unflatten(step.treedef, updates), new_state
 
 
+def _check_state_fields(config: LOConfig, state: LOState) -> None:
+  """A switch with state fields is on exactly when the state holds them."""
+  for switch in (s for s in SWITCHES if s.state_fields):
+    on = getattr(config, switch.name)
+    if on != (getattr(state, switch.state_fields[0]) is not None):
+      raise ValueError(f"LOConfig.{switch.name}={on} but the state was made " +
+                       ("without" if on else "with") + " it: make it with init_state("
+                       "params, mup_scale, config) for this config.")
+
+
 def _new_state(step: _Step, state: LOState, moments, factored, tam, laprop,
-               cross: _CrossTensor, muon_momenta, skip_nonfinite: bool) -> LOState:
+               cross: _CrossTensor, skip_nonfinite: bool) -> LOState:
+  """The core's fields of the new state (the switches' carried over: each switch then
+  advances its own, :attr:`metaopt.lopt._switches.SwitchStep.update_state`)."""
   keep, flat = step.keep, is_flat(state)
   unflat = lambda leaves: jax.tree.unflatten(step.treedef, list(leaves))
   assemble = (lambda bs: _layout.Packed(bs[0], tuple(bs[1:]))) if flat else unflat
@@ -378,10 +372,9 @@ def _new_state(step: _Step, state: LOState, moments, factored, tam, laprop,
                           (state.loss_ema, state.grad_param_ema))
   skipped = (~step.finite).astype(state.num_nonfinite.dtype) if skip_nonfinite else 0
   dtypes = [s.dtype for s in step.leaves(state.mup_scale)]
-  return LOState(
+  return state._replace(
       count=keep(step.count, state.count),
-      momenta=tuple(buffer(f) for f in ("m_fast", "m_mid", "m_slow")) + (
-          () if muon_momenta is None else (unflat(muon_momenta),)),
+      momenta=tuple(buffer(f) for f in ("m_fast", "m_mid", "m_slow")),
       second_moment=buffer("v"),
       factored=unflat(factored),
       tam_momentum=assemble(list(tam)),
@@ -389,6 +382,4 @@ def _new_state(step: _Step, state: LOState, moments, factored, tam, laprop,
                   unflat(cross.torque[i].astype(d) for i, d in enumerate(dtypes))),
       laprop_momentum=assemble(list(laprop)),
       loss_ema=loss_ema, grad_param_ema=gp_ema, mup_scale=state.mup_scale,
-      num_nonfinite=state.num_nonfinite + skipped,
-      initial_params=state.initial_params,
-      loss_ema_slow=keep(cross.loss_ema_slow, state.loss_ema_slow))
+      num_nonfinite=state.num_nonfinite + skipped)
