@@ -416,6 +416,8 @@ def test_a_lease_packs_a_light_run_that_the_next_lease_continues(tmp_path):
   records = log_lib.read_metrics(unpacked / "run")
   assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
   assert [r["step"] for r in records if r["kind"] == "resume"] == [3]
+  # On a CPU the run splits its populations over meta_train's default CPU devices.
+  assert [r["devices"] for r in records if r["kind"] == "resume"] == [meta_train.CPU_DEVICES]
   assert "newest checkpoint 5" in second.stdout
 
 
@@ -444,3 +446,22 @@ def test_the_compile_cache_keeps_every_program_and_gpu_autotuning_is_off(tmp_pat
   monkeypatch.delenv("XLA_FLAGS")
   meta_train._autotune_off()
   assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=0"
+
+
+def test_cpu_devices_split_only_a_fresh_single_process_cpu_run(monkeypatch):
+  """--cpu-devices N sets N CPU devices before JAX starts a backend; the user's
+  XLA_FLAGS count, a multi-process run and a started backend keep theirs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()  # this test process has a backend: nothing may change it
+  monkeypatch.setenv("XLA_FLAGS", "")
+  meta_train._split_cpu(2, distributed=False)
+  assert os.environ["XLA_FLAGS"] == ""
+  monkeypatch.setattr(sys.modules["jax._src.xla_bridge"], "_backends", {})
+  meta_train._split_cpu(2, distributed=True)
+  meta_train._split_cpu(1, distributed=False)
+  assert os.environ["XLA_FLAGS"] == ""
+  meta_train._split_cpu(2, distributed=False)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  meta_train._split_cpu(2, distributed=False)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"

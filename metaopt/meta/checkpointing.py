@@ -178,8 +178,14 @@ def restore_theta(manager, step: int) -> dict[str, Any]:
   what exporting or scoring a checkpoint needs."""
   ocp = _ocp()
   try:
+    # Onto this process's first device, whatever the saving run's devices were (a
+    # 2-device CPU run, a GPU lease): without a target orbax keeps the saved topology.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                                         sharding=device),
+                          manager.item_metadata(step)["state"])
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+        state=ocp.args.StandardRestore(target)))
   except Exception as e:  # orbax raises many types; report them as one.
     raise CheckpointError(f"checkpoint {manager.directory}/{step}: could not restore "
                           f"theta ({type(e).__name__}: {e}).") from e
