@@ -233,6 +233,8 @@ def _train(args: argparse.Namespace) -> int:
     raise _UsageError(f"--cpu-devices {args.cpu_devices}: expected an int >= 1")
   if not args.autotune:
     _autotune_off()
+  # The variables metaopt.meta.sharding reads (ENV_COORDINATOR, ENV_NUM_PROCESSES),
+  # named here because importing metaopt must wait for the stop handlers below.
   _split_cpu(args.cpu_devices, distributed=bool(
       args.coordinator or args.num_processes or os.environ.get("METAOPT_COORDINATOR")
       or os.environ.get("METAOPT_NUM_PROCESSES")))

@@ -306,7 +306,9 @@ class MetaTrainer:
     self._update = jax.jit(self._apply_update, out_shardings=self._rep)
     self._all_zero = jax.jit(lambda xs: jnp.stack([jnp.all(x == 0) for x in xs]),
                              out_shardings=self._rep)
-    self._compiled_programs: set[int] = set()  # tasks whose program is compiled
+    # Tasks (and _UPDATE) whose programs are lowered for compile_all; one whose compile
+    # was cut short compiles at its first call instead (jit), so nothing is lost.
+    self._compiled_programs: set[int] = set()
 
   # ------------------------------------------------------------------ structure
   def _group_specs(self) -> dict[int, tuple[GroupSpec, ...]]:
@@ -547,9 +549,14 @@ class MetaTrainer:
     theta = optax.apply_updates(theta, updates)
     return theta, opt_state, step + 1, optax.global_norm(grad)
 
-  def step(self, state: MetaState) -> tuple[MetaState, dict]:
-    """One outer step; returns the new state and host-side metrics."""
-    state, _ = self.prepare(state)
+  def step(self, state: MetaState, *, prepared: bool = False) -> tuple[MetaState, dict]:
+    """One outer step; returns the new state and host-side metrics.
+
+    ``prepared``: the caller has just passed ``state`` through :meth:`prepare` (as
+    ``meta_train`` does, to report a redraw), so the step does not check it again.
+    """
+    if not prepared:
+      state, _ = self.prepare(state)
     step = int(state.step)
     pops = dict(state.populations)
     losses, grads, metrics = [], [], {}

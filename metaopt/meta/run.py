@@ -345,7 +345,7 @@ def _outer_loop(session: _Session, state: Any, stop: stopping.Stop
     while step < c.outer_steps and not stop.requested:
       stop.set_phase("stepping")
       state = _prepare(session, state, step)
-      state, metrics = session.trainer.step(state)
+      state, metrics = session.trainer.step(state, prepared=True)
       step = metrics["step"]
       stop.finished_step(step, state)
       session.log.write({"kind": "train",
